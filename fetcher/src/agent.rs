@@ -1,0 +1,177 @@
+//! The host agent's local API (`agent.sock`): dfget asks the agent to download for it, so all
+//! downloads of a host share one store, one upload server and one set of rate limits.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use proto::agent::agent_client::AgentClient;
+use proto::agent::agent_server::{Agent, AgentServer};
+use proto::agent::{DownloadProgress, DownloadRequest as PbRequest};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tonic::{Request, Response, Status};
+
+use crate::download::{BackSource, DownloadRequest, Progress};
+use crate::error::{Error, Result};
+use crate::peer::Peer;
+use crate::shutdown::Shutdown;
+use crate::task_id;
+
+/// Serves the agent API on the Unix socket at `path` until `shutdown`.
+pub async fn serve(path: &Path, peer: Peer, shutdown: Shutdown) -> Result<tokio::task::JoinHandle<()>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create socket directory", dir, e))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io("cannot remove stale socket", path, e)),
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(|e| Error::io("cannot bind agent socket", path, e))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660));
+    }
+    let svc = AgentServer::new(AgentService { peer });
+    let socket = path.to_path_buf();
+    Ok(tokio::spawn(async move {
+        let r = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move { shutdown.wait().await })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "agent API failed");
+        }
+        let _ = std::fs::remove_file(&socket);
+    }))
+}
+
+/// Connects to the agent at `path`.
+pub async fn connect(path: &Path) -> Result<AgentClient<tonic::transport::Channel>> {
+    let p: PathBuf = path.to_path_buf();
+    let err = |detail: String| Error::Agent { socket: path.to_path_buf(), detail };
+    let channel = tonic::transport::Endpoint::from_static("http://agent.local")
+        .connect_timeout(Duration::from_secs(3))
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let p = p.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?)) }
+        }))
+        .await
+        .map_err(|e| err(crate::source::error_chain(&e)))?;
+    Ok(AgentClient::new(channel))
+}
+
+/// Converts the user's request to the wire form.
+pub fn to_proto(req: &DownloadRequest) -> PbRequest {
+    PbRequest {
+        url: req.url.clone(),
+        output: req.output.to_string_lossy().into_owned(),
+        headers: req.headers.iter().map(|(n, v)| proto::agent::Header { name: n.clone(), value: v.clone() }).collect(),
+        digest: req.digest.clone().unwrap_or_default(),
+        tag: req.tag.clone(),
+        filter: req.filter.clone(),
+        limit_rate: req.limit_rate,
+        back_source: match req.back_source {
+            BackSource::Auto => "auto".into(),
+            BackSource::Never => "never".into(),
+        },
+        timeout_ms: req.timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
+    }
+}
+
+fn from_proto(r: PbRequest) -> Result<DownloadRequest> {
+    let output = PathBuf::from(&r.output);
+    if !output.is_absolute() {
+        return Err(Error::invalid("output", format!("{:?} must be an absolute path for the agent", r.output)));
+    }
+    let back_source = match r.back_source.as_str() {
+        "" | "auto" => BackSource::Auto,
+        "never" => BackSource::Never,
+        other => return Err(Error::invalid("back_source", format!("{other:?}: expected auto or never"))),
+    };
+    Ok(DownloadRequest {
+        url: r.url,
+        output,
+        headers: r.headers.into_iter().map(|h| (h.name, h.value)).collect(),
+        digest: if r.digest.is_empty() { None } else { Some(task_id::parse_digest(&r.digest)?) },
+        tag: r.tag,
+        filter: r.filter,
+        limit_rate: r.limit_rate,
+        back_source,
+        timeout: (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms)),
+    })
+}
+
+fn progress_msg(p: &Progress) -> DownloadProgress {
+    DownloadProgress {
+        content_length: p.content_length,
+        completed_bytes: p.completed,
+        from_peers: p.from_peers,
+        from_supernode: p.from_supernode,
+        from_origin: p.from_origin,
+        reused: p.reused,
+        ..Default::default()
+    }
+}
+
+/// Reads the wire progress back.
+pub fn progress_from(m: &DownloadProgress) -> Progress {
+    Progress {
+        content_length: m.content_length,
+        completed: m.completed_bytes,
+        from_peers: m.from_peers,
+        from_supernode: m.from_supernode,
+        from_origin: m.from_origin,
+        reused: m.reused,
+    }
+}
+
+struct AgentService {
+    peer: Peer,
+}
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    type DownloadStream = ReceiverStream<Result<DownloadProgress, Status>>;
+
+    #[tracing::instrument(skip_all, fields(url))]
+    async fn download(&self, request: Request<PbRequest>) -> Result<Response<Self::DownloadStream>, Status> {
+        let req = from_proto(request.into_inner()).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::Span::current().record("url", req.url.as_str());
+        let (tx, rx) = mpsc::channel(16);
+        let peer = self.peer.clone();
+        tokio::spawn(async move {
+            let (ptx, mut prx) = watch::channel(Progress::default());
+            let dl = peer.download(&req, &ptx);
+            tokio::pin!(dl);
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            let result = loop {
+                tokio::select! {
+                    r = &mut dl => break r,
+                    _ = tick.tick() => {
+                        if prx.has_changed().unwrap_or(false) {
+                            let msg = progress_msg(&prx.borrow_and_update());
+                            let _ = tx.try_send(Ok(msg));
+                        }
+                    }
+                }
+            };
+            let last = match result {
+                Ok(summary) => DownloadProgress {
+                    done: true,
+                    digest: summary.digest,
+                    verify_failures: summary.verify_failures,
+                    ..progress_msg(&summary.progress)
+                },
+                Err(e) => DownloadProgress {
+                    error: e.to_string(),
+                    exit_code: e.exit_code(),
+                    ..progress_msg(&ptx.borrow())
+                },
+            };
+            let _ = tx.send(Ok(last)).await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

@@ -1,0 +1,193 @@
+//! `dfdaemon`: the host agent. Runs the peer engine (piece store, upload server, host-wide limits),
+//! the local API on `agent.sock`, metrics, and store GC; seeds what it downloaded until shutdown.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::get;
+use clap::Parser;
+use serde::Deserialize;
+
+use super::{load_toml, parse_duration, split_list};
+use crate::error::{Error, Result};
+use crate::metrics::PeerMetrics;
+use crate::peer::{Peer, PeerConfig};
+use crate::rate::{parse_rate, parse_size};
+use crate::shutdown::Shutdown;
+use crate::{agent, upload};
+
+/// The Damselfly host agent: peer engine, piece upload server and local download API.
+#[derive(Debug, Parser)]
+#[command(name = "dfdaemon", version, after_help = "Every flag also has a key in the TOML config file (--config); flags win.\nSee packaging/dfdaemon.toml for all keys and their defaults.")]
+pub struct Args {
+    /// Config file (TOML).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Supernode scheduler addresses, comma-separated.
+    #[arg(long, value_name = "H:P,H:P")]
+    pub supernode: Option<String>,
+    /// Piece upload server address [default: 0.0.0.0:65002].
+    #[arg(long, value_name = "IP:PORT")]
+    pub upload_addr: Option<SocketAddr>,
+    /// Prometheus metrics address [default: 127.0.0.1:65003].
+    #[arg(long, value_name = "IP:PORT")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Data directory (piece store) [default: /var/lib/damselfly].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Local API socket [default: /run/damselfly/agent.sock].
+    #[arg(long, value_name = "PATH")]
+    pub agent_socket: Option<PathBuf>,
+    /// IP advertised to other peers [default: the IP that reaches the first supernode].
+    #[arg(long)]
+    pub advertise_ip: Option<IpAddr>,
+    /// Host-wide upload cap (e.g. 40MiB, 100Mbit) [default: none].
+    #[arg(long, value_name = "RATE")]
+    pub upload_rate: Option<String>,
+    /// Host-wide download cap shared by all downloads [default: none].
+    #[arg(long, value_name = "RATE")]
+    pub download_rate: Option<String>,
+    /// Extra CA certificates (PEM) for HTTPS origins.
+    #[arg(long, value_name = "FILE")]
+    pub upstream_ca: Option<PathBuf>,
+    /// Log lines as JSON.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+/// `dfdaemon.toml`: every key optional, unknown keys rejected.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    pub supernodes: Vec<String>,
+    pub upload_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub agent_socket: PathBuf,
+    pub advertise_ip: Option<IpAddr>,
+    pub upload_rate: String,
+    pub download_rate: String,
+    pub max_upload_concurrency: usize,
+    pub upstream_ca: Option<PathBuf>,
+    pub gc: GcConfig,
+}
+
+/// `[gc]` section.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GcConfig {
+    /// Remove tasks unused this long.
+    pub max_age: String,
+    /// Keep the store under this size.
+    pub max_size: String,
+    /// How often GC runs.
+    pub interval: String,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        Self { max_age: "24h".into(), max_size: "50GiB".into(), interval: "10m".into() }
+    }
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            supernodes: Vec::new(),
+            upload_addr: ([0, 0, 0, 0], 65002).into(),
+            metrics_addr: ([127, 0, 0, 1], 65003).into(),
+            data_dir: PathBuf::from("/var/lib/damselfly"),
+            agent_socket: PathBuf::from(super::dfget::DEFAULT_AGENT_SOCKET),
+            advertise_ip: None,
+            upload_rate: "0".into(),
+            download_rate: "0".into(),
+            max_upload_concurrency: 16,
+            upstream_ca: None,
+            gc: GcConfig::default(),
+        }
+    }
+}
+
+fn merge(args: &Args) -> Result<DaemonConfig> {
+    let mut c: DaemonConfig = load_toml(args.config.as_deref())?;
+    if let Some(s) = &args.supernode {
+        c.supernodes = split_list(s);
+    }
+    macro_rules! take {
+        ($($f:ident),*) => { $( if let Some(v) = &args.$f { c.$f = v.clone(); } )* };
+    }
+    take!(upload_addr, metrics_addr, data_dir, agent_socket, upload_rate, download_rate);
+    if args.advertise_ip.is_some() {
+        c.advertise_ip = args.advertise_ip;
+    }
+    if args.upstream_ca.is_some() {
+        c.upstream_ca = args.upstream_ca.clone();
+    }
+    Ok(c)
+}
+
+/// Runs dfdaemon until SIGINT/SIGTERM; returns the exit code.
+pub async fn run(args: Args) -> i32 {
+    super::init_logging("info", args.log_json);
+    match run_inner(args).await {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!(error = %e, "dfdaemon failed");
+            eprintln!("dfdaemon: error: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+async fn run_inner(args: Args) -> Result<()> {
+    let c = merge(&args)?;
+    let field = |name: &'static str, e: Error| Error::invalid("config", format!("{name}: {e}"));
+    let peer_cfg = PeerConfig {
+        supernodes: c.supernodes.clone(),
+        data_dir: c.data_dir.clone(),
+        upload_addr: Some(c.upload_addr),
+        advertise_ip: c.advertise_ip,
+        upload_rate: parse_rate(&c.upload_rate).map_err(|e| field("upload_rate", e))?,
+        download_rate: parse_rate(&c.download_rate).map_err(|e| field("download_rate", e))?,
+        max_upload_concurrency: c.max_upload_concurrency,
+        upstream_ca: c.upstream_ca.clone(),
+        keep_seeding: true,
+    };
+    let gc_age = parse_duration(&c.gc.max_age).map_err(|e| field("gc.max_age", e))?;
+    let gc_size = parse_size(&c.gc.max_size).map_err(|e| field("gc.max_size", e))?;
+    let gc_every = parse_duration(&c.gc.interval).map_err(|e| field("gc.interval", e))?;
+    if c.supernodes.is_empty() {
+        tracing::warn!("no supernode configured: every download goes to the origin");
+    }
+    let shutdown = Shutdown::new();
+    shutdown.on_signals();
+    let metrics = PeerMetrics::new();
+    let peer = Peer::start(peer_cfg, metrics.clone(), shutdown.clone()).await?;
+    let api = agent::serve(&c.agent_socket, peer.clone(), shutdown.clone()).await?;
+    let m = metrics.clone();
+    let router = Router::new()
+        .route("/metrics", get(move || std::future::ready(m.render())))
+        .route("/healthz", get(|| std::future::ready("ok")));
+    let maddr = upload::serve(c.metrics_addr, router, shutdown.clone())
+        .await
+        .map_err(|e| Error::io("cannot bind metrics on", c.metrics_addr.to_string(), e))?;
+    tracing::info!(upload = %peer.upload_addr(), metrics = %maddr, socket = %c.agent_socket.display(), "dfdaemon ready");
+    let store = peer.store().clone();
+    let gc_shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            let s = store.clone();
+            let _ = tokio::task::spawn_blocking(move || s.gc(gc_age, gc_size)).await;
+            tokio::select! {
+                _ = gc_shutdown.wait() => break,
+                _ = tokio::time::sleep(gc_every.max(Duration::from_secs(1))) => {}
+            }
+        }
+    });
+    shutdown.wait().await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), api).await;
+    tracing::info!("dfdaemon stopped");
+    Ok(())
+}

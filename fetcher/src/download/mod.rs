@@ -1,0 +1,229 @@
+//! Running one download: supernodes in rendezvous order, each a scheduled P2P session; back-to-source
+//! when none is reachable (unless disabled); then whole-content verification and atomic delivery.
+
+mod back_source;
+mod piece_fetch;
+mod scheduled;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::error::{Error, Result};
+use crate::peer::Peer;
+use crate::piece::PieceMeta;
+use crate::piece_store::{TaskMeta, TaskStore};
+use crate::rate::RateLimiter;
+use crate::source::HeaderPair;
+use crate::{output, rendezvous, task_id};
+
+/// Whether a peer may go to the origin itself when no supernode is reachable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BackSource {
+    /// Go to the origin when every supernode failed.
+    #[default]
+    Auto,
+    /// Never: fail instead.
+    Never,
+}
+
+/// One download as the user asked for it.
+#[derive(Clone, Debug)]
+pub struct DownloadRequest {
+    pub url: String,
+    pub output: PathBuf,
+    pub headers: Vec<HeaderPair>,
+    /// Expected sha256 of the whole content, lowercase hex.
+    pub digest: Option<String>,
+    pub tag: String,
+    pub filter: Vec<String>,
+    /// Per-task cap in bytes/s (0: none).
+    pub limit_rate: u64,
+    pub back_source: BackSource,
+    pub timeout: Option<Duration>,
+}
+
+/// Where the bytes are coming from, updated as pieces land.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// -1 while unknown.
+    pub content_length: i64,
+    pub completed: u64,
+    pub from_peers: u64,
+    pub from_supernode: u64,
+    pub from_origin: u64,
+    /// Bytes already in the store from an earlier run.
+    pub reused: u64,
+}
+
+/// What a finished download did.
+#[derive(Clone, Debug)]
+pub struct Summary {
+    pub progress: Progress,
+    pub elapsed: Duration,
+    /// `sha256:<hex>` of the delivered content.
+    pub digest: String,
+    pub verify_failures: u64,
+}
+
+/// State of one download, kept across supernode attempts so verified pieces are never refetched.
+pub(crate) struct Download<'a> {
+    pub(crate) peer: &'a Peer,
+    pub(crate) req: &'a DownloadRequest,
+    pub(crate) task_id: String,
+    pub(crate) store: Option<Arc<TaskStore>>,
+    pub(crate) known: HashMap<u32, PieceMeta>,
+    pub(crate) piece_count: Option<u32>,
+    pub(crate) whole_digest: Option<String>,
+    pub(crate) progress: Progress,
+    pub(crate) progress_tx: &'a watch::Sender<Progress>,
+    pub(crate) task_limit: RateLimiter,
+    pub(crate) verify_failures: u64,
+    _busy: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+/// How a session with one supernode ended without completing.
+pub(crate) enum SessionError {
+    /// Try the next supernode (unreachable, stream broken, internal error).
+    Retry(String),
+    /// Give up: the same would happen anywhere (origin refused, no disk space, ...).
+    Fatal(Error),
+}
+
+impl Peer {
+    /// Downloads `req` to `req.output`, reporting progress on `progress`.
+    pub async fn download(&self, req: &DownloadRequest, progress: &watch::Sender<Progress>) -> Result<Summary> {
+        let task_id = task_id::task_id(&req.url, &req.tag, &req.filter)?;
+        output::output_dir(&req.output)?;
+        let span = tracing::info_span!("download", task_id = %&task_id[..16], url = %req.url);
+        let fut = self.download_inner(req, task_id, progress).instrument(span);
+        let res = match req.timeout {
+            Some(t) => tokio::time::timeout(t, fut).await.unwrap_or(Err(Error::Timeout(t))),
+            None => fut.await,
+        };
+        let label = if res.is_ok() { "ok" } else { "error" };
+        self.inner.metrics.downloads.with_label_values(&[label]).inc();
+        res
+    }
+
+    async fn download_inner(&self, req: &DownloadRequest, task_id: String, progress_tx: &watch::Sender<Progress>) -> Result<Summary> {
+        let started = Instant::now();
+        let mut d = Download {
+            peer: self,
+            req,
+            task_id,
+            store: None,
+            known: HashMap::new(),
+            piece_count: None,
+            whole_digest: None,
+            progress: Progress { content_length: -1, ..Default::default() },
+            progress_tx,
+            task_limit: RateLimiter::new(req.limit_rate),
+            verify_failures: 0,
+            _busy: None,
+        };
+        let order: Vec<String> =
+            rendezvous::order(&d.task_id, &self.inner.cfg.supernodes).into_iter().map(str::to_owned).collect();
+        let mut tried = Vec::new();
+        let mut seeding = None;
+        for sn in &order {
+            match d.with_supernode(sn).await {
+                Ok(session) => {
+                    seeding = Some(session);
+                    break;
+                }
+                Err(SessionError::Fatal(e)) => return Err(e),
+                Err(SessionError::Retry(why)) => {
+                    tracing::warn!(supernode = %sn, reason = %why, "supernode failed; trying the next");
+                    tried.push(format!("{sn}: {why}"));
+                }
+            }
+        }
+        if seeding.is_none() {
+            let tried = if tried.is_empty() { "none configured".to_owned() } else { tried.join("; ") };
+            if req.back_source == BackSource::Never {
+                return Err(Error::NoSupernode { tried });
+            }
+            tracing::warn!(tried = %tried, "no supernode reachable; downloading from the origin");
+            d.back_source().await?;
+        }
+        let store = d.store.clone().ok_or_else(|| Error::Download("no content".into()))?;
+        let len = u64::try_from(store.meta().content_length).map_err(|_| Error::Download("content length unknown".into()))?;
+        let expected = match (&req.digest, &d.whole_digest) {
+            (Some(user), _) => Some(user.clone()),
+            (None, Some(seed)) => task_id::parse_digest(seed).ok(),
+            (None, None) => None,
+        };
+        let (data, out) = (store.data_path(), req.output.clone());
+        let digest = tokio::task::spawn_blocking(move || output::deliver(&data, len, &out, expected.as_deref()))
+            .await
+            .map_err(|e| Error::Download(format!("delivery task failed: {e}")))??;
+        store.touch();
+        let summary = Summary {
+            progress: d.progress.clone(),
+            elapsed: started.elapsed(),
+            digest,
+            verify_failures: d.verify_failures,
+        };
+        let version = store.meta().version_id;
+        match seeding {
+            Some(session) if self.inner.cfg.keep_seeding => self.keep_seeding(session, store),
+            _ => self.inner.open.remove(&version),
+        }
+        Ok(summary)
+    }
+}
+
+impl Download<'_> {
+    /// Opens (or keeps) the store for the version the supernode/origin described, after checking
+    /// that the destination and the store have room for it.
+    pub(crate) async fn open_version(&mut self, meta: TaskMeta) -> Result<Arc<TaskStore>> {
+        if let Some(s) = &self.store {
+            if s.meta().version_id == meta.version_id {
+                return Ok(s.clone());
+            }
+            tracing::warn!(old = %s.meta().version_id, new = %meta.version_id, "origin content changed; starting over");
+            self.peer.inner.open.remove(&s.meta().version_id);
+            self.store = None;
+            self._busy = None;
+            self.known.clear();
+            self.progress = Progress { content_length: meta.content_length, ..Default::default() };
+        }
+        if meta.content_length >= 0 {
+            output::preflight(&self.req.output, self.peer.inner.store.root(), meta.content_length as u64, 0)?;
+        }
+        let busy = self.peer.inner.open.busy_lock(&meta.version_id).lock_owned().await;
+        let store = match self.peer.inner.open.get(&meta.version_id) {
+            Some(s) => s,
+            None => {
+                let s = self.peer.inner.store.open_task(&meta).await?;
+                self.peer.inner.open.insert(s.clone());
+                s
+            }
+        };
+        store.touch();
+        let (_, held) = store.held();
+        self.progress.content_length = meta.content_length;
+        self.progress.reused = held;
+        self.progress.completed = held;
+        self.progress_tx.send_replace(self.progress.clone());
+        self._busy = Some(busy);
+        self.store = Some(store.clone());
+        Ok(store)
+    }
+
+    /// True once every piece of the version is held.
+    pub(crate) fn is_complete(&self) -> bool {
+        let Some(store) = &self.store else { return false };
+        let meta = store.meta();
+        let count = self.piece_count.or_else(|| {
+            (meta.content_length >= 0).then(|| (meta.content_length as u64).div_ceil(u64::from(meta.piece_size)) as u32)
+        });
+        matches!(count, Some(c) if store.held().0 as u32 >= c)
+    }
+}

@@ -1,0 +1,230 @@
+//! A download session with one supernode: register, announce held pieces, fetch each assigned piece
+//! from its parent, report every result. After completion the stream can stay open so that the
+//! supernode keeps this peer as a parent (seeding).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::scheduler::{
+    self as pb, ErrorKind, PeerMessage, SchedulerMessage, peer_message, scheduler_client::SchedulerClient,
+    scheduler_message,
+};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::piece_fetch::{self, PieceOutcome};
+use super::{Download, SessionError};
+use crate::error::Error;
+use crate::peer::Peer;
+use crate::piece::PieceMeta;
+use crate::piece_store::{TaskMeta, TaskStore};
+
+/// An open scheduler stream after the download completed.
+pub(crate) struct Session {
+    tx: mpsc::Sender<PeerMessage>,
+    inbound: tonic::Streaming<SchedulerMessage>,
+}
+
+/// How long to wait for the supernode's first answer (it may be waiting on a slow origin).
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Opens a scheduler client to `addr` (`host:port`).
+pub async fn connect(addr: &str) -> Result<SchedulerClient<tonic::transport::Channel>, String> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| format!("bad supernode address {addr:?}: {e}"))?
+        .connect_timeout(Duration::from_secs(3))
+        .http2_keep_alive_interval(Duration::from_secs(15))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let channel = endpoint.connect().await.map_err(|e| crate::source::error_chain(&e))?;
+    Ok(SchedulerClient::new(channel))
+}
+
+fn send_err<T>(_: T) -> SessionError {
+    SessionError::Retry("scheduler stream closed".into())
+}
+
+impl Download<'_> {
+    pub(crate) async fn with_supernode(&mut self, addr: &str) -> Result<Session, SessionError> {
+        let mut client = connect(addr).await.map_err(SessionError::Retry)?;
+        let (tx, rx) = mpsc::channel::<PeerMessage>(256);
+        let peer_id = format!("{}-{}-{:08x}", self.peer.inner.host_id, std::process::id(), rand::random::<u32>());
+        let register = pb::Register {
+            url: self.req.url.clone(),
+            task_id: self.task_id.clone(),
+            tag: self.req.tag.clone(),
+            filter: self.req.filter.clone(),
+            headers: self.req.headers.iter().map(|(n, v)| pb::Header { name: n.clone(), value: v.clone() }).collect(),
+            digest: self.req.digest.clone().map(|d| format!("sha256:{d}")).unwrap_or_default(),
+            peer_id,
+            host_id: self.peer.inner.host_id.clone(),
+            upload_addr: self.peer.inner.upload_addr.to_string(),
+        };
+        tx.send(msg(peer_message::Msg::Register(register))).await.map_err(send_err)?;
+        let mut inbound = client
+            .download(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| SessionError::Retry(format!("register: {}", s.message())))?
+            .into_inner();
+        let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| SessionError::Retry("no answer to registration".into()))?
+            .map_err(|s| SessionError::Retry(s.message().to_owned()))?;
+        let info = match first.and_then(|m| m.msg) {
+            Some(scheduler_message::Msg::TaskInfo(info)) => info,
+            Some(scheduler_message::Msg::Error(e)) => return Err(self.task_error(addr, e)),
+            other => return Err(SessionError::Retry(format!("unexpected first message {other:?}"))),
+        };
+        let meta = TaskMeta {
+            version_id: info.version_id.clone(),
+            task_id: self.task_id.clone(),
+            url: self.req.url.clone(),
+            content_length: info.content_length,
+            piece_size: info.piece_size,
+            etag: info.etag.clone(),
+            last_modified: info.last_modified.clone(),
+            digest: None,
+        };
+        let store = self.open_version(meta).await.map_err(SessionError::Fatal)?;
+        tracing::info!(supernode = addr, version = %&info.version_id[..16], length = info.content_length, held = store.held().0, "registered");
+        tx.send(msg(peer_message::Msg::Have(pb::Have { pieces: store.have() }))).await.map_err(send_err)?;
+
+        let mut inflight: JoinSet<PieceOutcome> = JoinSet::new();
+        loop {
+            if self.is_complete() {
+                return Ok(Session { tx, inbound });
+            }
+            tokio::select! {
+                m = inbound.message() => {
+                    let m = match m {
+                        Ok(Some(m)) => m,
+                        Ok(None) => return Err(SessionError::Retry("supernode closed the stream".into())),
+                        Err(s) => return Err(SessionError::Retry(format!("stream broke: {}", s.message()))),
+                    };
+                    match m.msg {
+                        Some(scheduler_message::Msg::PieceInfo(p)) => self.learn_piece(&store, &p),
+                        Some(scheduler_message::Msg::Assign(a)) => self.start_piece(&store, &info.version_id, a, &mut inflight),
+                        Some(scheduler_message::Msg::Done(done)) => {
+                            self.piece_count = Some(done.piece_count);
+                            if !done.digest.is_empty() {
+                                self.whole_digest = Some(done.digest);
+                            }
+                            if store.meta().content_length < 0 {
+                                store.set_complete(done.content_length, self.whole_digest.clone()).map_err(SessionError::Fatal)?;
+                            }
+                        }
+                        Some(scheduler_message::Msg::Error(e)) => return Err(self.task_error(addr, e)),
+                        Some(scheduler_message::Msg::TaskInfo(_)) | None => {}
+                    }
+                }
+                Some(joined) = inflight.join_next() => {
+                    let outcome = joined.map_err(|e| SessionError::Retry(format!("piece task failed: {e}")))?;
+                    let result = self.record(outcome);
+                    tx.send(msg(peer_message::Msg::PieceResult(result))).await.map_err(send_err)?;
+                }
+            }
+        }
+    }
+
+    fn learn_piece(&mut self, store: &TaskStore, p: &pb::PieceInfo) {
+        let meta = PieceMeta::from_proto(p);
+        if let Some(held) = store.piece(meta.num)
+            && held != meta
+        {
+            tracing::warn!(piece = meta.num, "held piece disagrees with the supernode; dropping it");
+            store.forget(meta.num);
+        }
+        self.known.insert(meta.num, meta);
+    }
+
+    fn start_piece(&mut self, store: &Arc<TaskStore>, version: &str, a: pb::Assign, inflight: &mut JoinSet<PieceOutcome>) {
+        let (Some(parent), Some(meta)) = (a.parent, self.known.get(&a.piece).cloned()) else {
+            tracing::warn!(piece = a.piece, "assignment without parent or piece metadata; ignoring");
+            return;
+        };
+        let job = piece_fetch::Job {
+            version: version.to_owned(),
+            meta,
+            parent,
+            http: self.peer.inner.http.clone(),
+            store: store.clone(),
+            host_limit: self.peer.inner.download_limit.clone(),
+            task_limit: self.task_limit.clone(),
+        };
+        inflight.spawn(piece_fetch::fetch(job));
+    }
+
+    /// Updates progress and metrics from a piece outcome; returns the report for the supernode.
+    fn record(&mut self, o: PieceOutcome) -> pb::PieceResult {
+        let m = &self.peer.inner.metrics;
+        match &o.result {
+            Ok(bytes) => {
+                let from = if o.from_supernode { "supernode" } else { "peer" };
+                m.download_bytes.with_label_values(&[from]).inc_by(*bytes);
+                if o.from_supernode {
+                    self.progress.from_supernode += bytes;
+                } else {
+                    self.progress.from_peers += bytes;
+                }
+                self.progress.completed += bytes;
+                self.progress_tx.send_replace(self.progress.clone());
+            }
+            Err((reason, detail)) => {
+                if *reason == pb::FailureReason::DigestMismatch {
+                    m.verify_failures.inc();
+                    self.verify_failures += 1;
+                }
+                tracing::warn!(piece = o.piece, parent = %o.parent_id, ?reason, %detail, "piece download failed");
+            }
+        }
+        pb::PieceResult {
+            piece: o.piece,
+            parent_id: o.parent_id,
+            success: o.result.is_ok(),
+            bytes: *o.result.as_ref().unwrap_or(&0),
+            cost_ms: o.cost.as_millis() as u64,
+            reason: o.result.as_ref().err().map(|(r, _)| *r as i32).unwrap_or(0),
+            detail: o.result.err().map(|(_, d)| d).unwrap_or_default(),
+        }
+    }
+
+    fn task_error(&self, supernode: &str, e: pb::TaskError) -> SessionError {
+        let url = self.req.url.clone();
+        let kind = ErrorKind::try_from(e.kind).unwrap_or(ErrorKind::Unspecified);
+        match kind {
+            ErrorKind::OriginStatus => SessionError::Fatal(Error::OriginStatus { url, status: e.http_status as u16 }),
+            ErrorKind::OriginUnreachable => SessionError::Fatal(Error::OriginUnreachable { url, detail: e.message }),
+            ErrorKind::OriginBody => SessionError::Fatal(Error::OriginBody { url, detail: e.message }),
+            ErrorKind::DigestMismatch | ErrorKind::Invalid => {
+                SessionError::Fatal(Error::Supernode { supernode: supernode.to_owned(), message: e.message })
+            }
+            ErrorKind::Internal | ErrorKind::Unspecified => SessionError::Retry(format!("supernode error: {}", e.message)),
+        }
+    }
+}
+
+fn msg(m: peer_message::Msg) -> PeerMessage {
+    PeerMessage { msg: Some(m) }
+}
+
+impl Peer {
+    /// Keeps the scheduler stream (and the task's pieces) available to other peers until the
+    /// supernode closes it or the peer shuts down.
+    pub(crate) fn keep_seeding(&self, session: Session, store: Arc<TaskStore>) {
+        let peer = self.clone();
+        tokio::spawn(async move {
+            let Session { tx, mut inbound } = session;
+            let shutdown = peer.inner.shutdown.clone();
+            loop {
+                tokio::select! {
+                    _ = shutdown.wait() => break,
+                    m = inbound.message() => if !matches!(m, Ok(Some(_))) { break },
+                }
+            }
+            drop(tx);
+            let version = store.meta().version_id;
+            peer.inner.open.remove(&version);
+            tracing::debug!(version = %&version[..16], "stopped seeding");
+        });
+    }
+}

@@ -1,0 +1,203 @@
+//! The peer engine: one per process (dfget's embedded peer) or per host (dfdaemon). It owns the piece
+//! store, the upload server, the host-wide rate limits and the HTTP clients, and runs downloads.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::metrics::PeerMetrics;
+use crate::piece_store::{Store, TaskStore};
+use crate::rate::RateLimiter;
+use crate::shutdown::Shutdown;
+use crate::source::HttpSource;
+use crate::upload::{self, PieceSource};
+
+/// How a peer runs. Every field has a documented default in the config files of dfget/dfdaemon.
+#[derive(Clone, Debug)]
+pub struct PeerConfig {
+    /// Supernode scheduler addresses (`host:port`).
+    pub supernodes: Vec<String>,
+    /// Piece store directory.
+    pub data_dir: PathBuf,
+    /// Where the upload server listens; `None`: an ephemeral port on the address reaching the supernode.
+    pub upload_addr: Option<SocketAddr>,
+    /// The IP other peers use to reach the upload server (default: the one reaching the supernode).
+    pub advertise_ip: Option<IpAddr>,
+    /// Host-wide upload cap, bytes/s (0: none).
+    pub upload_rate: u64,
+    /// Host-wide download cap, bytes/s (0: none).
+    pub download_rate: u64,
+    /// Concurrent piece uploads before answering 503.
+    pub max_upload_concurrency: usize,
+    /// Extra CA certificates for HTTPS origins (back-to-source).
+    pub upstream_ca: Option<PathBuf>,
+    /// Keep serving a task's pieces after it finished (agents), until shutdown.
+    pub keep_seeding: bool,
+}
+
+impl Default for PeerConfig {
+    fn default() -> Self {
+        Self {
+            supernodes: Vec::new(),
+            data_dir: PathBuf::from("/var/lib/damselfly"),
+            upload_addr: None,
+            advertise_ip: None,
+            upload_rate: 0,
+            download_rate: 0,
+            max_upload_concurrency: 16,
+            upstream_ca: None,
+            keep_seeding: false,
+        }
+    }
+}
+
+/// Tasks open in this process, by version id: what the upload server serves.
+#[derive(Default)]
+pub(crate) struct OpenTasks {
+    tasks: Mutex<HashMap<String, Arc<TaskStore>>>,
+    busy: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl OpenTasks {
+    pub(crate) fn get(&self, version: &str) -> Option<Arc<TaskStore>> {
+        self.tasks.lock().ok().and_then(|t| t.get(version).cloned())
+    }
+    pub(crate) fn insert(&self, store: Arc<TaskStore>) {
+        if let Ok(mut t) = self.tasks.lock() {
+            t.insert(store.meta().version_id, store);
+        }
+    }
+    pub(crate) fn remove(&self, version: &str) {
+        if let Ok(mut t) = self.tasks.lock() {
+            t.remove(version);
+        }
+    }
+    /// The in-process lock of a version: one download of a version at a time per process.
+    pub(crate) fn busy_lock(&self, version: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut b = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        b.entry(version.to_owned()).or_default().clone()
+    }
+}
+
+impl PieceSource for OpenTasks {
+    fn read_piece(&self, version_id: &str, num: u32) -> Result<Option<Bytes>> {
+        match self.get(version_id) {
+            Some(t) => t.read_piece(num),
+            None => Ok(None),
+        }
+    }
+}
+
+/// The peer engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Peer {
+    pub(crate) inner: Arc<PeerInner>,
+}
+
+pub(crate) struct PeerInner {
+    pub(crate) cfg: PeerConfig,
+    pub(crate) host_id: String,
+    pub(crate) store: Store,
+    pub(crate) open: Arc<OpenTasks>,
+    pub(crate) download_limit: RateLimiter,
+    pub(crate) http: reqwest::Client,
+    pub(crate) source: HttpSource,
+    pub(crate) metrics: PeerMetrics,
+    pub(crate) upload_addr: SocketAddr,
+    pub(crate) shutdown: Shutdown,
+}
+
+impl Peer {
+    /// Opens the store and starts the upload server.
+    pub async fn start(cfg: PeerConfig, metrics: PeerMetrics, shutdown: Shutdown) -> Result<Peer> {
+        Self::start_with(cfg, metrics, shutdown, |s| s).await
+    }
+
+    /// Like [`Peer::start`], with the upload server's piece source wrapped by `wrap` (fault injection
+    /// in tests).
+    pub async fn start_with(
+        cfg: PeerConfig,
+        metrics: PeerMetrics,
+        shutdown: Shutdown,
+        wrap: impl FnOnce(Arc<dyn PieceSource>) -> Arc<dyn PieceSource>,
+    ) -> Result<Peer> {
+        let store = Store::open(&cfg.data_dir)?;
+        let open = Arc::new(OpenTasks::default());
+        let reach_ip = cfg.advertise_ip.or_else(|| cfg.supernodes.first().and_then(|s| local_ip_towards(s)));
+        let bind = cfg.upload_addr.unwrap_or_else(|| SocketAddr::new(reach_ip.unwrap_or(Ipv4Addr::LOCALHOST.into()), 0));
+        let upload_cfg = upload::upload_config(RateLimiter::new(cfg.upload_rate), cfg.max_upload_concurrency, &metrics);
+        let router = upload::router(wrap(open.clone()), upload_cfg);
+        let bound = upload::serve(bind, router, shutdown.clone())
+            .await
+            .map_err(|e| Error::io("cannot bind upload server on", bind.to_string(), e))?;
+        let advertised_ip = if bound.ip().is_unspecified() {
+            reach_ip.unwrap_or(Ipv4Addr::LOCALHOST.into())
+        } else {
+            bound.ip()
+        };
+        let upload_addr = SocketAddr::new(advertised_ip, bound.port());
+        let host_id = {
+            let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+            let h = Sha256::new().chain_update(host.trim()).chain_update(store.root().to_string_lossy().as_bytes()).finalize();
+            hex::encode(&h[..8])
+        };
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .read_timeout(Duration::from_secs(30))
+            .no_proxy()
+            .build()
+            .map_err(|e| Error::invalid("HTTP client", e))?;
+        let source = HttpSource::new(cfg.upstream_ca.as_deref())?;
+        tracing::info!(%upload_addr, host_id, store = %store.root().display(), "peer started");
+        Ok(Peer {
+            inner: Arc::new(PeerInner {
+                download_limit: RateLimiter::new(cfg.download_rate),
+                cfg,
+                host_id,
+                store,
+                open,
+                http,
+                source,
+                metrics,
+                upload_addr,
+                shutdown,
+            }),
+        })
+    }
+
+    /// The advertised address of the upload server.
+    pub fn upload_addr(&self) -> SocketAddr {
+        self.inner.upload_addr
+    }
+
+    /// The peer's metrics.
+    pub fn metrics(&self) -> &PeerMetrics {
+        &self.inner.metrics
+    }
+
+    /// The piece store.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// The host id (per store): the unit the supernode isolates on faults.
+    pub fn host_id(&self) -> &str {
+        &self.inner.host_id
+    }
+}
+
+/// The local IP the kernel would use to reach `addr` (`host:port`); no packet is sent.
+fn local_ip_towards(addr: &str) -> Option<IpAddr> {
+    use std::net::ToSocketAddrs;
+    let target = addr.to_socket_addrs().ok()?.next()?;
+    let bind: SocketAddr = if target.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { "[::]:0".parse().ok()? };
+    let sock = std::net::UdpSocket::bind(bind).ok()?;
+    sock.connect(target).ok()?;
+    sock.local_addr().ok().map(|a| a.ip())
+}

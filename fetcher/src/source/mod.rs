@@ -1,0 +1,23 @@
+//! Sources: where content comes from when it does not come from a peer. Supernodes use them for
+//! back-to-source; peers use them only when no supernode is reachable.
+
+mod http;
+
+pub use http::{HttpSource, OriginResponse, Probe};
+
+/// One request header forwarded to the origin (`Authorization`, `Cookie`, `-H ...`).
+pub type HeaderPair = (String, String);
+
+/// The error's cause chain on one line: `a: b: c`, skipping repeats.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts: Vec<String> = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let msg = s.to_string();
+        if !parts.iter().any(|p| p.contains(&msg)) {
+            parts.push(msg);
+        }
+        cur = s.source();
+    }
+    parts.join(": ")
+}
