@@ -1,0 +1,131 @@
+//! Supernode configuration: command-line flags over a TOML file over documented defaults.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// The Damselfly supernode: scheduler (gRPC), seed cache and piece server (HTTP), back-to-source.
+#[derive(Debug, Parser)]
+#[command(
+    name = "supernode",
+    version,
+    after_help = "Every flag also has a key in the TOML config file (--config); flags win.\nSee packaging/supernode.toml for all keys and their defaults.\nHTTP endpoints: /healthz, /metrics, /pieces/{version}/{n}, POST /api/v1/preheat."
+)]
+pub struct Args {
+    /// Config file (TOML).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Scheduler gRPC address [default: 0.0.0.0:8002].
+    #[arg(long, value_name = "IP:PORT")]
+    pub grpc_addr: Option<SocketAddr>,
+    /// Piece server, preheat API and metrics address [default: 0.0.0.0:8001].
+    #[arg(long, value_name = "IP:PORT")]
+    pub http_addr: Option<SocketAddr>,
+    /// Seed cache directory [default: /var/lib/damselfly/supernode].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// IP peers use to reach the piece server [default: the address each peer connected to].
+    #[arg(long)]
+    pub advertise_ip: Option<IpAddr>,
+    /// Disk cache size; least recently used tasks are evicted beyond it [default: 100GiB].
+    #[arg(long, value_name = "SIZE")]
+    pub cache_size: Option<String>,
+    /// Extra CA certificates (PEM) for HTTPS origins; system roots are always trusted.
+    #[arg(long, value_name = "FILE")]
+    pub upstream_ca: Option<PathBuf>,
+    /// Cap on all piece uploads of this supernode (e.g. 40MiB) [default: none].
+    #[arg(long, value_name = "RATE")]
+    pub upload_rate: Option<String>,
+    /// Log lines as JSON.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+/// `supernode.toml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub advertise_ip: Option<IpAddr>,
+    pub cache_size: String,
+    pub upstream_ca: Option<PathBuf>,
+    pub upload_rate: String,
+    /// Base piece size (grown for content over 4096 pieces).
+    pub piece_size: String,
+    /// Assignments a peer may have outstanding at once.
+    pub peer_window: usize,
+    /// Concurrent uploads the scheduler assigns to one peer.
+    pub peer_upload_slots: usize,
+    /// Concurrent uploads the scheduler assigns to this supernode, per task.
+    pub supernode_upload_slots: usize,
+    /// Faults (bad data, unreachable) within `fault_window` that isolate a host.
+    pub fault_threshold: usize,
+    pub fault_window: String,
+    /// How long an isolated host stays out of scheduling.
+    pub isolation_cooldown: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            grpc_addr: ([0, 0, 0, 0], 8002).into(),
+            http_addr: ([0, 0, 0, 0], 8001).into(),
+            data_dir: PathBuf::from("/var/lib/damselfly/supernode"),
+            advertise_ip: None,
+            cache_size: "100GiB".into(),
+            upstream_ca: None,
+            upload_rate: "0".into(),
+            piece_size: "4MiB".into(),
+            peer_window: 4,
+            peer_upload_slots: 4,
+            supernode_upload_slots: 8,
+            fault_threshold: 3,
+            fault_window: "60s".into(),
+            isolation_cooldown: "120s".into(),
+        }
+    }
+}
+
+/// Loads the file (if any) and applies the flags.
+pub fn load(args: &Args) -> Result<Config> {
+    let mut c = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.clone(), source })?;
+            toml::from_str(&text).map_err(|e| Error::Config { key: "file", detail: format!("{}: {e}", path.display()) })?
+        }
+        None => Config::default(),
+    };
+    if let Some(v) = args.grpc_addr {
+        c.grpc_addr = v;
+    }
+    if let Some(v) = args.http_addr {
+        c.http_addr = v;
+    }
+    if let Some(v) = &args.data_dir {
+        c.data_dir = v.clone();
+    }
+    if args.advertise_ip.is_some() {
+        c.advertise_ip = args.advertise_ip;
+    }
+    if let Some(v) = &args.cache_size {
+        c.cache_size = v.clone();
+    }
+    if args.upstream_ca.is_some() {
+        c.upstream_ca = args.upstream_ca.clone();
+    }
+    if let Some(v) = &args.upload_rate {
+        c.upload_rate = v.clone();
+    }
+    Ok(c)
+}
+
+/// Parses a config value with `f`, naming the key on failure.
+pub fn parse<T>(key: &'static str, value: &str, f: impl FnOnce(&str) -> fetcher::Result<T>) -> Result<T> {
+    f(value).map_err(|e| Error::Config { key, detail: e.to_string() })
+}

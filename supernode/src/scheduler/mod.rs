@@ -1,0 +1,91 @@
+//! The scheduler gRPC service: one session per (peer, task) stream.
+
+pub mod assign;
+mod register;
+mod session;
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use proto::scheduler::scheduler_server::Scheduler;
+use proto::scheduler::{PeerMessage, SchedulerMessage};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::isolation::Isolation;
+use crate::metrics::Metrics;
+use crate::seed::SeedContext;
+use crate::task::Tasks;
+
+/// Scheduling knobs (see `supernode.toml`).
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    pub limits: assign::Limits,
+    /// `http://ip:port` of this supernode's piece server, or `None` to derive the IP per connection.
+    pub advertise_ip: Option<std::net::IpAddr>,
+    pub http_port: u16,
+}
+
+/// Shared by every session.
+pub struct Scheduling {
+    pub cfg: SchedulerConfig,
+    pub tasks: Arc<Tasks>,
+    pub seed: Arc<SeedContext>,
+    pub isolation: Isolation,
+    pub metrics: Metrics,
+    pub shutdown: fetcher::Shutdown,
+}
+
+/// The tonic service.
+#[derive(Clone)]
+pub struct SchedulerService {
+    pub(crate) inner: Arc<Scheduling>,
+}
+
+impl SchedulerService {
+    /// Wraps the shared scheduling state.
+    pub fn new(inner: Arc<Scheduling>) -> Self {
+        Self { inner }
+    }
+}
+
+type OutStream = Pin<Box<dyn Stream<Item = Result<SchedulerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Scheduler for SchedulerService {
+    type DownloadStream = OutStream;
+
+    async fn download(&self, request: Request<Streaming<PeerMessage>>) -> Result<Response<OutStream>, Status> {
+        let local_ip = request.local_addr().map(|a| a.ip());
+        let remote = request.remote_addr();
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(1024);
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            session::run(inner, inbound, tx, local_ip, remote).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Starts seeding a URL on request of the preheat API; returns its task id.
+pub async fn register_for_preheat(s: &Scheduling, req: crate::http::PreheatRequest) -> Result<String, proto::scheduler::TaskError> {
+    let filter = fetcher::task_id::parse_filter(&req.filter);
+    let task_id = fetcher::task_id::task_id(&req.url, &req.tag, &filter).map_err(|e| proto::scheduler::TaskError {
+        kind: proto::scheduler::ErrorKind::Invalid as i32,
+        http_status: 0,
+        message: e.to_string(),
+    })?;
+    let reg = proto::scheduler::Register {
+        url: req.url,
+        task_id: task_id.clone(),
+        tag: req.tag,
+        filter,
+        headers: req.headers.into_iter().map(|(name, value)| proto::scheduler::Header { name, value }).collect(),
+        ..Default::default()
+    };
+    register::join(s, &reg).await?;
+    Ok(task_id)
+}

@@ -1,0 +1,84 @@
+//! Registration: find or start the task version a peer joins, revalidating a finished version with
+//! the origin and checking the peer's credentials with the origin when the version has not seen them.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use fetcher::source::HeaderPair;
+use proto::scheduler::{ErrorKind, Register, TaskError};
+
+use super::Scheduling;
+use crate::seed::{self, task_error};
+use crate::task::{Status, Version, fingerprint};
+
+fn invalid(message: String) -> TaskError {
+    TaskError { kind: ErrorKind::Invalid as i32, http_status: 0, message }
+}
+
+/// Validates a registration and returns the version the peer joins.
+pub async fn join(s: &Scheduling, reg: &Register) -> Result<Arc<Version>, TaskError> {
+    let filter = reg.filter.clone();
+    let task_id = fetcher::task_id::task_id(&reg.url, &reg.tag, &filter).map_err(|e| invalid(e.to_string()))?;
+    if task_id != reg.task_id {
+        return Err(invalid(format!("task id {} does not match url, tag and filter", reg.task_id)));
+    }
+    let headers: Vec<HeaderPair> = reg.headers.iter().map(|h| (h.name.clone(), h.value.clone())).collect();
+    let fp = fingerprint(&headers);
+
+    // Get the current version or start one, atomically.
+    let (version, created) = s.tasks.with_current(|m| match m.get(&task_id) {
+        Some(v) if !v.failed() => (v.clone(), false),
+        _ => {
+            let v = Version::new(task_id.clone(), reg.url.clone(), headers.clone());
+            m.insert(task_id.clone(), v.clone());
+            (v, true)
+        }
+    });
+    if created {
+        tokio::spawn(seed::seed(s.seed.clone(), version.clone()));
+        return Ok(version);
+    }
+    let (complete, known) = {
+        let st = version.lock();
+        (matches!(st.status, Status::Complete { .. }), st.validated.contains(&fp))
+    };
+    if !complete && known {
+        return Ok(version);
+    }
+    // A finished version may be stale, and unknown credentials must be accepted by the origin
+    // before this peer gets any piece: one small ranged request answers both.
+    s.metrics.source_requests.with_label_values(&["probe"]).inc();
+    let probe = s.seed.source.probe(&reg.url, &headers).await.map_err(|e| task_error(&e))?;
+    let changed = {
+        let mut st = version.lock();
+        st.validated.insert(fp);
+        st.last_validated = Instant::now();
+        match &st.info {
+            Some(info) => {
+                let len_changed =
+                    info.content_length >= 0 && probe.content_length.map(|l| l as i64) != Some(info.content_length);
+                len_changed || info.etag != probe.etag || info.last_modified != probe.last_modified
+            }
+            None => false,
+        }
+    };
+    if !changed {
+        return Ok(version);
+    }
+    tracing::info!(task_id = %&task_id[..16], "origin content changed: starting a new version");
+    let fresh = s.tasks.with_current(|m| {
+        // Another registration may have replaced it already.
+        match m.get(&task_id) {
+            Some(cur) if !Arc::ptr_eq(cur, &version) && !cur.failed() => (cur.clone(), false),
+            _ => {
+                let v = Version::new(task_id.clone(), reg.url.clone(), headers.clone());
+                m.insert(task_id.clone(), v.clone());
+                (v, true)
+            }
+        }
+    });
+    if fresh.1 {
+        tokio::spawn(seed::seed(s.seed.clone(), fresh.0.clone()));
+    }
+    Ok(fresh.0)
+}

@@ -1,0 +1,239 @@
+//! One peer's session on one task version: registration, piece metadata and assignments out,
+//! results in. The peer is a parent for as long as the stream stays open.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proto::scheduler::{
+    self as pb, ErrorKind, FailureReason, PeerMessage, SchedulerMessage, TaskError, peer_message, scheduler_message,
+};
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+use tracing::Instrument;
+
+use super::Scheduling;
+use super::assign::{self, SUPERNODE_ID};
+use super::register;
+use crate::task::{PeerState, Status as SeedStatus, Version};
+
+type Tx = mpsc::Sender<Result<SchedulerMessage, Status>>;
+
+fn out(m: scheduler_message::Msg) -> Result<SchedulerMessage, Status> {
+    Ok(SchedulerMessage { msg: Some(m) })
+}
+
+async fn send_error(tx: &Tx, e: TaskError) {
+    let _ = tx.send(out(scheduler_message::Msg::Error(e))).await;
+}
+
+fn invalid(message: impl Into<String>) -> TaskError {
+    TaskError { kind: ErrorKind::Invalid as i32, http_status: 0, message: message.into() }
+}
+
+/// Runs a session until the peer leaves, the task fails, or the supernode shuts down.
+pub async fn run(s: Arc<Scheduling>, mut inbound: Streaming<PeerMessage>, tx: Tx, local_ip: Option<IpAddr>, remote: Option<SocketAddr>) {
+    let first = tokio::time::timeout(Duration::from_secs(30), inbound.message()).await;
+    let reg = match first {
+        Ok(Ok(Some(PeerMessage { msg: Some(peer_message::Msg::Register(r)) }))) => r,
+        _ => return send_error(&tx, invalid("the first message must be Register")).await,
+    };
+    let span = tracing::info_span!("session", task_id = %reg.task_id.get(..16).unwrap_or(""), peer = %reg.peer_id, remote = ?remote);
+    run_registered(s, inbound, tx, local_ip, reg).instrument(span).await;
+}
+
+async fn run_registered(s: Arc<Scheduling>, mut inbound: Streaming<PeerMessage>, tx: Tx, local_ip: Option<IpAddr>, reg: pb::Register) {
+    let upload: SocketAddr = match reg.upload_addr.parse() {
+        Ok(a) => a,
+        Err(_) => return send_error(&tx, invalid(format!("bad upload_addr {:?}", reg.upload_addr))).await,
+    };
+    if reg.peer_id.is_empty() || reg.host_id.is_empty() {
+        return send_error(&tx, invalid("peer_id and host_id are required")).await;
+    }
+    let version = match register::join(&s, &reg).await {
+        Ok(v) => v,
+        Err(e) => return send_error(&tx, e).await,
+    };
+    let mut changes = version.subscribe();
+    // Wait for the origin's answer (or failure).
+    let info = loop {
+        let (failed, info) = {
+            let st = version.lock();
+            let failed = match &st.status {
+                SeedStatus::Failed(e) => Some(e.clone()),
+                _ => None,
+            };
+            (failed, st.info.clone())
+        };
+        if let Some(e) = failed {
+            return send_error(&tx, e).await;
+        }
+        if let Some(i) = info {
+            break i;
+        }
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return },
+            _ = s.shutdown.wait() => return,
+        }
+    };
+    let task_info = pb::TaskInfo {
+        version_id: info.version_id.clone(),
+        content_length: info.content_length,
+        piece_size: info.piece_size,
+        etag: info.etag.clone(),
+        last_modified: info.last_modified.clone(),
+        supernode_id: SUPERNODE_ID.into(),
+    };
+    if tx.send(out(scheduler_message::Msg::TaskInfo(task_info))).await.is_err() {
+        return;
+    }
+    let have = match tokio::time::timeout(Duration::from_secs(60), inbound.message()).await {
+        Ok(Ok(Some(PeerMessage { msg: Some(peer_message::Msg::Have(h)) }))) => h.pieces,
+        _ => return send_error(&tx, invalid("expected Have after TaskInfo")).await,
+    };
+    let peer_id = reg.peer_id.clone();
+    version.lock().peers.insert(
+        peer_id.clone(),
+        PeerState {
+            host_id: reg.host_id.clone(),
+            base_url: format!("http://{upload}"),
+            have: have.into_iter().collect(),
+            outstanding: Default::default(),
+            failed_parents: Default::default(),
+        },
+    );
+    s.metrics.peers.inc();
+    version.notify();
+    tracing::info!(version = %&info.version_id[..16], "peer joined");
+
+    let sn_ip = s.cfg.advertise_ip.or(local_ip).unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let supernode_base = format!("http://{}", SocketAddr::new(sn_ip, s.cfg.http_port));
+    let mut sent = 0usize;
+    let mut done_sent = false;
+    loop {
+        let (msgs, end) = step(&s, &version, &peer_id, &supernode_base, &mut sent, &mut done_sent);
+        for m in msgs {
+            if tx.send(out(m)).await.is_err() {
+                return leave(&s, &version, &peer_id);
+            }
+        }
+        if end {
+            break;
+        }
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { break },
+            m = inbound.message() => match m {
+                Ok(Some(PeerMessage { msg: Some(peer_message::Msg::PieceResult(r)) })) => on_result(&s, &version, &peer_id, r),
+                Ok(Some(PeerMessage { msg: Some(peer_message::Msg::Have(h)) })) => {
+                    if let Some(p) = version.lock().peers.get_mut(&peer_id) {
+                        p.have.extend(h.pieces);
+                    }
+                    version.notify();
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            },
+            _ = s.shutdown.wait() => break,
+            // Re-evaluate now and then: isolation cool-downs expire without a notification.
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+    leave(&s, &version, &peer_id);
+}
+
+/// Computes what to send now: new piece metadata, completion, failure, new assignments.
+fn step(
+    s: &Scheduling,
+    version: &Version,
+    peer_id: &str,
+    supernode_base: &str,
+    sent: &mut usize,
+    done_sent: &mut bool,
+) -> (Vec<scheduler_message::Msg>, bool) {
+    let mut msgs = Vec::new();
+    let mut st = version.lock();
+    st.last_access = Instant::now();
+    for p in &st.pieces[(*sent).min(st.pieces.len())..] {
+        msgs.push(scheduler_message::Msg::PieceInfo(p.to_proto()));
+    }
+    *sent = st.pieces.len();
+    match &st.status {
+        SeedStatus::Failed(e) => {
+            msgs.push(scheduler_message::Msg::Error(e.clone()));
+            return (msgs, true);
+        }
+        SeedStatus::Complete { content_length, piece_count, digest } if !*done_sent => {
+            msgs.push(scheduler_message::Msg::Done(pb::Done {
+                content_length: *content_length,
+                piece_count: *piece_count,
+                digest: digest.clone(),
+            }));
+            *done_sent = true;
+        }
+        _ => {}
+    }
+    let usable = |host: &str| !s.isolation.is_isolated(host);
+    for (piece, parent) in assign::next(&mut st, peer_id, s.cfg.limits, &usable) {
+        let (base_url, is_supernode) = if parent == SUPERNODE_ID {
+            (supernode_base.to_owned(), true)
+        } else {
+            (st.peers.get(&parent).map(|p| p.base_url.clone()).unwrap_or_default(), false)
+        };
+        s.metrics.assignments.with_label_values(&[if is_supernode { "supernode" } else { "peer" }]).inc();
+        msgs.push(scheduler_message::Msg::Assign(pb::Assign {
+            piece,
+            parent: Some(pb::Parent { id: parent, base_url, is_supernode }),
+        }));
+    }
+    (msgs, false)
+}
+
+/// Books a piece result: holdings on success; on failure, the parent's faults and isolation.
+fn on_result(s: &Scheduling, version: &Version, peer_id: &str, r: pb::PieceResult) {
+    let mut st = version.lock();
+    let Some(parent) = st.peers.get_mut(peer_id).and_then(|p| p.outstanding.remove(&r.piece)) else {
+        return;
+    };
+    assign::release(&mut st, r.piece, &parent);
+    if r.success {
+        if let Some(p) = st.peers.get_mut(peer_id) {
+            p.have.insert(r.piece);
+        }
+    } else {
+        let reason = FailureReason::try_from(r.reason).unwrap_or(FailureReason::Unspecified);
+        s.metrics.piece_failures.with_label_values(&[reason.as_str_name()]).inc();
+        tracing::warn!(piece = r.piece, parent = %parent, ?reason, detail = %r.detail, "peer reported a failed piece");
+        let parent_fault = matches!(reason, FailureReason::DigestMismatch | FailureReason::ParentUnreachable);
+        if parent != SUPERNODE_ID && reason != FailureReason::Local {
+            if let Some(p) = st.peers.get_mut(peer_id) {
+                p.failed_parents.insert(parent.clone());
+            }
+            if parent_fault && st.bad_parents.insert(parent.clone()) {
+                s.metrics.isolations.with_label_values(&["task"]).inc();
+                tracing::warn!(parent = %parent, "parent isolated for this task");
+            }
+            if parent_fault
+                && let Some(host) = st.peers.get(&parent).map(|p| p.host_id.clone())
+                && s.isolation.fault(&host)
+            {
+                s.metrics.isolations.with_label_values(&["host"]).inc();
+            }
+        }
+    }
+    drop(st);
+    version.notify();
+}
+
+/// Removes the peer from the version and frees what it had outstanding.
+fn leave(s: &Scheduling, version: &Version, peer_id: &str) {
+    let mut st = version.lock();
+    if let Some(p) = st.peers.remove(peer_id) {
+        for (piece, parent) in p.outstanding {
+            assign::release(&mut st, piece, &parent);
+        }
+        s.metrics.peers.dec();
+    }
+    drop(st);
+    version.notify();
+    tracing::info!("peer left");
+}

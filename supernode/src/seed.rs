@@ -1,0 +1,158 @@
+//! Back-to-source: the seed streams a task's content from the origin once, cuts it into pieces,
+//! hashes and stores each, and publishes each piece the moment it is on disk.
+
+use std::sync::Arc;
+
+use fetcher::piece::{PieceCutter, PieceMeta};
+use fetcher::piece_store::{Store, TaskMeta};
+use fetcher::source::HttpSource;
+use fetcher::task_id;
+use futures::StreamExt;
+use proto::scheduler::{ErrorKind, TaskError};
+
+use crate::metrics::Metrics;
+use crate::task::{Info, Status, Tasks, Version};
+
+/// What seeding needs.
+pub struct SeedContext {
+    pub source: HttpSource,
+    pub store: Store,
+    pub tasks: Arc<Tasks>,
+    pub metrics: Metrics,
+    /// Base piece size (grown for huge content, see `fetcher::task_id::piece_size_for`).
+    pub piece_size: u32,
+}
+
+/// Converts a fetcher error met while talking to the origin into the error peers receive.
+pub fn task_error(e: &fetcher::Error) -> TaskError {
+    let (kind, status) = match e {
+        fetcher::Error::OriginStatus { status, .. } => (ErrorKind::OriginStatus, u32::from(*status)),
+        fetcher::Error::OriginUnreachable { .. } => (ErrorKind::OriginUnreachable, 0),
+        fetcher::Error::OriginBody { .. } => (ErrorKind::OriginBody, 0),
+        fetcher::Error::Invalid { .. } => (ErrorKind::Invalid, 0),
+        _ => (ErrorKind::Internal, 0),
+    };
+    let message = match e {
+        fetcher::Error::OriginUnreachable { detail, .. } | fetcher::Error::OriginBody { detail, .. } => detail.clone(),
+        other => other.to_string(),
+    };
+    TaskError { kind: kind as i32, http_status: status, message }
+}
+
+fn fail(ctx: &SeedContext, v: &Version, e: &fetcher::Error) {
+    tracing::warn!(task_id = %&v.task_id[..16], url = %v.url, error = %e, "seed failed");
+    let version_id = {
+        let mut st = v.lock();
+        st.status = Status::Failed(task_error(e));
+        st.info.as_ref().map(|i| i.version_id.clone())
+    };
+    if let Some(id) = version_id {
+        ctx.tasks.forget(&id, &v.task_id);
+    }
+    v.notify();
+}
+
+/// Seeds `v` from the origin; on failure the version is marked failed (its peers get the error, the
+/// next registration starts a fresh version).
+#[tracing::instrument(skip_all, fields(task_id = %&v.task_id[..16]))]
+pub async fn seed(ctx: Arc<SeedContext>, v: Arc<Version>) {
+    if let Err(e) = seed_inner(&ctx, &v).await {
+        fail(&ctx, &v, &e);
+    }
+}
+
+async fn seed_inner(ctx: &SeedContext, v: &Arc<Version>) -> fetcher::Result<()> {
+    ctx.metrics.source_requests.with_label_values(&["fetch"]).inc();
+    let resp = ctx.source.get(&v.url, &v.headers, None).await?;
+    let probe = resp.probe.clone();
+    let len = probe.content_length.map(|l| l as i64).unwrap_or(-1);
+    let piece_size = task_id::piece_size_for(len, ctx.piece_size);
+    let info = Info {
+        version_id: task_id::version_id(&v.task_id, len, &probe.etag, &probe.last_modified),
+        content_length: len,
+        piece_size,
+        etag: probe.etag.clone(),
+        last_modified: probe.last_modified.clone(),
+    };
+    let meta = TaskMeta {
+        version_id: info.version_id.clone(),
+        task_id: v.task_id.clone(),
+        url: v.url.clone(),
+        content_length: len,
+        piece_size,
+        etag: probe.etag,
+        last_modified: probe.last_modified,
+        digest: None,
+    };
+    // Another version object for the same content may still hold the store (a revalidation raced):
+    // reuse the indexed one's store if so.
+    let store = match ctx.tasks.by_version(&info.version_id).and_then(|o| o.store.get().cloned()) {
+        Some(s) => s,
+        None => ctx.store.open_task(&meta).await?,
+    };
+    let _ = v.store.set(store.clone());
+    let cached = store.have();
+    {
+        let mut st = v.lock();
+        st.info = Some(info.clone());
+    }
+    ctx.tasks.index(info.version_id.clone(), v.clone());
+    ctx.metrics.tasks.set(ctx.tasks.len() as i64);
+    v.notify();
+    tracing::info!(version = %&info.version_id[..16], length = len, piece_size, cached = cached.len(), "seeding");
+
+    if len >= 0 && cached.len() as u64 == (len as u64).div_ceil(u64::from(piece_size)) {
+        // The disk cache already holds the whole version: no need to read the body.
+        drop(resp);
+        let metas: Vec<PieceMeta> = cached.iter().filter_map(|n| store.piece(*n)).collect();
+        let digest = store.meta().digest.unwrap_or_default();
+        let mut st = v.lock();
+        st.pieces = metas;
+        st.status = Status::Complete { content_length: len as u64, piece_count: cached.len() as u32, digest };
+        drop(st);
+        v.notify();
+        tracing::info!(version = %&info.version_id[..16], "served from the disk cache");
+        return Ok(());
+    }
+    let mut cutter = PieceCutter::new(piece_size);
+    let mut body = std::pin::pin!(resp.into_stream());
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk?;
+        ctx.metrics.source_bytes.inc_by(chunk.len() as u64);
+        let pieces = cutter.push(&chunk);
+        publish(v, &store, pieces).await?;
+    }
+    let (last, total, digest) = cutter.finish();
+    publish(v, &store, last.into_iter().collect()).await?;
+    if len >= 0 && total != len as u64 {
+        return Err(fetcher::Error::OriginBody { url: v.url.clone(), detail: format!("got {total} of {len} bytes") });
+    }
+    store.set_complete(total, Some(digest.clone()))?;
+    let piece_count = total.div_ceil(u64::from(piece_size)) as u32;
+    v.lock().status = Status::Complete { content_length: total, piece_count, digest };
+    v.notify();
+    tracing::info!(version = %&info.version_id[..16], bytes = total, pieces = piece_count, "seed complete");
+    Ok(())
+}
+
+/// Stores pieces (unless already cached from an earlier run) and makes them available.
+async fn publish(v: &Version, store: &Arc<fetcher::piece_store::TaskStore>, pieces: Vec<(PieceMeta, bytes::Bytes)>) -> fetcher::Result<()> {
+    if pieces.is_empty() {
+        return Ok(());
+    }
+    let s = store.clone();
+    let metas: Vec<PieceMeta> = pieces.iter().map(|(m, _)| m.clone()).collect();
+    tokio::task::spawn_blocking(move || {
+        for (m, data) in &pieces {
+            if s.piece(m.num).as_ref() != Some(m) {
+                s.write_piece(m, data)?;
+            }
+        }
+        Ok::<_, fetcher::Error>(())
+    })
+    .await
+    .map_err(|e| fetcher::Error::Download(format!("store task failed: {e}")))??;
+    v.lock().pieces.extend(metas);
+    v.notify();
+    Ok(())
+}

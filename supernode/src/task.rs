@@ -1,0 +1,225 @@
+//! Task versions in memory: what the seed has fetched, which peer holds which piece, who is
+//! downloading what from whom. One [`Version`] per (task, origin content); [`Tasks`] maps task ids to
+//! their current version and version ids to versions (for piece serving and eviction).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Instant;
+
+use fetcher::piece::PieceMeta;
+use fetcher::piece_store::TaskStore;
+use fetcher::source::HeaderPair;
+use proto::scheduler::TaskError;
+use tokio::sync::watch;
+
+/// What the origin told the seed about the content.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Info {
+    pub version_id: String,
+    pub content_length: i64,
+    pub piece_size: u32,
+    pub etag: String,
+    pub last_modified: String,
+}
+
+/// Where the seed is.
+#[derive(Clone, Debug)]
+pub enum Status {
+    /// Waiting for the origin's answer, or streaming from it.
+    Seeding,
+    /// Every piece is on disk.
+    Complete { content_length: u64, piece_count: u32, digest: String },
+    /// The origin refused or broke; peers get this error.
+    Failed(TaskError),
+}
+
+/// A peer connected to a version.
+#[derive(Debug)]
+pub struct PeerState {
+    pub host_id: String,
+    pub base_url: String,
+    pub have: HashSet<u32>,
+    /// piece → parent id, for assignments not yet reported.
+    pub outstanding: HashMap<u32, String>,
+    /// Parents that failed this peer: never assigned to it again for this version.
+    pub failed_parents: HashSet<String>,
+}
+
+/// Mutable state of a version (under one mutex; never held across an await).
+#[derive(Debug)]
+pub struct State {
+    pub info: Option<Info>,
+    pub status: Status,
+    /// Available pieces, in order (piece `n` at index `n`).
+    pub pieces: Vec<PieceMeta>,
+    pub peers: HashMap<String, PeerState>,
+    /// Outstanding uploads per parent id (the supernode included).
+    pub load: HashMap<String, usize>,
+    /// Outstanding assignments per piece.
+    pub in_flight: HashMap<u32, usize>,
+    /// Parents taken out of scheduling for this version.
+    pub bad_parents: HashSet<String>,
+    /// Fingerprints of header sets the origin accepted for this version.
+    pub validated: HashSet<String>,
+    pub last_access: Instant,
+    pub last_validated: Instant,
+}
+
+/// One version of a task.
+#[derive(Debug)]
+pub struct Version {
+    pub task_id: String,
+    pub url: String,
+    /// Headers of the registration that started the seed (used for the origin fetch).
+    pub headers: Vec<HeaderPair>,
+    state: Mutex<State>,
+    changed: watch::Sender<u64>,
+    /// The seed's store, once the origin answered.
+    pub store: OnceLock<Arc<TaskStore>>,
+}
+
+impl Version {
+    /// A new version about to be seeded with `headers` (whose fingerprint counts as validated once
+    /// the origin accepts the seed's request).
+    pub fn new(task_id: String, url: String, headers: Vec<HeaderPair>) -> Arc<Self> {
+        let now = Instant::now();
+        let mut validated = HashSet::new();
+        validated.insert(fingerprint(&headers));
+        Arc::new(Self {
+            task_id,
+            url,
+            headers,
+            state: Mutex::new(State {
+                info: None,
+                status: Status::Seeding,
+                pieces: Vec::new(),
+                peers: HashMap::new(),
+                load: HashMap::new(),
+                in_flight: HashMap::new(),
+                bad_parents: HashSet::new(),
+                validated,
+                last_access: now,
+                last_validated: now,
+            }),
+            changed: watch::channel(0).0,
+            store: OnceLock::new(),
+        })
+    }
+
+    /// Locks the state (a poisoned lock is recovered: the state stays consistent per operation).
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes every session of this version.
+    pub fn notify(&self) {
+        self.changed.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    /// A receiver that sees every [`Version::notify`].
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// The version id, once known.
+    pub fn version_id(&self) -> Option<String> {
+        self.lock().info.as_ref().map(|i| i.version_id.clone())
+    }
+
+    /// True when the seed failed.
+    pub fn failed(&self) -> bool {
+        matches!(self.lock().status, Status::Failed(_))
+    }
+}
+
+/// Fingerprint of a header set (order- and case-insensitive names).
+pub fn fingerprint(headers: &[HeaderPair]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut v: Vec<(String, &str)> = headers.iter().map(|(n, val)| (n.to_ascii_lowercase(), val.as_str())).collect();
+    v.sort();
+    let mut h = Sha256::new();
+    for (n, val) in v {
+        h.update(n.as_bytes());
+        h.update(b"\0");
+        h.update(val.as_bytes());
+        h.update(b"\0");
+    }
+    hex::encode(h.finalize())
+}
+
+/// All versions in memory.
+#[derive(Debug, Default)]
+pub struct Tasks {
+    /// task id → current version.
+    current: Mutex<HashMap<String, Arc<Version>>>,
+    /// version id → version (every version with a store).
+    by_version: Mutex<HashMap<String, Arc<Version>>>,
+}
+
+impl Tasks {
+    /// The current version of a task.
+    pub fn current(&self, task_id: &str) -> Option<Arc<Version>> {
+        self.current.lock().ok().and_then(|m| m.get(task_id).cloned())
+    }
+
+    /// Makes `v` the current version of its task (returns the one it replaced).
+    pub fn set_current(&self, v: Arc<Version>) -> Option<Arc<Version>> {
+        self.current.lock().ok().and_then(|mut m| m.insert(v.task_id.clone(), v))
+    }
+
+    /// Runs `f` with the map of current versions locked (atomic get-or-create).
+    pub fn with_current<R>(&self, f: impl FnOnce(&mut HashMap<String, Arc<Version>>) -> R) -> R {
+        let mut m = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut m)
+    }
+
+    /// Indexes `v` under its version id (after its info is known).
+    pub fn index(&self, version_id: String, v: Arc<Version>) {
+        if let Ok(mut m) = self.by_version.lock() {
+            m.insert(version_id, v);
+        }
+    }
+
+    /// A version by id.
+    pub fn by_version(&self, version_id: &str) -> Option<Arc<Version>> {
+        self.by_version.lock().ok().and_then(|m| m.get(version_id).cloned())
+    }
+
+    /// Every indexed version.
+    pub fn versions(&self) -> Vec<(String, Arc<Version>)> {
+        self.by_version.lock().map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default()
+    }
+
+    /// Forgets a version (eviction or failure).
+    pub fn forget(&self, version_id: &str, task_id: &str) {
+        if let Ok(mut m) = self.by_version.lock() {
+            m.remove(version_id);
+        }
+        if let Ok(mut m) = self.current.lock()
+            && m.get(task_id).and_then(|v| v.version_id()).as_deref() == Some(version_id)
+        {
+            m.remove(task_id);
+        }
+    }
+
+    /// Number of versions in memory.
+    pub fn len(&self) -> usize {
+        self.by_version.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// True when no version is in memory.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl fetcher::upload::PieceSource for Tasks {
+    fn read_piece(&self, version_id: &str, num: u32) -> fetcher::Result<Option<bytes::Bytes>> {
+        let Some(v) = self.by_version(version_id) else { return Ok(None) };
+        v.lock().last_access = Instant::now();
+        match v.store.get() {
+            Some(s) => s.read_piece(num),
+            None => Ok(None),
+        }
+    }
+}
