@@ -1,1 +1,2 @@
-
+pub mod origin;
+pub mod harness;

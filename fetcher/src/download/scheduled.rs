@@ -91,7 +91,7 @@ impl Download<'_> {
 
         let mut inflight: JoinSet<PieceOutcome> = JoinSet::new();
         loop {
-            if self.is_complete() {
+            if self.is_complete() && inflight.is_empty() {
                 return Ok(Session { tx, inbound });
             }
             tokio::select! {

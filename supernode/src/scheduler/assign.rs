@@ -7,7 +7,7 @@
 
 use rand::seq::IndexedRandom;
 
-use crate::task::State;
+use crate::task::{PeerState, State};
 
 /// The supernode's parent id.
 pub const SUPERNODE_ID: &str = "supernode";
@@ -39,8 +39,18 @@ pub fn next(state: &mut State, peer_id: &str, limits: Limits, usable: &dyn Fn(&s
         if needed.is_empty() {
             break;
         }
-        let rarity = |n: u32| {
-            let holders = state.peers.values().filter(|p| p.have.contains(&n)).count();
+        // A parent is usable for this peer when it holds the piece, is not isolated (for the task
+        // or host-wide), has not failed this peer, and has a free upload slot (`with_slot`).
+        let usable_parent = |id: &str, p: &PeerState, n: u32| {
+            id != peer_id
+                && p.have.contains(&n)
+                && !state.bad_parents.contains(id)
+                && !me.failed_parents.contains(id)
+                && usable(&p.host_id)
+        };
+        // Supply of a piece: usable holders plus copies already on their way to some peer.
+        let supply = |n: u32| {
+            let holders = state.peers.iter().filter(|(id, p)| usable_parent(id, p, n)).count();
             holders + state.in_flight.get(&n).copied().unwrap_or(0)
         };
         // Best (piece, peer parent): rarest piece among those a usable peer can serve now.
@@ -50,32 +60,30 @@ pub fn next(state: &mut State, peer_id: &str, limits: Limits, usable: &dyn Fn(&s
                 .peers
                 .iter()
                 .filter(|(id, p)| {
-                    id.as_str() != peer_id
-                        && p.have.contains(&n)
-                        && !state.bad_parents.contains(id.as_str())
-                        && !me.failed_parents.contains(id.as_str())
-                        && state.load.get(id.as_str()).copied().unwrap_or(0) < limits.peer_cap
-                        && usable(&p.host_id)
+                    usable_parent(id, p, n) && state.load.get(id.as_str()).copied().unwrap_or(0) < limits.peer_cap
                 })
                 .map(|(id, _)| id.as_str())
                 .collect();
             if parents.is_empty() {
                 continue;
             }
-            let r = rarity(n);
+            let r = supply(n);
             if best.as_ref().is_none_or(|(br, _, _)| r < *br) {
                 best = Some((r, n, parents));
             }
         }
+        let sn_load = state.load.get(SUPERNODE_ID).copied().unwrap_or(0);
         let choice = if let Some((_, n, parents)) = best {
             let min_load = parents.iter().map(|p| state.load.get(*p).copied().unwrap_or(0)).min().unwrap_or(0);
             let least: Vec<&str> =
                 parents.into_iter().filter(|p| state.load.get(*p).copied().unwrap_or(0) == min_load).collect();
             least.choose(&mut rng).map(|p| (n, (*p).to_owned()))
-        } else if state.load.get(SUPERNODE_ID).copied().unwrap_or(0) < limits.supernode_cap {
-            let min_r = needed.iter().map(|n| rarity(*n)).min().unwrap_or(0);
-            let rarest: Vec<u32> = needed.iter().copied().filter(|n| rarity(*n) == min_r).collect();
-            rarest.choose(&mut rng).map(|n| (*n, SUPERNODE_ID.to_owned()))
+        } else if sn_load < limits.supernode_cap {
+            // The supernode sends pieces no peer has or is getting (each piece leaves it about once);
+            // a second copy only when it is otherwise idle.
+            let min_s = needed.iter().map(|n| supply(*n)).min().unwrap_or(0);
+            let rarest: Vec<u32> = needed.iter().copied().filter(|n| supply(*n) == min_s).collect();
+            if min_s == 0 || sn_load == 0 { rarest.choose(&mut rng).map(|n| (*n, SUPERNODE_ID.to_owned())) } else { None }
         } else {
             None
         };
@@ -103,7 +111,7 @@ pub fn release(state: &mut State, piece: u32, parent: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::task::{PeerState, Version};
+    use crate::task::Version;
     use fetcher::piece::PieceMeta;
 
     fn peer(have: &[u32]) -> PeerState {
@@ -151,9 +159,10 @@ mod tests {
         st.peers.insert("me".into(), peer(&[]));
         st.bad_parents.insert("evil".into());
         let got = next(&mut st, "me", LIMITS, &|_| true);
-        assert_eq!(got.len(), 4);
         assert_eq!(got.iter().filter(|(_, p)| p == "seed1").count(), 2, "peer cap 2");
-        assert_eq!(got.iter().filter(|(_, p)| p == SUPERNODE_ID).count(), 2, "rest from the supernode");
+        // Every piece is held by a peer: the idle supernode adds one copy, no more.
+        assert_eq!(got.iter().filter(|(_, p)| p == SUPERNODE_ID).count(), 1);
+        assert_eq!(got.len(), 3);
         assert!(got.iter().all(|(_, p)| p != "evil"));
         for (n, p) in &got {
             release(&mut st, *n, p);

@@ -1,0 +1,65 @@
+//! `damselfly-evil-peer`: a misbehaving peer for tests. It downloads a URL honestly (so the
+//! supernode knows it holds every piece), then keeps seeding it with one byte of every piece
+//! flipped, until killed. Prints `seeding` once it is ready.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use clap::Parser;
+use fetcher::upload::PieceSource;
+use fetcher::{DownloadRequest, Peer, PeerConfig, Progress, Shutdown};
+
+#[derive(Parser)]
+struct Args {
+    url: String,
+    #[arg(long)]
+    supernode: String,
+    #[arg(long)]
+    data_dir: std::path::PathBuf,
+    #[arg(short = 'O')]
+    output: std::path::PathBuf,
+}
+
+struct Corrupting(Arc<dyn PieceSource>);
+
+impl PieceSource for Corrupting {
+    fn read_piece(&self, version_id: &str, num: u32) -> fetcher::Result<Option<Bytes>> {
+        Ok(self.0.read_piece(version_id, num)?.map(|b| {
+            let mut v = b.to_vec();
+            let mid = v.len() / 2;
+            if let Some(x) = v.get_mut(mid) {
+                *x ^= 0xff;
+            }
+            Bytes::from(v)
+        }))
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let cfg = PeerConfig {
+        supernodes: vec![a.supernode],
+        data_dir: a.data_dir,
+        keep_seeding: true,
+        ..PeerConfig::default()
+    };
+    let shutdown = Shutdown::new();
+    let peer = Peer::start_with(cfg, fetcher::metrics::PeerMetrics::new(), shutdown.clone(), |s| Arc::new(Corrupting(s))).await?;
+    let req = DownloadRequest {
+        url: a.url,
+        output: a.output,
+        headers: vec![],
+        digest: None,
+        tag: String::new(),
+        filter: vec![],
+        limit_rate: 0,
+        back_source: fetcher::BackSource::Never,
+        timeout: None,
+    };
+    let (tx, _rx) = tokio::sync::watch::channel(Progress::default());
+    peer.download(&req, &tx).await?;
+    println!("seeding");
+    shutdown.wait().await;
+    Ok(())
+}

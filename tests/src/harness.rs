@@ -1,0 +1,265 @@
+//! Helpers for end-to-end tests: start the real binaries as separate processes on loopback, make
+//! content, read metrics. Processes are killed when their handle drops; their output goes to log
+//! files in the test's directory, printed when a test fails.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// Directory holding the workspace's binaries (`target/debug` or `target/release`).
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("DAMSELFLY_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> → target/<profile>
+    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+}
+
+/// Path of a workspace binary; panics with instructions if it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(p.exists(), "{} is missing: run `cargo build --workspace --bins` first (tests/run.sh does)", p.display());
+    p
+}
+
+/// A child process killed on drop, with its log file.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Sends SIGKILL and reaps the process.
+    pub async fn kill9(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+
+    /// The process's output so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The pid.
+    pub fn pid(&self) -> i32 {
+        self.child.id().map(|p| p as i32).unwrap_or(-1)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// A test's working directory and its processes.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+}
+
+impl Env {
+    /// A fresh directory (under `$DAMSELFLY_TEST_TMP` or the system temp dir).
+    pub fn new(name: &str) -> Self {
+        let base = std::env::var_os("DAMSELFLY_TEST_TMP").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+        let dir = tempfile::Builder::new().prefix(&format!("damselfly-{name}-")).tempdir_in(base).expect("tempdir");
+        Self { dir }
+    }
+
+    /// A path inside the test directory.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Spawns a workspace binary with output to `<dir>/<name>.log`.
+    pub fn spawn(&self, name: &str, bin_name: &str, args: &[String]) -> Proc {
+        let log = self.path(&format!("{name}.log"));
+        let f = std::fs::File::create(&log).expect("log file");
+        let f2 = f.try_clone().expect("log file");
+        let child = Command::new(bin(bin_name))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(f)
+            .stderr(f2)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {bin_name}: {e}"));
+        Proc { name: name.to_owned(), child, log }
+    }
+
+    /// Starts the test origin serving `<dir>/www`; returns it and its base URL.
+    pub async fn origin(&self, extra: &[&str]) -> (Proc, String) {
+        let www = self.path("www");
+        std::fs::create_dir_all(&www).expect("www");
+        let log = self.path("origin.log");
+        let mut args = vec!["--dir".to_owned(), www.to_string_lossy().into_owned()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut child = Command::new(bin("damselfly-origin"))
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn origin");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .expect("origin start timeout")
+            .expect("origin stdout")
+            .expect("origin line");
+        let addr = line.strip_prefix("listening on ").expect("listening line").to_owned();
+        (Proc { name: "origin".into(), child, log }, format!("http://{addr}"))
+    }
+
+    /// Starts a supernode on free ports with its cache in `<dir>/<name>`; returns it and its gRPC address.
+    pub async fn supernode(&self, name: &str, extra: &[&str]) -> (Proc, String, String) {
+        let grpc = format!("127.0.0.1:{}", free_port());
+        let http = format!("127.0.0.1:{}", free_port());
+        let mut args: Vec<String> = vec![
+            "--grpc-addr".into(),
+            grpc.clone(),
+            "--http-addr".into(),
+            http.clone(),
+            "--data-dir".into(),
+            self.path(name).to_string_lossy().into_owned(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let p = self.spawn(name, "supernode", &args);
+        let http_url = format!("http://{http}");
+        wait_http(&format!("{http_url}/healthz"), Duration::from_secs(15)).await;
+        (p, grpc, http_url)
+    }
+
+    /// A `dfget` command line (embedded peer with its own store `<dir>/<peer>`).
+    pub fn dfget_args(&self, peer: &str, url: &str, out: &Path, supernodes: &str, extra: &[&str]) -> Vec<String> {
+        let mut a = vec![
+            url.to_owned(),
+            "-O".into(),
+            out.to_string_lossy().into_owned(),
+            "--no-agent".into(),
+            "--data-dir".into(),
+            self.path(peer).to_string_lossy().into_owned(),
+            "--log-level".into(),
+            "info".into(),
+        ];
+        if !supernodes.is_empty() {
+            a.push("--supernode".into());
+            a.push(supernodes.to_owned());
+        }
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    }
+
+    /// Prints every log file of the test (call on failure paths; cheap to call always).
+    pub fn dump_logs(&self) {
+        if let Ok(rd) = std::fs::read_dir(self.dir.path()) {
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "log") {
+                    let text = std::fs::read_to_string(&p).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                    eprintln!("==== {} (last {} lines)", p.display(), tail.len());
+                    for l in tail.iter().rev() {
+                        eprintln!("{l}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Runs a process to completion; returns (exit code, combined output).
+pub async fn run(p: &mut Proc) -> (i32, String) {
+    let status = p.child.wait().await.expect("wait");
+    (status.code().unwrap_or(-1), p.output())
+}
+
+/// A free TCP port on loopback (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// Polls `url` until it answers 200.
+pub async fn wait_http(url: &str, timeout: Duration) {
+    let start = Instant::now();
+    let client = reqwest::Client::new();
+    while start.elapsed() < timeout {
+        if let Ok(r) = client.get(url).send().await
+            && r.status().is_success()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{url} did not come up within {timeout:?}");
+}
+
+/// Writes `size` pseudo-random bytes to `path`; returns their sha256 hex.
+pub fn random_file(path: &Path, size: usize) -> String {
+    use rand::RngCore;
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).expect("create"));
+    let mut h = Sha256::new();
+    let mut rng = rand::rng();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(buf.len());
+        rng.fill_bytes(&mut buf[..n]);
+        h.update(&buf[..n]);
+        f.write_all(&buf[..n]).expect("write");
+        left -= n;
+    }
+    f.flush().expect("flush");
+    hex::encode(h.finalize())
+}
+
+/// sha256 hex of a file.
+pub fn sha256_file(path: &Path) -> String {
+    let mut f = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).expect("hash");
+    hex::encode(h.finalize())
+}
+
+/// GETs a URL's body as text.
+pub async fn get_text(url: &str) -> String {
+    reqwest::get(url).await.and_then(|r| r.error_for_status()).expect("GET").text().await.expect("body")
+}
+
+/// Bytes the test origin has served (`/_stats`).
+pub async fn origin_bytes(origin: &str) -> u64 {
+    let v: serde_json::Value = serde_json::from_str(&get_text(&format!("{origin}/_stats")).await).expect("json");
+    v["bytes"].as_u64().expect("bytes")
+}
+
+/// Sum of a Prometheus metric's samples whose label set contains `labels` (e.g. `from="peer"`).
+pub fn metric(text: &str, name: &str, labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with(' ') || l[name.len()..].starts_with('{')))
+        .filter(|l| labels.is_empty() || l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Parses `key=value` fields of dfget's summary line.
+pub fn summary_field(output: &str, key: &str) -> Option<u64> {
+    let line = output.lines().find(|l| l.starts_with("dfget: done"))?;
+    line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}="))?.parse().ok())
+}
+
+/// True when running as root (tmpfs mounts, CI).
+pub fn is_root() -> bool {
+    // SAFETY-free: read the effective uid from /proc.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .unwrap_or(false)
+}
