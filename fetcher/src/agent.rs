@@ -19,16 +19,22 @@ use crate::shutdown::Shutdown;
 use crate::task_id;
 
 /// Serves the agent API on the Unix socket at `path` until `shutdown`.
-pub async fn serve(path: &Path, peer: Peer, shutdown: Shutdown) -> Result<tokio::task::JoinHandle<()>> {
+pub async fn serve(
+    path: &Path,
+    peer: Peer,
+    shutdown: Shutdown,
+) -> Result<tokio::task::JoinHandle<()>> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create socket directory", dir, e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io("cannot create socket directory", dir, e))?;
     }
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(Error::io("cannot remove stale socket", path, e)),
     }
-    let listener = tokio::net::UnixListener::bind(path).map_err(|e| Error::io("cannot bind agent socket", path, e))?;
+    let listener = tokio::net::UnixListener::bind(path)
+        .map_err(|e| Error::io("cannot bind agent socket", path, e))?;
     {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660));
@@ -38,7 +44,9 @@ pub async fn serve(path: &Path, peer: Peer, shutdown: Shutdown) -> Result<tokio:
     Ok(tokio::spawn(async move {
         let r = tonic::transport::Server::builder()
             .add_service(svc)
-            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move { shutdown.wait().await })
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+                shutdown.wait().await
+            })
             .await;
         if let Err(e) = r {
             tracing::error!(error = %e, "agent API failed");
@@ -50,12 +58,17 @@ pub async fn serve(path: &Path, peer: Peer, shutdown: Shutdown) -> Result<tokio:
 /// Connects to the agent at `path`.
 pub async fn connect(path: &Path) -> Result<AgentClient<tonic::transport::Channel>> {
     let p: PathBuf = path.to_path_buf();
-    let err = |detail: String| Error::Agent { socket: path.to_path_buf(), detail };
+    let err = |detail: String| Error::Agent {
+        socket: path.to_path_buf(),
+        detail,
+    };
     let channel = tonic::transport::Endpoint::from_static("http://agent.local")
         .connect_timeout(Duration::from_secs(3))
         .connect_with_connector(tower::service_fn(move |_: http::Uri| {
             let p = p.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?)) }
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
+            }
         }))
         .await
         .map_err(|e| err(crate::source::error_chain(&e)))?;
@@ -67,7 +80,14 @@ pub fn to_proto(req: &DownloadRequest) -> PbRequest {
     PbRequest {
         url: req.url.clone(),
         output: req.output.to_string_lossy().into_owned(),
-        headers: req.headers.iter().map(|(n, v)| proto::agent::Header { name: n.clone(), value: v.clone() }).collect(),
+        headers: req
+            .headers
+            .iter()
+            .map(|(n, v)| proto::agent::Header {
+                name: n.clone(),
+                value: v.clone(),
+            })
+            .collect(),
         digest: req.digest.clone().unwrap_or_default(),
         tag: req.tag.clone(),
         filter: req.filter.clone(),
@@ -83,18 +103,30 @@ pub fn to_proto(req: &DownloadRequest) -> PbRequest {
 fn from_proto(r: PbRequest) -> Result<DownloadRequest> {
     let output = PathBuf::from(&r.output);
     if !output.is_absolute() {
-        return Err(Error::invalid("output", format!("{:?} must be an absolute path for the agent", r.output)));
+        return Err(Error::invalid(
+            "output",
+            format!("{:?} must be an absolute path for the agent", r.output),
+        ));
     }
     let back_source = match r.back_source.as_str() {
         "" | "auto" => BackSource::Auto,
         "never" => BackSource::Never,
-        other => return Err(Error::invalid("back_source", format!("{other:?}: expected auto or never"))),
+        other => {
+            return Err(Error::invalid(
+                "back_source",
+                format!("{other:?}: expected auto or never"),
+            ));
+        }
     };
     Ok(DownloadRequest {
         url: r.url,
         output,
         headers: r.headers.into_iter().map(|h| (h.name, h.value)).collect(),
-        digest: if r.digest.is_empty() { None } else { Some(task_id::parse_digest(&r.digest)?) },
+        digest: if r.digest.is_empty() {
+            None
+        } else {
+            Some(task_id::parse_digest(&r.digest)?)
+        },
         tag: r.tag,
         filter: r.filter,
         limit_rate: r.limit_rate,
@@ -136,8 +168,12 @@ impl Agent for AgentService {
     type DownloadStream = ReceiverStream<Result<DownloadProgress, Status>>;
 
     #[tracing::instrument(skip_all, fields(url))]
-    async fn download(&self, request: Request<PbRequest>) -> Result<Response<Self::DownloadStream>, Status> {
-        let req = from_proto(request.into_inner()).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    async fn download(
+        &self,
+        request: Request<PbRequest>,
+    ) -> Result<Response<Self::DownloadStream>, Status> {
+        let req = from_proto(request.into_inner())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         tracing::Span::current().record("url", req.url.as_str());
         let (tx, rx) = mpsc::channel(16);
         let peer = self.peer.clone();

@@ -39,7 +39,11 @@ pub enum Error {
     #[error(
         "not enough disk space at {path}: need {needed} bytes, {available} available (nothing was downloaded)"
     )]
-    NoSpace { path: PathBuf, needed: u64, available: u64 },
+    NoSpace {
+        path: PathBuf,
+        needed: u64,
+        available: u64,
+    },
 
     /// A local I/O operation failed.
     #[error("{context} {path}: {source}")]
@@ -74,12 +78,19 @@ pub enum Error {
 impl Error {
     /// Builds an [`Error::Io`] from an I/O error, what was being done, and the path.
     pub fn io(context: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { context, path: path.into(), source }
+        Error::Io {
+            context,
+            path: path.into(),
+            source,
+        }
     }
 
     /// Builds an [`Error::Invalid`].
     pub fn invalid(what: &'static str, detail: impl std::fmt::Display) -> Self {
-        Error::Invalid { what, detail: detail.to_string() }
+        Error::Invalid {
+            what,
+            detail: detail.to_string(),
+        }
     }
 
     /// The process exit code `dfget` uses for this error (documented in `dfget --help`).
@@ -87,9 +98,9 @@ impl Error {
         match self {
             Error::Invalid { .. } => 2,
             Error::NoSupernode { .. } => 3,
-            Error::OriginStatus { .. } | Error::OriginUnreachable { .. } | Error::OriginBody { .. } => {
-                4
-            }
+            Error::OriginStatus { .. }
+            | Error::OriginUnreachable { .. }
+            | Error::OriginBody { .. } => 4,
             Error::Supernode { .. } => 4,
             Error::NoSpace { .. } => 5,
             Error::DigestMismatch { .. } => 6,

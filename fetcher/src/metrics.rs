@@ -21,20 +21,28 @@ impl PeerMetrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let download_bytes = IntCounterVec::new(
-            Opts::new("damselfly_peer_download_bytes_total", "Piece bytes downloaded, by where they came from"),
+            Opts::new(
+                "damselfly_peer_download_bytes_total",
+                "Piece bytes downloaded, by where they came from",
+            ),
             &["from"],
         )
         .expect("static metric definition");
-        let upload_bytes =
-            IntCounter::new("damselfly_peer_upload_bytes_total", "Piece bytes uploaded to other peers")
-                .expect("static metric definition");
+        let upload_bytes = IntCounter::new(
+            "damselfly_peer_upload_bytes_total",
+            "Piece bytes uploaded to other peers",
+        )
+        .expect("static metric definition");
         let verify_failures = IntCounter::new(
             "damselfly_piece_verify_failures_total",
             "Pieces received whose bytes did not match their sha256",
         )
         .expect("static metric definition");
         let downloads = IntCounterVec::new(
-            Opts::new("damselfly_peer_downloads_total", "Downloads finished, by result"),
+            Opts::new(
+                "damselfly_peer_downloads_total",
+                "Downloads finished, by result",
+            ),
             &["result"],
         )
         .expect("static metric definition");
@@ -44,7 +52,13 @@ impl PeerMetrics {
         for c in [&upload_bytes, &verify_failures] {
             let _ = registry.register(Box::new(c.clone()));
         }
-        Self { registry, download_bytes, upload_bytes, verify_failures, downloads }
+        Self {
+            registry,
+            download_bytes,
+            upload_bytes,
+            verify_failures,
+            downloads,
+        }
     }
 
     /// The registry in Prometheus text format.

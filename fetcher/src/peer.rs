@@ -129,9 +129,17 @@ impl Peer {
     ) -> Result<Peer> {
         let store = Store::open(&cfg.data_dir)?;
         let open = Arc::new(OpenTasks::default());
-        let reach_ip = cfg.advertise_ip.or_else(|| cfg.supernodes.first().and_then(|s| local_ip_towards(s)));
-        let bind = cfg.upload_addr.unwrap_or_else(|| SocketAddr::new(reach_ip.unwrap_or(Ipv4Addr::LOCALHOST.into()), 0));
-        let upload_cfg = upload::upload_config(RateLimiter::new(cfg.upload_rate), cfg.max_upload_concurrency, &metrics);
+        let reach_ip = cfg
+            .advertise_ip
+            .or_else(|| cfg.supernodes.first().and_then(|s| local_ip_towards(s)));
+        let bind = cfg
+            .upload_addr
+            .unwrap_or_else(|| SocketAddr::new(reach_ip.unwrap_or(Ipv4Addr::LOCALHOST.into()), 0));
+        let upload_cfg = upload::upload_config(
+            RateLimiter::new(cfg.upload_rate),
+            cfg.max_upload_concurrency,
+            &metrics,
+        );
         let router = upload::router(wrap(open.clone()), upload_cfg);
         let bound = upload::serve(bind, router, shutdown.clone())
             .await
@@ -144,7 +152,10 @@ impl Peer {
         let upload_addr = SocketAddr::new(advertised_ip, bound.port());
         let host_id = {
             let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
-            let h = Sha256::new().chain_update(host.trim()).chain_update(store.root().to_string_lossy().as_bytes()).finalize();
+            let h = Sha256::new()
+                .chain_update(host.trim())
+                .chain_update(store.root().to_string_lossy().as_bytes())
+                .finalize();
             hex::encode(&h[..8])
         };
         let http = reqwest::Client::builder()
@@ -196,7 +207,11 @@ impl Peer {
 fn local_ip_towards(addr: &str) -> Option<IpAddr> {
     use std::net::ToSocketAddrs;
     let target = addr.to_socket_addrs().ok()?.next()?;
-    let bind: SocketAddr = if target.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { "[::]:0".parse().ok()? };
+    let bind: SocketAddr = if target.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        "[::]:0".parse().ok()?
+    };
     let sock = std::net::UdpSocket::bind(bind).ok()?;
     sock.connect(target).ok()?;
     sock.local_addr().ok().map(|a| a.ip())

@@ -17,7 +17,12 @@ pub struct PieceMeta {
 impl PieceMeta {
     /// Converts from the wire form.
     pub fn from_proto(p: &proto::scheduler::PieceInfo) -> Self {
-        Self { num: p.piece, offset: p.offset, size: p.size, sha256: p.sha256.clone() }
+        Self {
+            num: p.piece,
+            offset: p.offset,
+            size: p.size,
+            sha256: p.sha256.clone(),
+        }
     }
 
     /// Converts to the wire form.
@@ -125,7 +130,10 @@ mod tests {
         assert_eq!(pieces[2].0.size, 10_000 - 8192);
         for (m, b) in &pieces {
             assert!(m.verify(b));
-            assert_eq!(&data[m.offset as usize..m.offset as usize + m.size as usize], &b[..]);
+            assert_eq!(
+                &data[m.offset as usize..m.offset as usize + m.size as usize],
+                &b[..]
+            );
         }
         assert_eq!(digest, format!("sha256:{}", sha256_hex(&data)));
     }

@@ -15,11 +15,16 @@ use crate::error::{Error, Result};
 /// `Kbit`, `Mbit`, `Gbit` (decimal). `0` means unlimited.
 pub fn parse_rate(spec: &str) -> Result<u64> {
     let s = spec.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| Error::invalid("rate", format!("{spec:?}: expected e.g. 40MiB, 100Mbit or 1048576")))?;
+    let value: f64 = num.parse().map_err(|_| {
+        Error::invalid(
+            "rate",
+            format!("{spec:?}: expected e.g. 40MiB, 100Mbit or 1048576"),
+        )
+    })?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kb" | "kib" => 1024.0,
@@ -30,7 +35,10 @@ pub fn parse_rate(spec: &str) -> Result<u64> {
         "mbit" => 1e6 / 8.0,
         "gbit" => 1e9 / 8.0,
         other => {
-            return Err(Error::invalid("rate", format!("{spec:?}: unknown unit {other:?}")));
+            return Err(Error::invalid(
+                "rate",
+                format!("{spec:?}: unknown unit {other:?}"),
+            ));
         }
     };
     Ok((value * mult).round() as u64)
@@ -38,7 +46,8 @@ pub fn parse_rate(spec: &str) -> Result<u64> {
 
 /// Parses a size (`100GiB`, `512MiB`, plain bytes) with the byte units of [`parse_rate`].
 pub fn parse_size(spec: &str) -> Result<u64> {
-    parse_rate(spec).map_err(|_| Error::invalid("size", format!("{spec:?}: expected e.g. 100GiB or 1048576")))
+    parse_rate(spec)
+        .map_err(|_| Error::invalid("size", format!("{spec:?}: expected e.g. 100GiB or 1048576")))
 }
 
 /// A token bucket of bytes per second; unlimited when built with rate 0.
@@ -68,10 +77,19 @@ impl RateLimiter {
         let Some(rate) = NonZeroU32::new(bytes_per_sec.min(u64::from(u32::MAX)) as u32) else {
             return Self::default();
         };
-        let burst = (rate.get() / 8).clamp(16 * 1024, 4 * 1024 * 1024).min(rate.get());
+        let burst = (rate.get() / 8)
+            .clamp(16 * 1024, 4 * 1024 * 1024)
+            .min(rate.get());
         let burst_nz = NonZeroU32::new(burst).unwrap_or(rate);
-        let limiter = DefaultDirectRateLimiter::direct(Quota::per_second(rate).allow_burst(burst_nz));
-        Self { inner: Some(Arc::new(Bucket { limiter, burst: burst_nz.get(), rate: bytes_per_sec })) }
+        let limiter =
+            DefaultDirectRateLimiter::direct(Quota::per_second(rate).allow_burst(burst_nz));
+        Self {
+            inner: Some(Arc::new(Bucket {
+                limiter,
+                burst: burst_nz.get(),
+                rate: bytes_per_sec,
+            })),
+        }
     }
 
     /// An unlimited bucket.

@@ -9,7 +9,11 @@ pub fn order<'a>(task_id: &str, nodes: &'a [String]) -> Vec<&'a str> {
     let mut scored: Vec<(u64, &str)> = nodes
         .iter()
         .map(|n| {
-            let h = Sha256::new().chain_update(task_id).chain_update(b"\0").chain_update(n).finalize();
+            let h = Sha256::new()
+                .chain_update(task_id)
+                .chain_update(b"\0")
+                .chain_update(n)
+                .finalize();
             let mut b = [0u8; 8];
             b.copy_from_slice(&h[..8]);
             (u64::from_be_bytes(b), n.as_str())
@@ -31,7 +35,11 @@ mod tests {
             let id = format!("task{t}");
             let full = order(&id, &nodes);
             assert_eq!(full, order(&id, &nodes));
-            let fewer: Vec<String> = nodes.iter().filter(|n| n.as_str() != "10.0.0.2:8002").cloned().collect();
+            let fewer: Vec<String> = nodes
+                .iter()
+                .filter(|n| n.as_str() != "10.0.0.2:8002")
+                .cloned()
+                .collect();
             let after = order(&id, &fewer);
             if full[0] != after[0] {
                 assert_eq!(full[0], "10.0.0.2:8002");

@@ -13,7 +13,10 @@ impl Shutdown {
     /// A signal not yet triggered.
     pub fn new() -> Self {
         let (tx, rx) = watch::channel(false);
-        Self { tx: std::sync::Arc::new(tx), rx }
+        Self {
+            tx: std::sync::Arc::new(tx),
+            rx,
+        }
     }
 
     /// Triggers shutdown.
@@ -36,13 +39,14 @@ impl Shutdown {
     pub fn on_signals(&self) {
         let s = self.clone();
         tokio::spawn(async move {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot listen for SIGTERM");
-                    return;
-                }
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot listen for SIGTERM");
+                        return;
+                    }
+                };
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}

@@ -16,9 +16,13 @@ pub const MAX_PIECES: u64 = 4096;
 
 /// Removes the query parameters named in `filter` from `url` (order of the rest is kept).
 pub fn filter_url(url: &str, filter: &[String]) -> Result<String> {
-    let mut parsed = url::Url::parse(url).map_err(|e| Error::invalid("URL", format!("{url}: {e}")))?;
+    let mut parsed =
+        url::Url::parse(url).map_err(|e| Error::invalid("URL", format!("{url}: {e}")))?;
     if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(Error::invalid("URL", format!("{url}: only http and https are supported")));
+        return Err(Error::invalid(
+            "URL",
+            format!("{url}: only http and https are supported"),
+        ));
     }
     if filter.is_empty() || parsed.query().is_none() {
         return Ok(parsed.to_string());
@@ -38,7 +42,11 @@ pub fn filter_url(url: &str, filter: &[String]) -> Result<String> {
 
 /// Splits a `--filter` value such as `Expires&Signature&ns` into parameter names.
 pub fn parse_filter(spec: &str) -> Vec<String> {
-    spec.split('&').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()
+    spec.split('&')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// The task id (lowercase hex sha256) of `url` under `filter` and `tag`.
@@ -77,9 +85,15 @@ pub fn piece_size_for(content_length: i64, base: u32) -> u32 {
 
 /// Parses `sha256:<64 hex>` (the prefix is optional) into lowercase hex.
 pub fn parse_digest(digest: &str) -> Result<String> {
-    let hex_part = digest.strip_prefix("sha256:").unwrap_or(digest).to_ascii_lowercase();
+    let hex_part = digest
+        .strip_prefix("sha256:")
+        .unwrap_or(digest)
+        .to_ascii_lowercase();
     if hex_part.len() != 64 || !hex_part.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(Error::invalid("digest", format!("{digest:?} is not sha256:<64 hex digits>")));
+        return Err(Error::invalid(
+            "digest",
+            format!("{digest:?} is not sha256:<64 hex digits>"),
+        ));
     }
     Ok(hex_part)
 }
@@ -110,7 +124,10 @@ mod tests {
 
     #[test]
     fn piece_size_grows_for_huge_content() {
-        assert_eq!(piece_size_for(200 << 20, DEFAULT_PIECE_SIZE), DEFAULT_PIECE_SIZE);
+        assert_eq!(
+            piece_size_for(200 << 20, DEFAULT_PIECE_SIZE),
+            DEFAULT_PIECE_SIZE
+        );
         assert_eq!(piece_size_for(-1, DEFAULT_PIECE_SIZE), DEFAULT_PIECE_SIZE);
         let huge = 64i64 << 30;
         let s = piece_size_for(huge, DEFAULT_PIECE_SIZE);

@@ -49,15 +49,23 @@ pub fn router(source: Arc<dyn PieceSource>, cfg: UploadConfig) -> Router {
         slots: Arc::new(Semaphore::new(cfg.max_concurrent.max(1))),
         upload_bytes: cfg.upload_bytes,
     });
-    Router::new().route("/pieces/{version}/{num}", get(serve_piece)).with_state(state)
+    Router::new()
+        .route("/pieces/{version}/{num}", get(serve_piece))
+        .with_state(state)
 }
 
 /// Binds `addr` and serves `router` until `shutdown`. Returns the bound address.
-pub async fn serve(addr: SocketAddr, router: Router, shutdown: Shutdown) -> std::io::Result<SocketAddr> {
+pub async fn serve(
+    addr: SocketAddr,
+    router: Router,
+    shutdown: Shutdown,
+) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     tokio::spawn(async move {
-        let r = axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.wait().await }).await;
+        let r = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { shutdown.wait().await })
+            .await;
         if let Err(e) = r {
             tracing::error!(error = %e, "HTTP server failed");
         }
@@ -66,11 +74,22 @@ pub async fn serve(addr: SocketAddr, router: Router, shutdown: Shutdown) -> std:
 }
 
 /// Metrics snapshot helper for a `PeerMetrics`.
-pub fn upload_config(limiter: RateLimiter, max_concurrent: usize, metrics: &PeerMetrics) -> UploadConfig {
-    UploadConfig { limiter, max_concurrent, upload_bytes: metrics.upload_bytes.clone() }
+pub fn upload_config(
+    limiter: RateLimiter,
+    max_concurrent: usize,
+    metrics: &PeerMetrics,
+) -> UploadConfig {
+    UploadConfig {
+        limiter,
+        max_concurrent,
+        upload_bytes: metrics.upload_bytes.clone(),
+    }
 }
 
-async fn serve_piece(State(st): State<Arc<AppState>>, Path((version, num)): Path<(String, u32)>) -> Response {
+async fn serve_piece(
+    State(st): State<Arc<AppState>>,
+    Path((version, num)): Path<(String, u32)>,
+) -> Response {
     let Ok(permit) = st.slots.clone().try_acquire_owned() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "upload slots busy").into_response();
     };

@@ -47,7 +47,14 @@ pub fn evict(store: &Store, tasks: &Tasks, max_bytes: u64, metrics: &Metrics) ->
 }
 
 /// Runs [`evict`] every `every` until shutdown.
-pub async fn run(store: Store, tasks: Arc<Tasks>, max_bytes: u64, metrics: Metrics, every: Duration, shutdown: fetcher::Shutdown) {
+pub async fn run(
+    store: Store,
+    tasks: Arc<Tasks>,
+    max_bytes: u64,
+    metrics: Metrics,
+    every: Duration,
+    shutdown: fetcher::Shutdown,
+) {
     loop {
         tokio::select! {
             _ = shutdown.wait() => return,

@@ -96,8 +96,14 @@ impl Default for Config {
 pub fn load(args: &Args) -> Result<Config> {
     let mut c = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.clone(), source })?;
-            toml::from_str(&text).map_err(|e| Error::Config { key: "file", detail: format!("{}: {e}", path.display()) })?
+            let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+                path: path.clone(),
+                source,
+            })?;
+            toml::from_str(&text).map_err(|e| Error::Config {
+                key: "file",
+                detail: format!("{}: {e}", path.display()),
+            })?
         }
         None => Config::default(),
     };
@@ -126,6 +132,13 @@ pub fn load(args: &Args) -> Result<Config> {
 }
 
 /// Parses a config value with `f`, naming the key on failure.
-pub fn parse<T>(key: &'static str, value: &str, f: impl FnOnce(&str) -> fetcher::Result<T>) -> Result<T> {
-    f(value).map_err(|e| Error::Config { key, detail: e.to_string() })
+pub fn parse<T>(
+    key: &'static str,
+    value: &str,
+    f: impl FnOnce(&str) -> fetcher::Result<T>,
+) -> Result<T> {
+    f(value).map_err(|e| Error::Config {
+        key,
+        detail: e.to_string(),
+    })
 }

@@ -37,7 +37,11 @@ pub struct PreheatResponse {
 pub fn router(s: Arc<Scheduling>, upload_rate: u64, max_uploads: usize) -> Router {
     let pieces = upload::router(
         s.tasks.clone(),
-        UploadConfig { limiter: RateLimiter::new(upload_rate), max_concurrent: max_uploads, upload_bytes: s.metrics.upload_bytes.clone() },
+        UploadConfig {
+            limiter: RateLimiter::new(upload_rate),
+            max_concurrent: max_uploads,
+            upload_bytes: s.metrics.upload_bytes.clone(),
+        },
     );
     let api = Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -51,7 +55,10 @@ async fn metrics(State(s): State<Arc<Scheduling>>) -> String {
     s.metrics.render()
 }
 
-async fn preheat(State(s): State<Arc<Scheduling>>, Json(req): Json<PreheatRequest>) -> impl IntoResponse {
+async fn preheat(
+    State(s): State<Arc<Scheduling>>,
+    Json(req): Json<PreheatRequest>,
+) -> impl IntoResponse {
     match register_for_preheat(&s, req).await {
         Ok(task_id) => (StatusCode::ACCEPTED, Json(PreheatResponse { task_id })).into_response(),
         Err(e) => (StatusCode::BAD_REQUEST, e.message).into_response(),

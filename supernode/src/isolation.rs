@@ -23,7 +23,12 @@ struct Inner {
 impl Isolation {
     /// `threshold` faults within `window` isolate a host for `cooldown`.
     pub fn new(threshold: usize, window: Duration, cooldown: Duration) -> Self {
-        Self { threshold: threshold.max(1), window, cooldown, inner: Mutex::new(Inner::default()) }
+        Self {
+            threshold: threshold.max(1),
+            window,
+            cooldown,
+            inner: Mutex::new(Inner::default()),
+        }
     }
 
     /// Records a fault; true when this fault isolated the host.
@@ -32,7 +37,10 @@ impl Isolation {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let q = g.faults.entry(host_id.to_owned()).or_default();
         q.push_back(now);
-        while q.front().is_some_and(|t| now.duration_since(*t) > self.window) {
+        while q
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > self.window)
+        {
             q.pop_front();
         }
         if q.len() >= self.threshold {

@@ -51,23 +51,48 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
     let cache_size = parse("cache_size", &c.cache_size, parse_size)?;
     let upload_rate = parse("upload_rate", &c.upload_rate, parse_rate)?;
     let piece_size = parse("piece_size", &c.piece_size, parse_size)?;
-    let fault_window = parse("fault_window", &c.fault_window, fetcher::cli::parse_duration)?;
-    let cooldown = parse("isolation_cooldown", &c.isolation_cooldown, fetcher::cli::parse_duration)?;
+    let fault_window = parse(
+        "fault_window",
+        &c.fault_window,
+        fetcher::cli::parse_duration,
+    )?;
+    let cooldown = parse(
+        "isolation_cooldown",
+        &c.isolation_cooldown,
+        fetcher::cli::parse_duration,
+    )?;
     let piece_size = u32::try_from(piece_size)
         .ok()
         .filter(|p| *p >= 64 * 1024)
-        .ok_or(Error::Config { key: "piece_size", detail: "must be between 64KiB and 4GiB".into() })?;
+        .ok_or(Error::Config {
+            key: "piece_size",
+            detail: "must be between 64KiB and 4GiB".into(),
+        })?;
     let store = Store::open(&c.data_dir)?;
     let source = HttpSource::new(c.upstream_ca.as_deref())?;
     let metrics = Metrics::new();
     let tasks = Arc::new(Tasks::default());
 
-    let http_listener =
-        tokio::net::TcpListener::bind(c.http_addr).await.map_err(|source| Error::Bind { addr: c.http_addr.to_string(), source })?;
-    let http_addr = http_listener.local_addr().map_err(|source| Error::Bind { addr: c.http_addr.to_string(), source })?;
-    let grpc_listener =
-        tokio::net::TcpListener::bind(c.grpc_addr).await.map_err(|source| Error::Bind { addr: c.grpc_addr.to_string(), source })?;
-    let grpc_addr = grpc_listener.local_addr().map_err(|source| Error::Bind { addr: c.grpc_addr.to_string(), source })?;
+    let http_listener = tokio::net::TcpListener::bind(c.http_addr)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: c.http_addr.to_string(),
+            source,
+        })?;
+    let http_addr = http_listener.local_addr().map_err(|source| Error::Bind {
+        addr: c.http_addr.to_string(),
+        source,
+    })?;
+    let grpc_listener = tokio::net::TcpListener::bind(c.grpc_addr)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: c.grpc_addr.to_string(),
+            source,
+        })?;
+    let grpc_addr = grpc_listener.local_addr().map_err(|source| Error::Bind {
+        addr: c.grpc_addr.to_string(),
+        source,
+    })?;
 
     let scheduling = Arc::new(Scheduling {
         cfg: SchedulerConfig {
@@ -80,7 +105,13 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
             http_port: http_addr.port(),
         },
         tasks: tasks.clone(),
-        seed: Arc::new(SeedContext { source, store: store.clone(), tasks: tasks.clone(), metrics: metrics.clone(), piece_size }),
+        seed: Arc::new(SeedContext {
+            source,
+            store: store.clone(),
+            tasks: tasks.clone(),
+            metrics: metrics.clone(),
+            piece_size,
+        }),
         isolation: Isolation::new(c.fault_threshold, fault_window, cooldown),
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
@@ -89,12 +120,21 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
     let router = http::router(scheduling.clone(), upload_rate, 64);
     let sd = shutdown.clone();
     tokio::spawn(async move {
-        let r = axum::serve(http_listener, router).with_graceful_shutdown(async move { sd.wait().await }).await;
+        let r = axum::serve(http_listener, router)
+            .with_graceful_shutdown(async move { sd.wait().await })
+            .await;
         if let Err(e) = r {
             tracing::error!(error = %e, "HTTP server failed");
         }
     });
-    tokio::spawn(cache::run(store, tasks, cache_size, metrics, Duration::from_secs(5), shutdown.clone()));
+    tokio::spawn(cache::run(
+        store,
+        tasks,
+        cache_size,
+        metrics,
+        Duration::from_secs(5),
+        shutdown.clone(),
+    ));
 
     let svc = SchedulerServer::new(SchedulerService::new(scheduling.clone()));
     let sd = shutdown.clone();
@@ -103,12 +143,19 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
             .http2_keepalive_interval(Some(Duration::from_secs(15)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(svc)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move { sd.wait().await })
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
+                sd.wait().await
+            })
             .await;
         if let Err(e) = r {
             tracing::error!(error = %e, "scheduler server failed");
         }
     });
     tracing::info!(%grpc_addr, %http_addr, data_dir = %c.data_dir.display(), cache_size, "supernode ready");
-    Ok(Running { grpc_addr, http_addr, scheduling, server })
+    Ok(Running {
+        grpc_addr,
+        http_addr,
+        scheduling,
+        server,
+    })
 }

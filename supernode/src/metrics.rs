@@ -31,24 +31,56 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let c = |n: &str, h: &str| IntCounter::new(n, h).expect("static metric definition");
-        let v = |n: &str, h: &str, l: &[&str]| IntCounterVec::new(Opts::new(n, h), l).expect("static metric definition");
+        let v = |n: &str, h: &str, l: &[&str]| {
+            IntCounterVec::new(Opts::new(n, h), l).expect("static metric definition")
+        };
         let g = |n: &str, h: &str| IntGauge::new(n, h).expect("static metric definition");
         let m = Self {
-            source_bytes: c("damselfly_supernode_source_bytes_total", "Body bytes read from origins"),
-            source_requests: v("damselfly_supernode_source_requests_total", "Requests sent to origins", &["kind"]),
-            upload_bytes: c("damselfly_supernode_upload_bytes_total", "Piece bytes served to peers"),
-            assignments: v("damselfly_supernode_assignments_total", "Piece assignments, by parent kind", &["parent"]),
-            piece_failures: v("damselfly_supernode_piece_failures_total", "Failed piece downloads reported by peers", &["reason"]),
-            isolations: v("damselfly_supernode_isolations_total", "Parents taken out of scheduling", &["scope"]),
+            source_bytes: c(
+                "damselfly_supernode_source_bytes_total",
+                "Body bytes read from origins",
+            ),
+            source_requests: v(
+                "damselfly_supernode_source_requests_total",
+                "Requests sent to origins",
+                &["kind"],
+            ),
+            upload_bytes: c(
+                "damselfly_supernode_upload_bytes_total",
+                "Piece bytes served to peers",
+            ),
+            assignments: v(
+                "damselfly_supernode_assignments_total",
+                "Piece assignments, by parent kind",
+                &["parent"],
+            ),
+            piece_failures: v(
+                "damselfly_supernode_piece_failures_total",
+                "Failed piece downloads reported by peers",
+                &["reason"],
+            ),
+            isolations: v(
+                "damselfly_supernode_isolations_total",
+                "Parents taken out of scheduling",
+                &["scope"],
+            ),
             tasks: g("damselfly_supernode_tasks", "Task versions in memory"),
             peers: g("damselfly_supernode_peers", "Connected peer sessions"),
-            evictions: c("damselfly_supernode_evictions_total", "Task versions evicted from the disk cache"),
+            evictions: c(
+                "damselfly_supernode_evictions_total",
+                "Task versions evicted from the disk cache",
+            ),
             registry,
         };
         for x in [&m.source_bytes, &m.upload_bytes, &m.evictions] {
             let _ = m.registry.register(Box::new(x.clone()));
         }
-        for x in [&m.source_requests, &m.assignments, &m.piece_failures, &m.isolations] {
+        for x in [
+            &m.source_requests,
+            &m.assignments,
+            &m.piece_failures,
+            &m.isolations,
+        ] {
             let _ = m.registry.register(Box::new(x.clone()));
         }
         for x in [&m.tasks, &m.peers] {

@@ -26,17 +26,24 @@ pub struct SeedContext {
 /// Converts a fetcher error met while talking to the origin into the error peers receive.
 pub fn task_error(e: &fetcher::Error) -> TaskError {
     let (kind, status) = match e {
-        fetcher::Error::OriginStatus { status, .. } => (ErrorKind::OriginStatus, u32::from(*status)),
+        fetcher::Error::OriginStatus { status, .. } => {
+            (ErrorKind::OriginStatus, u32::from(*status))
+        }
         fetcher::Error::OriginUnreachable { .. } => (ErrorKind::OriginUnreachable, 0),
         fetcher::Error::OriginBody { .. } => (ErrorKind::OriginBody, 0),
         fetcher::Error::Invalid { .. } => (ErrorKind::Invalid, 0),
         _ => (ErrorKind::Internal, 0),
     };
     let message = match e {
-        fetcher::Error::OriginUnreachable { detail, .. } | fetcher::Error::OriginBody { detail, .. } => detail.clone(),
+        fetcher::Error::OriginUnreachable { detail, .. }
+        | fetcher::Error::OriginBody { detail, .. } => detail.clone(),
         other => other.to_string(),
     };
-    TaskError { kind: kind as i32, http_status: status, message }
+    TaskError {
+        kind: kind as i32,
+        http_status: status,
+        message,
+    }
 }
 
 fn fail(ctx: &SeedContext, v: &Version, e: &fetcher::Error) {
@@ -62,7 +69,10 @@ pub async fn seed(ctx: Arc<SeedContext>, v: Arc<Version>) {
 }
 
 async fn seed_inner(ctx: &SeedContext, v: &Arc<Version>) -> fetcher::Result<()> {
-    ctx.metrics.source_requests.with_label_values(&["fetch"]).inc();
+    ctx.metrics
+        .source_requests
+        .with_label_values(&["fetch"])
+        .inc();
     let resp = ctx.source.get(&v.url, &v.headers, None).await?;
     let probe = resp.probe.clone();
     let len = probe.content_length.map(|l| l as i64).unwrap_or(-1);
@@ -86,7 +96,11 @@ async fn seed_inner(ctx: &SeedContext, v: &Arc<Version>) -> fetcher::Result<()> 
     };
     // Another version object for the same content may still hold the store (a revalidation raced):
     // reuse the indexed one's store if so.
-    let store = match ctx.tasks.by_version(&info.version_id).and_then(|o| o.store.get().cloned()) {
+    let store = match ctx
+        .tasks
+        .by_version(&info.version_id)
+        .and_then(|o| o.store.get().cloned())
+    {
         Some(s) => s,
         None => ctx.store.open_task(&meta).await?,
     };
@@ -108,7 +122,11 @@ async fn seed_inner(ctx: &SeedContext, v: &Arc<Version>) -> fetcher::Result<()> 
         let digest = store.meta().digest.unwrap_or_default();
         let mut st = v.lock();
         st.pieces = metas;
-        st.status = Status::Complete { content_length: len as u64, piece_count: cached.len() as u32, digest };
+        st.status = Status::Complete {
+            content_length: len as u64,
+            piece_count: cached.len() as u32,
+            digest,
+        };
         drop(st);
         v.notify();
         tracing::info!(version = %&info.version_id[..16], "served from the disk cache");
@@ -125,18 +143,29 @@ async fn seed_inner(ctx: &SeedContext, v: &Arc<Version>) -> fetcher::Result<()> 
     let (last, total, digest) = cutter.finish();
     publish(v, &store, last.into_iter().collect()).await?;
     if len >= 0 && total != len as u64 {
-        return Err(fetcher::Error::OriginBody { url: v.url.clone(), detail: format!("got {total} of {len} bytes") });
+        return Err(fetcher::Error::OriginBody {
+            url: v.url.clone(),
+            detail: format!("got {total} of {len} bytes"),
+        });
     }
     store.set_complete(total, Some(digest.clone()))?;
     let piece_count = total.div_ceil(u64::from(piece_size)) as u32;
-    v.lock().status = Status::Complete { content_length: total, piece_count, digest };
+    v.lock().status = Status::Complete {
+        content_length: total,
+        piece_count,
+        digest,
+    };
     v.notify();
     tracing::info!(version = %&info.version_id[..16], bytes = total, pieces = piece_count, "seed complete");
     Ok(())
 }
 
 /// Stores pieces (unless already cached from an earlier run) and makes them available.
-async fn publish(v: &Version, store: &Arc<fetcher::piece_store::TaskStore>, pieces: Vec<(PieceMeta, bytes::Bytes)>) -> fetcher::Result<()> {
+async fn publish(
+    v: &Version,
+    store: &Arc<fetcher::piece_store::TaskStore>,
+    pieces: Vec<(PieceMeta, bytes::Bytes)>,
+) -> fetcher::Result<()> {
     if pieces.is_empty() {
         return Ok(());
     }

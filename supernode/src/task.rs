@@ -28,7 +28,11 @@ pub enum Status {
     /// Waiting for the origin's answer, or streaming from it.
     Seeding,
     /// Every piece is on disk.
-    Complete { content_length: u64, piece_count: u32, digest: String },
+    Complete {
+        content_length: u64,
+        piece_count: u32,
+        digest: String,
+    },
     /// The origin refused or broke; peers get this error.
     Failed(TaskError),
 }
@@ -135,7 +139,10 @@ impl Version {
 /// Fingerprint of a header set (order- and case-insensitive names).
 pub fn fingerprint(headers: &[HeaderPair]) -> String {
     use sha2::{Digest, Sha256};
-    let mut v: Vec<(String, &str)> = headers.iter().map(|(n, val)| (n.to_ascii_lowercase(), val.as_str())).collect();
+    let mut v: Vec<(String, &str)> = headers
+        .iter()
+        .map(|(n, val)| (n.to_ascii_lowercase(), val.as_str()))
+        .collect();
     v.sort();
     let mut h = Sha256::new();
     for (n, val) in v {
@@ -159,12 +166,18 @@ pub struct Tasks {
 impl Tasks {
     /// The current version of a task.
     pub fn current(&self, task_id: &str) -> Option<Arc<Version>> {
-        self.current.lock().ok().and_then(|m| m.get(task_id).cloned())
+        self.current
+            .lock()
+            .ok()
+            .and_then(|m| m.get(task_id).cloned())
     }
 
     /// Makes `v` the current version of its task (returns the one it replaced).
     pub fn set_current(&self, v: Arc<Version>) -> Option<Arc<Version>> {
-        self.current.lock().ok().and_then(|mut m| m.insert(v.task_id.clone(), v))
+        self.current
+            .lock()
+            .ok()
+            .and_then(|mut m| m.insert(v.task_id.clone(), v))
     }
 
     /// Runs `f` with the map of current versions locked (atomic get-or-create).
@@ -182,12 +195,18 @@ impl Tasks {
 
     /// A version by id.
     pub fn by_version(&self, version_id: &str) -> Option<Arc<Version>> {
-        self.by_version.lock().ok().and_then(|m| m.get(version_id).cloned())
+        self.by_version
+            .lock()
+            .ok()
+            .and_then(|m| m.get(version_id).cloned())
     }
 
     /// Every indexed version.
     pub fn versions(&self) -> Vec<(String, Arc<Version>)> {
-        self.by_version.lock().map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default()
+        self.by_version
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
     }
 
     /// Forgets a version (eviction or failure).
@@ -215,7 +234,9 @@ impl Tasks {
 
 impl fetcher::upload::PieceSource for Tasks {
     fn read_piece(&self, version_id: &str, num: u32) -> fetcher::Result<Option<bytes::Bytes>> {
-        let Some(v) = self.by_version(version_id) else { return Ok(None) };
+        let Some(v) = self.by_version(version_id) else {
+            return Ok(None);
+        };
         v.lock().last_access = Instant::now();
         match v.store.get() {
             Some(s) => s.read_piece(num),

@@ -17,13 +17,20 @@ pub fn bin_dir() -> PathBuf {
     }
     let exe = std::env::current_exe().expect("current exe");
     // target/<profile>/deps/<test> → target/<profile>
-    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
 }
 
 /// Path of a workspace binary; panics with instructions if it was not built.
 pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
-    assert!(p.exists(), "{} is missing: run `cargo build --workspace --bins` first (tests/run.sh does)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (tests/run.sh does)",
+        p.display()
+    );
     p
 }
 
@@ -66,8 +73,13 @@ pub struct Env {
 impl Env {
     /// A fresh directory (under `$DAMSELFLY_TEST_TMP` or the system temp dir).
     pub fn new(name: &str) -> Self {
-        let base = std::env::var_os("DAMSELFLY_TEST_TMP").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
-        let dir = tempfile::Builder::new().prefix(&format!("damselfly-{name}-")).tempdir_in(base).expect("tempdir");
+        let base = std::env::var_os("DAMSELFLY_TEST_TMP")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("damselfly-{name}-"))
+            .tempdir_in(base)
+            .expect("tempdir");
         Self { dir }
     }
 
@@ -89,7 +101,11 @@ impl Env {
             .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {bin_name}: {e}"));
-        Proc { name: name.to_owned(), child, log }
+        Proc {
+            name: name.to_owned(),
+            child,
+            log,
+        }
     }
 
     /// Starts the test origin serving `<dir>/www`; returns it and its base URL.
@@ -113,8 +129,18 @@ impl Env {
             .expect("origin start timeout")
             .expect("origin stdout")
             .expect("origin line");
-        let addr = line.strip_prefix("listening on ").expect("listening line").to_owned();
-        (Proc { name: "origin".into(), child, log }, format!("http://{addr}"))
+        let addr = line
+            .strip_prefix("listening on ")
+            .expect("listening line")
+            .to_owned();
+        (
+            Proc {
+                name: "origin".into(),
+                child,
+                log,
+            },
+            format!("http://{addr}"),
+        )
     }
 
     /// Starts a supernode on free ports with its cache in `<dir>/<name>`; returns it and its gRPC address.
@@ -137,7 +163,14 @@ impl Env {
     }
 
     /// A `dfget` command line (embedded peer with its own store `<dir>/<peer>`).
-    pub fn dfget_args(&self, peer: &str, url: &str, out: &Path, supernodes: &str, extra: &[&str]) -> Vec<String> {
+    pub fn dfget_args(
+        &self,
+        peer: &str,
+        url: &str,
+        out: &Path,
+        supernodes: &str,
+        extra: &[&str],
+    ) -> Vec<String> {
         let mut a = vec![
             url.to_owned(),
             "-O".into(),
@@ -182,7 +215,10 @@ pub async fn run(p: &mut Proc) -> (i32, String) {
 
 /// A free TCP port on loopback (bound and released).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 /// Polls `url` until it answers 200.
@@ -222,7 +258,8 @@ pub fn random_file(path: &Path, size: usize) -> String {
 
 /// sha256 hex of a file.
 pub fn sha256_file(path: &Path) -> String {
-    let mut f = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut f =
+        std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
     let mut h = Sha256::new();
     std::io::copy(&mut f, &mut h).expect("hash");
     hex::encode(h.finalize())
@@ -230,12 +267,19 @@ pub fn sha256_file(path: &Path) -> String {
 
 /// GETs a URL's body as text.
 pub async fn get_text(url: &str) -> String {
-    reqwest::get(url).await.and_then(|r| r.error_for_status()).expect("GET").text().await.expect("body")
+    reqwest::get(url)
+        .await
+        .and_then(|r| r.error_for_status())
+        .expect("GET")
+        .text()
+        .await
+        .expect("body")
 }
 
 /// Bytes the test origin has served (`/_stats`).
 pub async fn origin_bytes(origin: &str) -> u64 {
-    let v: serde_json::Value = serde_json::from_str(&get_text(&format!("{origin}/_stats")).await).expect("json");
+    let v: serde_json::Value =
+        serde_json::from_str(&get_text(&format!("{origin}/_stats")).await).expect("json");
     v["bytes"].as_u64().expect("bytes")
 }
 
@@ -243,7 +287,10 @@ pub async fn origin_bytes(origin: &str) -> u64 {
 pub fn metric(text: &str, name: &str, labels: &str) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with(' ') || l[name.len()..].starts_with('{')))
+        .filter(|l| {
+            l.starts_with(name)
+                && (l[name.len()..].starts_with(' ') || l[name.len()..].starts_with('{'))
+        })
         .filter(|l| labels.is_empty() || l.contains(labels))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
@@ -252,7 +299,8 @@ pub fn metric(text: &str, name: &str, labels: &str) -> f64 {
 /// Parses `key=value` fields of dfget's summary line.
 pub fn summary_field(output: &str, key: &str) -> Option<u64> {
     let line = output.lines().find(|l| l.starts_with("dfget: done"))?;
-    line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}="))?.parse().ok())
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}="))?.parse().ok())
 }
 
 /// True when running as root (tmpfs mounts, CI).
@@ -260,6 +308,10 @@ pub fn is_root() -> bool {
     // SAFETY-free: read the effective uid from /proc.
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
         .unwrap_or(false)
 }

@@ -1,2 +1,2 @@
-pub mod origin;
 pub mod harness;
+pub mod origin;

@@ -65,31 +65,62 @@ async fn status(Path((code, _)): Path<(u16, String)>) -> Response {
 }
 
 async fn redirect(Path(name): Path<String>) -> Response {
-    (StatusCode::FOUND, [(header::LOCATION, format!("/files/{name}"))]).into_response()
+    (
+        StatusCode::FOUND,
+        [(header::LOCATION, format!("/files/{name}"))],
+    )
+        .into_response()
 }
 
-async fn auth(State(o): State<Arc<Origin>>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+async fn auth(
+    State(o): State<Arc<Origin>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     let want = o.bearer.as_deref().map(|t| format!("Bearer {t}"));
-    let got = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let got = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
     if want.is_none() || got != want.as_deref() {
-        return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer realm=\"test\"")], "unauthorized\n").into_response();
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer realm=\"test\"")],
+            "unauthorized\n",
+        )
+            .into_response();
     }
     serve(o, &name, &headers, false).await
 }
 
-async fn files(State(o): State<Arc<Origin>>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+async fn files(
+    State(o): State<Arc<Origin>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     serve(o, &name, &headers, false).await
 }
 
-async fn short(State(o): State<Arc<Origin>>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+async fn short(
+    State(o): State<Arc<Origin>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     serve(o, &name, &headers, true).await
 }
 
 fn parse_range(h: &HeaderMap, len: u64) -> Option<(u64, u64)> {
-    let v = h.get(header::RANGE)?.to_str().ok()?.strip_prefix("bytes=")?;
+    let v = h
+        .get(header::RANGE)?
+        .to_str()
+        .ok()?
+        .strip_prefix("bytes=")?;
     let (a, b) = v.split_once('-')?;
     let start: u64 = a.parse().ok()?;
-    let end: u64 = if b.is_empty() { len.checked_sub(1)? } else { b.parse::<u64>().ok()?.min(len.checked_sub(1)?) };
+    let end: u64 = if b.is_empty() {
+        len.checked_sub(1)?
+    } else {
+        b.parse::<u64>().ok()?.min(len.checked_sub(1)?)
+    };
     (start <= end).then_some((start, end))
 }
 
@@ -98,9 +129,15 @@ async fn serve(o: Arc<Origin>, name: &str, headers: &HeaderMap, truncate: bool) 
         return StatusCode::BAD_REQUEST.into_response();
     }
     let path = o.dir.join(name);
-    let Ok(meta) = std::fs::metadata(&path) else { return (StatusCode::NOT_FOUND, "no such file\n").into_response() };
+    let Ok(meta) = std::fs::metadata(&path) else {
+        return (StatusCode::NOT_FOUND, "no such file\n").into_response();
+    };
     let len = meta.len();
-    let etag = format!("\"{:x}-{:x}\"", meta.mtime_nsec() + meta.mtime() * 1_000_000_000, len);
+    let etag = format!(
+        "\"{:x}-{:x}\"",
+        meta.mtime_nsec() + meta.mtime() * 1_000_000_000,
+        len
+    );
     let modified = httpdate(meta.mtime());
     let (status, start, end) = match parse_range(headers, len) {
         Some((s, e)) => (StatusCode::PARTIAL_CONTENT, s, e + 1),
@@ -124,11 +161,17 @@ async fn serve(o: Arc<Origin>, name: &str, headers: &HeaderMap, truncate: bool) 
             let mut buf = vec![0u8; n];
             use std::os::unix::fs::FileExt;
             if file.read_exact_at(&mut buf, pos).is_err() {
-                return Some((Err(std::io::Error::other("read failed")), (file, stop, stop)));
+                return Some((
+                    Err(std::io::Error::other("read failed")),
+                    (file, stop, stop),
+                ));
             }
             origin.limiter.acquire(n).await;
             origin.bytes.fetch_add(n as u64, Ordering::Relaxed);
-            Some((Ok::<_, std::io::Error>(Bytes::from(buf)), (file, pos + n as u64, stop)))
+            Some((
+                Ok::<_, std::io::Error>(Bytes::from(buf)),
+                (file, pos + n as u64, stop),
+            ))
         }
     });
     let mut b = Response::builder()
@@ -138,9 +181,13 @@ async fn serve(o: Arc<Origin>, name: &str, headers: &HeaderMap, truncate: bool) 
         .header(header::LAST_MODIFIED, modified)
         .header(header::ACCEPT_RANGES, "bytes");
     if status == StatusCode::PARTIAL_CONTENT {
-        b = b.header(header::CONTENT_RANGE, format!("bytes {start}-{}/{len}", end - 1));
+        b = b.header(
+            header::CONTENT_RANGE,
+            format!("bytes {start}-{}/{len}", end - 1),
+        );
     }
-    b.body(Body::from_stream(stream)).unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+    b.body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
 /// RFC 7231 date for a Unix time.
@@ -158,8 +205,15 @@ fn httpdate(secs: i64) -> String {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
     let wd = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][days.rem_euclid(7) as usize];
-    let mon = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"][(m - 1) as usize];
-    format!("{wd}, {d:02} {mon} {y} {:02}:{:02}:{:02} GMT", rem / 3600, (rem % 3600) / 60, rem % 60)
+    let mon = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ][(m - 1) as usize];
+    format!(
+        "{wd}, {d:02} {mon} {y} {:02}:{:02}:{:02} GMT",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]
@@ -167,6 +221,9 @@ mod tests {
     #[test]
     fn http_dates() {
         assert_eq!(super::httpdate(0), "Thu, 01 Jan 1970 00:00:00 GMT");
-        assert_eq!(super::httpdate(1_700_000_000), "Tue, 14 Nov 2023 22:13:20 GMT");
+        assert_eq!(
+            super::httpdate(1_700_000_000),
+            "Tue, 14 Nov 2023 22:13:20 GMT"
+        );
     }
 }

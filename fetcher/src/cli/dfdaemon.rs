@@ -20,7 +20,11 @@ use crate::{agent, upload};
 
 /// The Damselfly host agent: peer engine, piece upload server and local download API.
 #[derive(Debug, Parser)]
-#[command(name = "dfdaemon", version, after_help = "Every flag also has a key in the TOML config file (--config); flags win.\nSee packaging/dfdaemon.toml for all keys and their defaults.")]
+#[command(
+    name = "dfdaemon",
+    version,
+    after_help = "Every flag also has a key in the TOML config file (--config); flags win.\nSee packaging/dfdaemon.toml for all keys and their defaults."
+)]
 pub struct Args {
     /// Config file (TOML).
     #[arg(long, value_name = "FILE")]
@@ -88,7 +92,11 @@ pub struct GcConfig {
 
 impl Default for GcConfig {
     fn default() -> Self {
-        Self { max_age: "24h".into(), max_size: "50GiB".into(), interval: "10m".into() }
+        Self {
+            max_age: "24h".into(),
+            max_size: "50GiB".into(),
+            interval: "10m".into(),
+        }
     }
 }
 
@@ -118,7 +126,14 @@ fn merge(args: &Args) -> Result<DaemonConfig> {
     macro_rules! take {
         ($($f:ident),*) => { $( if let Some(v) = &args.$f { c.$f = v.clone(); } )* };
     }
-    take!(upload_addr, metrics_addr, data_dir, agent_socket, upload_rate, download_rate);
+    take!(
+        upload_addr,
+        metrics_addr,
+        data_dir,
+        agent_socket,
+        upload_rate,
+        download_rate
+    );
     if args.advertise_ip.is_some() {
         c.advertise_ip = args.advertise_ip;
     }

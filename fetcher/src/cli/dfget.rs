@@ -126,15 +126,26 @@ pub struct DfgetConfig {
 
 /// Reads `[node] address=` from a Dragonfly 1.x config.
 fn dragonfly_supernodes(path: &Path) -> Vec<String> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Vec::new() };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
     let mut in_node = false;
     for line in text.lines().map(str::trim) {
         if line.starts_with('[') {
             in_node = line == "[node]";
-        } else if in_node && let Some((k, v)) = line.split_once('=') && k.trim() == "address" {
+        } else if in_node
+            && let Some((k, v)) = line.split_once('=')
+            && k.trim() == "address"
+        {
             return split_list(v)
                 .into_iter()
-                .map(|a| if a.contains(':') { a } else { format!("{a}:8002") })
+                .map(|a| {
+                    if a.contains(':') {
+                        a
+                    } else {
+                        format!("{a}:8002")
+                    }
+                })
                 .collect();
         }
     }
@@ -162,23 +173,51 @@ pub async fn run(args: Args) -> i32 {
 }
 
 async fn run_inner(args: Args) -> Result<()> {
-    let cfg_path = args.config.clone().or_else(|| Path::new(DEFAULT_CONFIG).exists().then(|| DEFAULT_CONFIG.into()));
+    let cfg_path = args.config.clone().or_else(|| {
+        Path::new(DEFAULT_CONFIG)
+            .exists()
+            .then(|| DEFAULT_CONFIG.into())
+    });
     let cfg: DfgetConfig = load_toml(cfg_path.as_deref())?;
     let supernodes = match &args.supernode {
         Some(s) => split_list(s),
         None if !cfg.supernodes.is_empty() => cfg.supernodes.clone(),
         None => dragonfly_supernodes(Path::new(DRAGONFLY_CONFIG)),
     };
-    let output = std::path::absolute(&args.output).map_err(|e| Error::io("bad output path", &args.output, e))?;
-    let timeout = args.timeout.as_deref().or(cfg.timeout.as_deref()).map(parse_duration).transpose()?;
+    let output = std::path::absolute(&args.output)
+        .map_err(|e| Error::io("bad output path", &args.output, e))?;
+    let timeout = args
+        .timeout
+        .as_deref()
+        .or(cfg.timeout.as_deref())
+        .map(parse_duration)
+        .transpose()?;
     let req = DownloadRequest {
         url: args.url.clone(),
         output: output.clone(),
-        headers: args.headers.iter().map(|h| parse_header(h)).collect::<Result<_>>()?,
-        digest: args.digest.as_deref().map(task_id::parse_digest).transpose()?,
+        headers: args
+            .headers
+            .iter()
+            .map(|h| parse_header(h))
+            .collect::<Result<_>>()?,
+        digest: args
+            .digest
+            .as_deref()
+            .map(task_id::parse_digest)
+            .transpose()?,
         tag: args.tag.clone(),
-        filter: args.filter.as_deref().or(cfg.filter.as_deref()).map(task_id::parse_filter).unwrap_or_default(),
-        limit_rate: args.limit_rate.as_deref().map(parse_rate).transpose()?.unwrap_or(0),
+        filter: args
+            .filter
+            .as_deref()
+            .or(cfg.filter.as_deref())
+            .map(task_id::parse_filter)
+            .unwrap_or_default(),
+        limit_rate: args
+            .limit_rate
+            .as_deref()
+            .map(parse_rate)
+            .transpose()?
+            .unwrap_or(0),
         back_source: args.back_source.or(cfg.back_source).unwrap_or_default(),
         timeout,
     };
@@ -202,9 +241,19 @@ async fn run_inner(args: Args) -> Result<()> {
         None => {
             let peer_cfg = PeerConfig {
                 supernodes,
-                data_dir: args.data_dir.clone().or(cfg.data_dir.clone()).unwrap_or_else(default_data_dir),
+                data_dir: args
+                    .data_dir
+                    .clone()
+                    .or(cfg.data_dir.clone())
+                    .unwrap_or_else(default_data_dir),
                 upload_addr: args.upload_addr,
-                upload_rate: args.upload_rate.as_deref().or(cfg.upload_rate.as_deref()).map(parse_rate).transpose()?.unwrap_or(0),
+                upload_rate: args
+                    .upload_rate
+                    .as_deref()
+                    .or(cfg.upload_rate.as_deref())
+                    .map(parse_rate)
+                    .transpose()?
+                    .unwrap_or(0),
                 keep_seeding: false,
                 ..PeerConfig::default()
             };
@@ -235,11 +284,17 @@ async fn run_inner(args: Args) -> Result<()> {
 }
 
 fn progress_bar(quiet: bool) -> ProgressBar {
-    let target = if quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
+    let target = if quiet {
+        ProgressDrawTarget::hidden()
+    } else {
+        ProgressDrawTarget::stderr()
+    };
     let bar = ProgressBar::with_draw_target(None, target);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.enable_steady_tick(Duration::from_millis(200));
     bar
@@ -258,7 +313,13 @@ fn show(bar: &ProgressBar, p: &Progress) {
     ));
 }
 
-async fn embedded(cfg: PeerConfig, req: &DownloadRequest, bar: &ProgressBar, max_age: Duration, max_size: u64) -> Result<Summary> {
+async fn embedded(
+    cfg: PeerConfig,
+    req: &DownloadRequest,
+    bar: &ProgressBar,
+    max_age: Duration,
+    max_size: u64,
+) -> Result<Summary> {
     let shutdown = Shutdown::new();
     let peer = Peer::start(cfg, PeerMetrics::new(), shutdown.clone()).await?;
     let store = peer.store().clone();
@@ -277,7 +338,10 @@ async fn embedded(cfg: PeerConfig, req: &DownloadRequest, bar: &ProgressBar, max
 }
 
 async fn via_agent(sock: &Path, req: &DownloadRequest, bar: &ProgressBar) -> Result<Summary> {
-    let err = |detail: String| Error::Agent { socket: sock.to_path_buf(), detail };
+    let err = |detail: String| Error::Agent {
+        socket: sock.to_path_buf(),
+        detail,
+    };
     let mut client = agent::connect(sock).await?;
     let started = Instant::now();
     let mut stream = client
@@ -285,11 +349,18 @@ async fn via_agent(sock: &Path, req: &DownloadRequest, bar: &ProgressBar) -> Res
         .await
         .map_err(|s| err(s.message().to_owned()))?
         .into_inner();
-    while let Some(msg) = stream.message().await.map_err(|s| err(s.message().to_owned()))? {
+    while let Some(msg) = stream
+        .message()
+        .await
+        .map_err(|s| err(s.message().to_owned()))?
+    {
         let p = agent::progress_from(&msg);
         show(bar, &p);
         if !msg.error.is_empty() {
-            return Err(Error::Remote { message: msg.error, code: msg.exit_code });
+            return Err(Error::Remote {
+                message: msg.error,
+                code: msg.exit_code,
+            });
         }
         if msg.done {
             return Ok(Summary {
@@ -300,5 +371,7 @@ async fn via_agent(sock: &Path, req: &DownloadRequest, bar: &ProgressBar) -> Res
             });
         }
     }
-    Err(err("agent closed the stream before the download finished".into()))
+    Err(err(
+        "agent closed the stream before the download finished".into()
+    ))
 }

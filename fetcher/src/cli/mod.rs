@@ -11,7 +11,9 @@ use crate::error::{Error, Result};
 pub fn init_logging(default_level: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         let _ = b.json().try_init();
     } else {
@@ -22,18 +24,25 @@ pub fn init_logging(default_level: &str, json: bool) {
 /// Parses a duration: a number with `ms`, `s`, `m`, `h` or `d` (plain numbers are seconds).
 pub fn parse_duration(spec: &str) -> Result<Duration> {
     let s = spec.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let v: f64 = num
-        .parse()
-        .map_err(|_| Error::invalid("duration", format!("{spec:?}: expected e.g. 30s, 10m, 24h")))?;
+    let v: f64 = num.parse().map_err(|_| {
+        Error::invalid("duration", format!("{spec:?}: expected e.g. 30s, 10m, 24h"))
+    })?;
     let secs = match unit {
         "ms" => v / 1000.0,
         "" | "s" => v,
         "m" => v * 60.0,
         "h" => v * 3600.0,
         "d" => v * 86400.0,
-        other => return Err(Error::invalid("duration", format!("{spec:?}: unknown unit {other:?}"))),
+        other => {
+            return Err(Error::invalid(
+                "duration",
+                format!("{spec:?}: unknown unit {other:?}"),
+            ));
+        }
     };
     Ok(Duration::from_secs_f64(secs))
 }
@@ -45,20 +54,32 @@ pub fn parse_header(spec: &str) -> Result<(String, String)> {
         .ok_or_else(|| Error::invalid("header", format!("{spec:?}: expected 'Name: value'")))?;
     let name = name.trim();
     if name.is_empty() || http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-        return Err(Error::invalid("header", format!("{spec:?}: bad header name")));
+        return Err(Error::invalid(
+            "header",
+            format!("{spec:?}: bad header name"),
+        ));
     }
     Ok((name.to_owned(), value.trim().to_owned()))
 }
 
 /// Splits `a:1,b:2` lists of supernodes, trimming blanks.
 pub fn split_list(s: &str) -> Vec<String> {
-    s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()
+    s.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Reads a TOML config file into `T`; unknown keys and bad values fail with the key's name.
-pub fn load_toml<T: serde::de::DeserializeOwned + Default>(path: Option<&std::path::Path>) -> Result<T> {
-    let Some(path) = path else { return Ok(T::default()) };
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read config", path, e))?;
+pub fn load_toml<T: serde::de::DeserializeOwned + Default>(
+    path: Option<&std::path::Path>,
+) -> Result<T> {
+    let Some(path) = path else {
+        return Ok(T::default());
+    };
+    let text =
+        std::fs::read_to_string(path).map_err(|e| Error::io("cannot read config", path, e))?;
     toml::from_str(&text).map_err(|e| Error::invalid("config", format!("{}: {e}", path.display())))
 }
 
@@ -71,7 +92,11 @@ pub fn human_bytes(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", units[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
 }
 
 #[cfg(test)]
@@ -81,9 +106,15 @@ mod tests {
     #[test]
     fn parses_durations_and_headers() {
         assert_eq!(parse_duration("10m").expect("ok"), Duration::from_secs(600));
-        assert_eq!(parse_duration("1.5s").expect("ok"), Duration::from_millis(1500));
+        assert_eq!(
+            parse_duration("1.5s").expect("ok"),
+            Duration::from_millis(1500)
+        );
         assert!(parse_duration("soon").is_err());
-        assert_eq!(parse_header("Authorization: Bearer x").expect("ok"), ("Authorization".into(), "Bearer x".into()));
+        assert_eq!(
+            parse_header("Authorization: Bearer x").expect("ok"),
+            ("Authorization".into(), "Bearer x".into())
+        );
         assert!(parse_header("no colon").is_err());
         assert!(parse_header("bad name: v").is_err());
     }

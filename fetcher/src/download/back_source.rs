@@ -13,7 +13,10 @@ use crate::task_id::{self, DEFAULT_PIECE_SIZE};
 impl Download<'_> {
     pub(crate) async fn back_source(&mut self) -> Result<()> {
         let inner = self.peer.inner.clone();
-        let resp = inner.source.get(&self.req.url, &self.req.headers, None).await?;
+        let resp = inner
+            .source
+            .get(&self.req.url, &self.req.headers, None)
+            .await?;
         let probe = resp.probe.clone();
         let len = probe.content_length.map(|l| l as i64).unwrap_or(-1);
         let piece_size = task_id::piece_size_for(len, DEFAULT_PIECE_SIZE);
@@ -52,7 +55,10 @@ impl Download<'_> {
         let (last, total, digest) = cutter.finish();
         write(last.into_iter().collect())?;
         if len >= 0 && total != len as u64 {
-            return Err(Error::OriginBody { url: self.req.url.clone(), detail: format!("got {total} of {len} bytes") });
+            return Err(Error::OriginBody {
+                url: self.req.url.clone(),
+                detail: format!("got {total} of {len} bytes"),
+            });
         }
         store.set_complete(total, Some(digest.clone()))?;
         self.piece_count = Some(total.div_ceil(u64::from(piece_size)) as u32);

@@ -97,21 +97,36 @@ pub(crate) enum SessionError {
 
 impl Peer {
     /// Downloads `req` to `req.output`, reporting progress on `progress`.
-    pub async fn download(&self, req: &DownloadRequest, progress: &watch::Sender<Progress>) -> Result<Summary> {
+    pub async fn download(
+        &self,
+        req: &DownloadRequest,
+        progress: &watch::Sender<Progress>,
+    ) -> Result<Summary> {
         let task_id = task_id::task_id(&req.url, &req.tag, &req.filter)?;
         output::output_dir(&req.output)?;
         let span = tracing::info_span!("download", task_id = %&task_id[..16], url = %req.url);
         let fut = self.download_inner(req, task_id, progress).instrument(span);
         let res = match req.timeout {
-            Some(t) => tokio::time::timeout(t, fut).await.unwrap_or(Err(Error::Timeout(t))),
+            Some(t) => tokio::time::timeout(t, fut)
+                .await
+                .unwrap_or(Err(Error::Timeout(t))),
             None => fut.await,
         };
         let label = if res.is_ok() { "ok" } else { "error" };
-        self.inner.metrics.downloads.with_label_values(&[label]).inc();
+        self.inner
+            .metrics
+            .downloads
+            .with_label_values(&[label])
+            .inc();
         res
     }
 
-    async fn download_inner(&self, req: &DownloadRequest, task_id: String, progress_tx: &watch::Sender<Progress>) -> Result<Summary> {
+    async fn download_inner(
+        &self,
+        req: &DownloadRequest,
+        task_id: String,
+        progress_tx: &watch::Sender<Progress>,
+    ) -> Result<Summary> {
         let started = Instant::now();
         let mut d = Download {
             peer: self,
@@ -121,14 +136,19 @@ impl Peer {
             known: HashMap::new(),
             piece_count: None,
             whole_digest: None,
-            progress: Progress { content_length: -1, ..Default::default() },
+            progress: Progress {
+                content_length: -1,
+                ..Default::default()
+            },
             progress_tx,
             task_limit: RateLimiter::new(req.limit_rate),
             verify_failures: 0,
             _busy: None,
         };
-        let order: Vec<String> =
-            rendezvous::order(&d.task_id, &self.inner.cfg.supernodes).into_iter().map(str::to_owned).collect();
+        let order: Vec<String> = rendezvous::order(&d.task_id, &self.inner.cfg.supernodes)
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
         let mut tried = Vec::new();
         let mut seeding = None;
         for sn in &order {
@@ -145,24 +165,34 @@ impl Peer {
             }
         }
         if seeding.is_none() {
-            let tried = if tried.is_empty() { "none configured".to_owned() } else { tried.join("; ") };
+            let tried = if tried.is_empty() {
+                "none configured".to_owned()
+            } else {
+                tried.join("; ")
+            };
             if req.back_source == BackSource::Never {
                 return Err(Error::NoSupernode { tried });
             }
             tracing::warn!(tried = %tried, "no supernode reachable; downloading from the origin");
             d.back_source().await?;
         }
-        let store = d.store.clone().ok_or_else(|| Error::Download("no content".into()))?;
-        let len = u64::try_from(store.meta().content_length).map_err(|_| Error::Download("content length unknown".into()))?;
+        let store = d
+            .store
+            .clone()
+            .ok_or_else(|| Error::Download("no content".into()))?;
+        let len = u64::try_from(store.meta().content_length)
+            .map_err(|_| Error::Download("content length unknown".into()))?;
         let expected = match (&req.digest, &d.whole_digest) {
             (Some(user), _) => Some(user.clone()),
             (None, Some(seed)) => task_id::parse_digest(seed).ok(),
             (None, None) => None,
         };
         let (data, out) = (store.data_path(), req.output.clone());
-        let digest = tokio::task::spawn_blocking(move || output::deliver(&data, len, &out, expected.as_deref()))
-            .await
-            .map_err(|e| Error::Download(format!("delivery task failed: {e}")))??;
+        let digest = tokio::task::spawn_blocking(move || {
+            output::deliver(&data, len, &out, expected.as_deref())
+        })
+        .await
+        .map_err(|e| Error::Download(format!("delivery task failed: {e}")))??;
         store.touch();
         let summary = Summary {
             progress: d.progress.clone(),
@@ -192,12 +222,26 @@ impl Download<'_> {
             self.store = None;
             self._busy = None;
             self.known.clear();
-            self.progress = Progress { content_length: meta.content_length, ..Default::default() };
+            self.progress = Progress {
+                content_length: meta.content_length,
+                ..Default::default()
+            };
         }
         if meta.content_length >= 0 {
-            output::preflight(&self.req.output, self.peer.inner.store.root(), meta.content_length as u64, 0)?;
+            output::preflight(
+                &self.req.output,
+                self.peer.inner.store.root(),
+                meta.content_length as u64,
+                0,
+            )?;
         }
-        let busy = self.peer.inner.open.busy_lock(&meta.version_id).lock_owned().await;
+        let busy = self
+            .peer
+            .inner
+            .open
+            .busy_lock(&meta.version_id)
+            .lock_owned()
+            .await;
         let store = match self.peer.inner.open.get(&meta.version_id) {
             Some(s) => s,
             None => {
@@ -219,10 +263,13 @@ impl Download<'_> {
 
     /// True once every piece of the version is held.
     pub(crate) fn is_complete(&self) -> bool {
-        let Some(store) = &self.store else { return false };
+        let Some(store) = &self.store else {
+            return false;
+        };
         let meta = store.meta();
         let count = self.piece_count.or_else(|| {
-            (meta.content_length >= 0).then(|| (meta.content_length as u64).div_ceil(u64::from(meta.piece_size)) as u32)
+            (meta.content_length >= 0)
+                .then(|| (meta.content_length as u64).div_ceil(u64::from(meta.piece_size)) as u32)
         });
         matches!(count, Some(c) if store.held().0 as u32 >= c)
     }

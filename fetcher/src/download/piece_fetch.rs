@@ -37,7 +37,10 @@ pub(crate) async fn fetch(job: Job) -> PieceOutcome {
     let started = Instant::now();
     let result = match tokio::time::timeout(PIECE_TIMEOUT, fetch_inner(&job)).await {
         Ok(r) => r,
-        Err(_) => Err((FailureReason::ParentUnreachable, format!("timed out after {PIECE_TIMEOUT:?}"))),
+        Err(_) => Err((
+            FailureReason::ParentUnreachable,
+            format!("timed out after {PIECE_TIMEOUT:?}"),
+        )),
     };
     PieceOutcome {
         piece: job.meta.num,
@@ -49,29 +52,48 @@ pub(crate) async fn fetch(job: Job) -> PieceOutcome {
 }
 
 async fn fetch_inner(job: &Job) -> Result<u64, (FailureReason, String)> {
-    let url = format!("{}/pieces/{}/{}", job.parent.base_url.trim_end_matches('/'), job.version, job.meta.num);
-    let resp = job
-        .http
-        .get(&url)
-        .send()
-        .await
-        .map_err(|e| (FailureReason::ParentUnreachable, crate::source::error_chain(&e)))?;
+    let url = format!(
+        "{}/pieces/{}/{}",
+        job.parent.base_url.trim_end_matches('/'),
+        job.version,
+        job.meta.num
+    );
+    let resp = job.http.get(&url).send().await.map_err(|e| {
+        (
+            FailureReason::ParentUnreachable,
+            crate::source::error_chain(&e),
+        )
+    })?;
     if !resp.status().is_success() {
-        return Err((FailureReason::ParentError, format!("parent answered HTTP {}", resp.status().as_u16())));
+        return Err((
+            FailureReason::ParentError,
+            format!("parent answered HTTP {}", resp.status().as_u16()),
+        ));
     }
     let size = job.meta.size as usize;
     let mut buf = BytesMut::with_capacity(size);
     let mut body = resp.bytes_stream();
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| (FailureReason::ParentUnreachable, crate::source::error_chain(&e)))?;
+        let chunk = chunk.map_err(|e| {
+            (
+                FailureReason::ParentUnreachable,
+                crate::source::error_chain(&e),
+            )
+        })?;
         if buf.len() + chunk.len() > size {
-            return Err((FailureReason::DigestMismatch, format!("parent sent more than the piece's {size} bytes")));
+            return Err((
+                FailureReason::DigestMismatch,
+                format!("parent sent more than the piece's {size} bytes"),
+            ));
         }
         acquire_all(&[&job.host_limit, &job.task_limit], chunk.len()).await;
         buf.extend_from_slice(&chunk);
     }
     if !job.meta.verify(&buf) {
-        return Err((FailureReason::DigestMismatch, format!("{} bytes failed sha256 verification", buf.len())));
+        return Err((
+            FailureReason::DigestMismatch,
+            format!("{} bytes failed sha256 verification", buf.len()),
+        ));
     }
     let (store, meta) = (job.store.clone(), job.meta.clone());
     let data = buf.freeze();

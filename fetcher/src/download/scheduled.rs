@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proto::scheduler::{
-    self as pb, ErrorKind, PeerMessage, SchedulerMessage, peer_message, scheduler_client::SchedulerClient,
-    scheduler_message,
+    self as pb, ErrorKind, PeerMessage, SchedulerMessage, peer_message,
+    scheduler_client::SchedulerClient, scheduler_message,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -36,7 +36,10 @@ pub async fn connect(addr: &str) -> Result<SchedulerClient<tonic::transport::Cha
         .connect_timeout(Duration::from_secs(3))
         .http2_keep_alive_interval(Duration::from_secs(15))
         .keep_alive_timeout(Duration::from_secs(10));
-    let channel = endpoint.connect().await.map_err(|e| crate::source::error_chain(&e))?;
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| crate::source::error_chain(&e))?;
     Ok(SchedulerClient::new(channel))
 }
 
@@ -48,19 +51,39 @@ impl Download<'_> {
     pub(crate) async fn with_supernode(&mut self, addr: &str) -> Result<Session, SessionError> {
         let mut client = connect(addr).await.map_err(SessionError::Retry)?;
         let (tx, rx) = mpsc::channel::<PeerMessage>(256);
-        let peer_id = format!("{}-{}-{:08x}", self.peer.inner.host_id, std::process::id(), rand::random::<u32>());
+        let peer_id = format!(
+            "{}-{}-{:08x}",
+            self.peer.inner.host_id,
+            std::process::id(),
+            rand::random::<u32>()
+        );
         let register = pb::Register {
             url: self.req.url.clone(),
             task_id: self.task_id.clone(),
             tag: self.req.tag.clone(),
             filter: self.req.filter.clone(),
-            headers: self.req.headers.iter().map(|(n, v)| pb::Header { name: n.clone(), value: v.clone() }).collect(),
-            digest: self.req.digest.clone().map(|d| format!("sha256:{d}")).unwrap_or_default(),
+            headers: self
+                .req
+                .headers
+                .iter()
+                .map(|(n, v)| pb::Header {
+                    name: n.clone(),
+                    value: v.clone(),
+                })
+                .collect(),
+            digest: self
+                .req
+                .digest
+                .clone()
+                .map(|d| format!("sha256:{d}"))
+                .unwrap_or_default(),
             peer_id,
             host_id: self.peer.inner.host_id.clone(),
             upload_addr: self.peer.inner.upload_addr.to_string(),
         };
-        tx.send(msg(peer_message::Msg::Register(register))).await.map_err(send_err)?;
+        tx.send(msg(peer_message::Msg::Register(register)))
+            .await
+            .map_err(send_err)?;
         let mut inbound = client
             .download(ReceiverStream::new(rx))
             .await
@@ -73,7 +96,11 @@ impl Download<'_> {
         let info = match first.and_then(|m| m.msg) {
             Some(scheduler_message::Msg::TaskInfo(info)) => info,
             Some(scheduler_message::Msg::Error(e)) => return Err(self.task_error(addr, e)),
-            other => return Err(SessionError::Retry(format!("unexpected first message {other:?}"))),
+            other => {
+                return Err(SessionError::Retry(format!(
+                    "unexpected first message {other:?}"
+                )));
+            }
         };
         let meta = TaskMeta {
             version_id: info.version_id.clone(),
@@ -87,7 +114,11 @@ impl Download<'_> {
         };
         let store = self.open_version(meta).await.map_err(SessionError::Fatal)?;
         tracing::info!(supernode = addr, version = %&info.version_id[..16], length = info.content_length, held = store.held().0, "registered");
-        tx.send(msg(peer_message::Msg::Have(pb::Have { pieces: store.have() }))).await.map_err(send_err)?;
+        tx.send(msg(peer_message::Msg::Have(pb::Have {
+            pieces: store.have(),
+        })))
+        .await
+        .map_err(send_err)?;
 
         let mut inflight: JoinSet<PieceOutcome> = JoinSet::new();
         loop {
@@ -131,15 +162,27 @@ impl Download<'_> {
         if let Some(held) = store.piece(meta.num)
             && held != meta
         {
-            tracing::warn!(piece = meta.num, "held piece disagrees with the supernode; dropping it");
+            tracing::warn!(
+                piece = meta.num,
+                "held piece disagrees with the supernode; dropping it"
+            );
             store.forget(meta.num);
         }
         self.known.insert(meta.num, meta);
     }
 
-    fn start_piece(&mut self, store: &Arc<TaskStore>, version: &str, a: pb::Assign, inflight: &mut JoinSet<PieceOutcome>) {
+    fn start_piece(
+        &mut self,
+        store: &Arc<TaskStore>,
+        version: &str,
+        a: pb::Assign,
+        inflight: &mut JoinSet<PieceOutcome>,
+    ) {
         let (Some(parent), Some(meta)) = (a.parent, self.known.get(&a.piece).cloned()) else {
-            tracing::warn!(piece = a.piece, "assignment without parent or piece metadata; ignoring");
+            tracing::warn!(
+                piece = a.piece,
+                "assignment without parent or piece metadata; ignoring"
+            );
             return;
         };
         let job = piece_fetch::Job {
@@ -159,7 +202,11 @@ impl Download<'_> {
         let m = &self.peer.inner.metrics;
         match &o.result {
             Ok(bytes) => {
-                let from = if o.from_supernode { "supernode" } else { "peer" };
+                let from = if o.from_supernode {
+                    "supernode"
+                } else {
+                    "peer"
+                };
                 m.download_bytes.with_label_values(&[from]).inc_by(*bytes);
                 if o.from_supernode {
                     self.progress.from_supernode += bytes;
@@ -192,13 +239,27 @@ impl Download<'_> {
         let url = self.req.url.clone();
         let kind = ErrorKind::try_from(e.kind).unwrap_or(ErrorKind::Unspecified);
         match kind {
-            ErrorKind::OriginStatus => SessionError::Fatal(Error::OriginStatus { url, status: e.http_status as u16 }),
-            ErrorKind::OriginUnreachable => SessionError::Fatal(Error::OriginUnreachable { url, detail: e.message }),
-            ErrorKind::OriginBody => SessionError::Fatal(Error::OriginBody { url, detail: e.message }),
+            ErrorKind::OriginStatus => SessionError::Fatal(Error::OriginStatus {
+                url,
+                status: e.http_status as u16,
+            }),
+            ErrorKind::OriginUnreachable => SessionError::Fatal(Error::OriginUnreachable {
+                url,
+                detail: e.message,
+            }),
+            ErrorKind::OriginBody => SessionError::Fatal(Error::OriginBody {
+                url,
+                detail: e.message,
+            }),
             ErrorKind::DigestMismatch | ErrorKind::Invalid => {
-                SessionError::Fatal(Error::Supernode { supernode: supernode.to_owned(), message: e.message })
+                SessionError::Fatal(Error::Supernode {
+                    supernode: supernode.to_owned(),
+                    message: e.message,
+                })
             }
-            ErrorKind::Internal | ErrorKind::Unspecified => SessionError::Retry(format!("supernode error: {}", e.message)),
+            ErrorKind::Internal | ErrorKind::Unspecified => {
+                SessionError::Retry(format!("supernode error: {}", e.message))
+            }
         }
     }
 }

@@ -22,16 +22,24 @@ pub struct GcReport {
 }
 
 pub(crate) fn list(tasks: &Path) -> Vec<Entry> {
-    let Ok(rd) = std::fs::read_dir(tasks) else { return Vec::new() };
+    let Ok(rd) = std::fs::read_dir(tasks) else {
+        return Vec::new();
+    };
     rd.filter_map(|e| e.ok())
         .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
         .map(|e| {
             let dir = e.path();
-            let bytes = std::fs::metadata(dir.join("data")).map(|m| m.blocks() * 512).unwrap_or(0);
+            let bytes = std::fs::metadata(dir.join("data"))
+                .map(|m| m.blocks() * 512)
+                .unwrap_or(0);
             let last_used = std::fs::metadata(dir.join("lock"))
                 .and_then(|m| m.modified())
                 .unwrap_or(SystemTime::UNIX_EPOCH);
-            Entry { dir, bytes, last_used }
+            Entry {
+                dir,
+                bytes,
+                last_used,
+            }
         })
         .collect()
 }
@@ -39,7 +47,12 @@ pub(crate) fn list(tasks: &Path) -> Vec<Entry> {
 /// Removes `dir` unless some process holds its lock. True when removed.
 pub(crate) fn remove_if_unlocked(dir: &Path) -> bool {
     let lock_path = dir.join("lock");
-    let Ok(lock) = OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path) else {
+    let Ok(lock) = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+    else {
         return false;
     };
     if !matches!(lock.try_lock_exclusive(), Ok(true)) {
@@ -61,7 +74,10 @@ pub(crate) fn run(tasks: &Path, max_age: Duration, max_bytes: u64) -> GcReport {
     let now = SystemTime::now();
     let mut report = GcReport::default();
     for e in entries {
-        let too_old = now.duration_since(e.last_used).map(|a| a > max_age).unwrap_or(false);
+        let too_old = now
+            .duration_since(e.last_used)
+            .map(|a| a > max_age)
+            .unwrap_or(false);
         if (too_old || total > max_bytes) && remove_if_unlocked(&e.dir) {
             total = total.saturating_sub(e.bytes);
             report.removed_tasks += 1;

@@ -53,7 +53,8 @@ impl Store {
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
         let tasks = root.join("tasks");
-        std::fs::create_dir_all(&tasks).map_err(|e| Error::io("cannot create piece store", &tasks, e))?;
+        std::fs::create_dir_all(&tasks)
+            .map_err(|e| Error::io("cannot create piece store", &tasks, e))?;
         Ok(Self { root })
     }
 
@@ -94,7 +95,10 @@ impl Store {
 
     /// Total bytes allocated by task data files.
     pub fn usage(&self) -> u64 {
-        gc::list(&self.root.join("tasks")).iter().map(|t| t.bytes).sum()
+        gc::list(&self.root.join("tasks"))
+            .iter()
+            .map(|t| t.bytes)
+            .sum()
     }
 
     /// Removes tasks unused for longer than `max_age`, then the least recently used ones until the
@@ -122,7 +126,8 @@ pub struct TaskStore {
 
 impl TaskStore {
     fn try_open(dir: PathBuf, meta: TaskMeta) -> Result<Option<TaskStore>> {
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io("cannot create task directory", &dir, e))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io("cannot create task directory", &dir, e))?;
         let lock_path = dir.join("lock");
         let lock = OpenOptions::new()
             .create(true)
@@ -136,8 +141,9 @@ impl TaskStore {
             Err(e) => return Err(Error::io("cannot lock", &lock_path, e)),
         }
         let meta_path = dir.join("meta.json");
-        let stored: Option<TaskMeta> =
-            std::fs::read(&meta_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        let stored: Option<TaskMeta> = std::fs::read(&meta_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
         let fresh = match &stored {
             Some(s) => s.version_id != meta.version_id || s.piece_size != meta.piece_size,
             None => true,
@@ -173,7 +179,11 @@ impl TaskStore {
             data.set_len(meta.content_length as u64)
                 .map_err(|e| Error::io("cannot size data file", &data_path, e))?;
         }
-        let pieces = if fresh { BTreeMap::new() } else { Self::replay(&data, &log_path) };
+        let pieces = if fresh {
+            BTreeMap::new()
+        } else {
+            Self::replay(&data, &log_path)
+        };
         // Rewrite the log with just the pieces that survived verification.
         let mut log = OpenOptions::new()
             .create(true)
@@ -183,9 +193,11 @@ impl TaskStore {
             .map_err(|e| Error::io("cannot open piece log", &log_path, e))?;
         for p in pieces.values() {
             let line = serde_json::to_string(p).map_err(|e| Error::Download(e.to_string()))?;
-            writeln!(log, "{line}").map_err(|e| Error::io("cannot write piece log", &log_path, e))?;
+            writeln!(log, "{line}")
+                .map_err(|e| Error::io("cannot write piece log", &log_path, e))?;
         }
-        log.sync_data().map_err(|e| Error::io("cannot sync piece log", &log_path, e))?;
+        log.sync_data()
+            .map_err(|e| Error::io("cannot sync piece log", &log_path, e))?;
         let t = TaskStore {
             dir,
             data,
@@ -201,10 +213,14 @@ impl TaskStore {
     /// Reads the piece log, keeping the pieces whose bytes on disk still hash right.
     fn replay(data: &File, log_path: &Path) -> BTreeMap<u32, PieceMeta> {
         let mut pieces = BTreeMap::new();
-        let Ok(f) = File::open(log_path) else { return pieces };
+        let Ok(f) = File::open(log_path) else {
+            return pieces;
+        };
         for line in BufReader::new(f).lines() {
             let Ok(line) = line else { break };
-            let Ok(p) = serde_json::from_str::<PieceMeta>(&line) else { continue };
+            let Ok(p) = serde_json::from_str::<PieceMeta>(&line) else {
+                continue;
+            };
             let mut buf = vec![0u8; p.size as usize];
             if data.read_exact_at(&mut buf, p.offset).is_ok() && p.verify(&buf) {
                 pieces.insert(p.num, p);
@@ -214,7 +230,11 @@ impl TaskStore {
     }
 
     fn save_meta(&self) -> Result<()> {
-        let meta = self.meta.lock().map_err(|_| Error::Download("meta lock poisoned".into()))?.clone();
+        let meta = self
+            .meta
+            .lock()
+            .map_err(|_| Error::Download("meta lock poisoned".into()))?
+            .clone();
         let tmp = self.dir.join("meta.json.tmp");
         let body = serde_json::to_vec_pretty(&meta).map_err(|e| Error::Download(e.to_string()))?;
         std::fs::write(&tmp, body).map_err(|e| Error::io("cannot write", &tmp, e))?;
@@ -224,13 +244,19 @@ impl TaskStore {
 
     /// The task's metadata.
     pub fn meta(&self) -> TaskMeta {
-        self.meta.lock().map(|m| m.clone()).unwrap_or_else(|p| p.into_inner().clone())
+        self.meta
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
     }
 
     /// Records the final length and digest (content whose length was unknown at the start).
     pub fn set_complete(&self, content_length: u64, digest: Option<String>) -> Result<()> {
         {
-            let mut m = self.meta.lock().map_err(|_| Error::Download("meta lock poisoned".into()))?;
+            let mut m = self
+                .meta
+                .lock()
+                .map_err(|_| Error::Download("meta lock poisoned".into()))?;
             m.content_length = content_length as i64;
             if digest.is_some() {
                 m.digest = digest;
@@ -249,7 +275,10 @@ impl TaskStore {
 
     /// Numbers of the verified pieces held.
     pub fn have(&self) -> Vec<u32> {
-        self.pieces.lock().map(|p| p.keys().copied().collect()).unwrap_or_default()
+        self.pieces
+            .lock()
+            .map(|p| p.keys().copied().collect())
+            .unwrap_or_default()
     }
 
     /// Metadata of a held piece.
@@ -275,15 +304,26 @@ impl TaskStore {
     /// Writes a piece whose bytes the caller has verified against `meta`, durably, then records it.
     pub fn write_piece(&self, meta: &PieceMeta, data: &[u8]) -> Result<()> {
         if !meta.verify(data) {
-            return Err(Error::Download(format!("refusing to store piece {} that fails its digest", meta.num)));
+            return Err(Error::Download(format!(
+                "refusing to store piece {} that fails its digest",
+                meta.num
+            )));
         }
         let path = self.data_path();
-        self.data.write_all_at(data, meta.offset).map_err(|e| Error::io("cannot write piece to", &path, e))?;
-        self.data.sync_data().map_err(|e| Error::io("cannot sync", &path, e))?;
+        self.data
+            .write_all_at(data, meta.offset)
+            .map_err(|e| Error::io("cannot write piece to", &path, e))?;
+        self.data
+            .sync_data()
+            .map_err(|e| Error::io("cannot sync", &path, e))?;
         let line = serde_json::to_string(meta).map_err(|e| Error::Download(e.to_string()))?;
         {
-            let mut log = self.log.lock().map_err(|_| Error::Download("log lock poisoned".into()))?;
-            writeln!(log, "{line}").map_err(|e| Error::io("cannot append to piece log in", &self.dir, e))?;
+            let mut log = self
+                .log
+                .lock()
+                .map_err(|_| Error::Download("log lock poisoned".into()))?;
+            writeln!(log, "{line}")
+                .map_err(|e| Error::io("cannot append to piece log in", &self.dir, e))?;
         }
         if let Ok(mut p) = self.pieces.lock() {
             p.insert(meta.num, meta.clone());
@@ -293,10 +333,14 @@ impl TaskStore {
 
     /// Reads a held piece, re-verifying it (a store on a bad disk never serves wrong bytes).
     pub fn read_piece(&self, num: u32) -> Result<Option<Bytes>> {
-        let Some(meta) = self.piece(num) else { return Ok(None) };
+        let Some(meta) = self.piece(num) else {
+            return Ok(None);
+        };
         let mut buf = vec![0u8; meta.size as usize];
         let path = self.data_path();
-        self.data.read_exact_at(&mut buf, meta.offset).map_err(|e| Error::io("cannot read piece from", &path, e))?;
+        self.data
+            .read_exact_at(&mut buf, meta.offset)
+            .map_err(|e| Error::io("cannot read piece from", &path, e))?;
         if !meta.verify(&buf) {
             tracing::error!(piece = num, path = %path.display(), "stored piece fails its digest; dropping it");
             self.forget(num);
@@ -312,7 +356,10 @@ impl TaskStore {
 
     /// Marks the task as used now (GC orders by last use).
     pub fn touch(&self) {
-        let _ = File::options().write(true).open(self.dir.join("lock")).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+        let _ = File::options()
+            .write(true)
+            .open(self.dir.join("lock"))
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()));
     }
 }
 
@@ -349,7 +396,11 @@ mod tests {
             }
             assert_eq!(t.have(), vec![0, 1, 2]);
             // A second opener waits while the first holds the lock.
-            let pending = tokio::time::timeout(std::time::Duration::from_millis(300), store.open_task(&meta(3000))).await;
+            let pending = tokio::time::timeout(
+                std::time::Duration::from_millis(300),
+                store.open_task(&meta(3000)),
+            )
+            .await;
             assert!(pending.is_err(), "second open must wait for the lock");
         }
         // Corrupt piece 1 on disk behind the store's back.
@@ -358,7 +409,10 @@ mod tests {
         f.write_all_at(b"XXXX", 1500).expect("corrupt");
         let t = store.open_task(&meta(3000)).await.expect("reopen");
         assert_eq!(t.have(), vec![0, 2]);
-        assert_eq!(t.read_piece(0).expect("read").as_deref(), Some(&data[..1024]));
+        assert_eq!(
+            t.read_piece(0).expect("read").as_deref(),
+            Some(&data[..1024])
+        );
         assert!(t.read_piece(1).expect("read").is_none());
     }
 

@@ -45,18 +45,28 @@ impl HttpSource {
             let certs = reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|e| Error::invalid("CA file", format!("{}: {e}", path.display())))?;
             if certs.is_empty() {
-                return Err(Error::invalid("CA file", format!("{}: no PEM certificate in it", path.display())));
+                return Err(Error::invalid(
+                    "CA file",
+                    format!("{}: no PEM certificate in it", path.display()),
+                ));
             }
             for c in certs {
                 b = b.add_root_certificate(c);
             }
         }
-        let client = b.build().map_err(|e| Error::invalid("HTTP client", error_chain(&e)))?;
+        let client = b
+            .build()
+            .map_err(|e| Error::invalid("HTTP client", error_chain(&e)))?;
         Ok(Self { client })
     }
 
     /// GETs `url` with `headers`, optionally a byte range (inclusive end). Fails on non-2xx.
-    pub async fn get(&self, url: &str, headers: &[HeaderPair], range: Option<(u64, u64)>) -> Result<OriginResponse> {
+    pub async fn get(
+        &self,
+        url: &str,
+        headers: &[HeaderPair],
+        range: Option<(u64, u64)>,
+    ) -> Result<OriginResponse> {
         let mut req = self.client.get(url);
         for (k, v) in headers {
             let name = header::HeaderName::from_bytes(k.as_bytes())
@@ -74,18 +84,37 @@ impl HttpSource {
         })?;
         let status = response.status();
         if !status.is_success() {
-            return Err(Error::OriginStatus { url: url.to_owned(), status: status.as_u16() });
+            return Err(Error::OriginStatus {
+                url: url.to_owned(),
+                status: status.as_u16(),
+            });
         }
         let h = response.headers();
-        let text = |n: header::HeaderName| h.get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        let text = |n: header::HeaderName| {
+            h.get(n)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned()
+        };
         let content_length = if status == reqwest::StatusCode::PARTIAL_CONTENT {
             // Content-Range: bytes 0-0/12345
-            text(header::CONTENT_RANGE).rsplit('/').next().and_then(|t| t.parse().ok())
+            text(header::CONTENT_RANGE)
+                .rsplit('/')
+                .next()
+                .and_then(|t| t.parse().ok())
         } else {
             response.content_length()
         };
-        let probe = Probe { content_length, etag: text(header::ETAG), last_modified: text(header::LAST_MODIFIED) };
-        Ok(OriginResponse { url: url.to_owned(), probe, response })
+        let probe = Probe {
+            content_length,
+            etag: text(header::ETAG),
+            last_modified: text(header::LAST_MODIFIED),
+        };
+        Ok(OriginResponse {
+            url: url.to_owned(),
+            probe,
+            response,
+        })
     }
 
     /// Asks the origin about the content without downloading it (`Range: bytes=0-0`, which works for
@@ -119,7 +148,12 @@ impl OriginResponse {
                     }
                     Err(e) => {
                         let detail = format!("after {got} bytes: {}", error_chain(&e));
-                        let _ = tx.send(Err(Error::OriginBody { url: url.clone(), detail })).await;
+                        let _ = tx
+                            .send(Err(Error::OriginBody {
+                                url: url.clone(),
+                                detail,
+                            }))
+                            .await;
                         return;
                     }
                 }

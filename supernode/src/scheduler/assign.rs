@@ -22,7 +22,12 @@ pub struct Limits {
 
 /// Picks the next assignments for `peer_id`, updating loads and outstanding sets.
 /// `usable(parent_peer_id, host_id)` says whether a parent is allowed (not isolated host-wide).
-pub fn next(state: &mut State, peer_id: &str, limits: Limits, usable: &dyn Fn(&str) -> bool) -> Vec<(u32, String)> {
+pub fn next(
+    state: &mut State,
+    peer_id: &str,
+    limits: Limits,
+    usable: &dyn Fn(&str) -> bool,
+) -> Vec<(u32, String)> {
     let mut out = Vec::new();
     let mut rng = rand::rng();
     while let Some(me) = state.peers.get(peer_id) {
@@ -50,7 +55,11 @@ pub fn next(state: &mut State, peer_id: &str, limits: Limits, usable: &dyn Fn(&s
         };
         // Supply of a piece: usable holders plus copies already on their way to some peer.
         let supply = |n: u32| {
-            let holders = state.peers.iter().filter(|(id, p)| usable_parent(id, p, n)).count();
+            let holders = state
+                .peers
+                .iter()
+                .filter(|(id, p)| usable_parent(id, p, n))
+                .count();
             holders + state.in_flight.get(&n).copied().unwrap_or(0)
         };
         // Best (piece, peer parent): rarest piece among those a usable peer can serve now.
@@ -60,7 +69,8 @@ pub fn next(state: &mut State, peer_id: &str, limits: Limits, usable: &dyn Fn(&s
                 .peers
                 .iter()
                 .filter(|(id, p)| {
-                    usable_parent(id, p, n) && state.load.get(id.as_str()).copied().unwrap_or(0) < limits.peer_cap
+                    usable_parent(id, p, n)
+                        && state.load.get(id.as_str()).copied().unwrap_or(0) < limits.peer_cap
                 })
                 .map(|(id, _)| id.as_str())
                 .collect();
@@ -74,16 +84,32 @@ pub fn next(state: &mut State, peer_id: &str, limits: Limits, usable: &dyn Fn(&s
         }
         let sn_load = state.load.get(SUPERNODE_ID).copied().unwrap_or(0);
         let choice = if let Some((_, n, parents)) = best {
-            let min_load = parents.iter().map(|p| state.load.get(*p).copied().unwrap_or(0)).min().unwrap_or(0);
-            let least: Vec<&str> =
-                parents.into_iter().filter(|p| state.load.get(*p).copied().unwrap_or(0) == min_load).collect();
+            let min_load = parents
+                .iter()
+                .map(|p| state.load.get(*p).copied().unwrap_or(0))
+                .min()
+                .unwrap_or(0);
+            let least: Vec<&str> = parents
+                .into_iter()
+                .filter(|p| state.load.get(*p).copied().unwrap_or(0) == min_load)
+                .collect();
             least.choose(&mut rng).map(|p| (n, (*p).to_owned()))
         } else if sn_load < limits.supernode_cap {
             // The supernode sends pieces no peer has or is getting (each piece leaves it about once);
             // a second copy only when it is otherwise idle.
             let min_s = needed.iter().map(|n| supply(*n)).min().unwrap_or(0);
-            let rarest: Vec<u32> = needed.iter().copied().filter(|n| supply(*n) == min_s).collect();
-            if min_s == 0 || sn_load == 0 { rarest.choose(&mut rng).map(|n| (*n, SUPERNODE_ID.to_owned())) } else { None }
+            let rarest: Vec<u32> = needed
+                .iter()
+                .copied()
+                .filter(|n| supply(*n) == min_s)
+                .collect();
+            if min_s == 0 || sn_load == 0 {
+                rarest
+                    .choose(&mut rng)
+                    .map(|n| (*n, SUPERNODE_ID.to_owned()))
+            } else {
+                None
+            }
         } else {
             None
         };
@@ -127,12 +153,21 @@ mod tests {
     fn state_with(pieces: u32) -> std::sync::Arc<Version> {
         let v = Version::new("t".repeat(64), "http://o/x".into(), vec![]);
         v.lock().pieces = (0..pieces)
-            .map(|n| PieceMeta { num: n, offset: u64::from(n) * 4, size: 4, sha256: String::new() })
+            .map(|n| PieceMeta {
+                num: n,
+                offset: u64::from(n) * 4,
+                size: 4,
+                sha256: String::new(),
+            })
             .collect();
         v
     }
 
-    const LIMITS: Limits = Limits { window: 4, peer_cap: 2, supernode_cap: 3 };
+    const LIMITS: Limits = Limits {
+        window: 4,
+        peer_cap: 2,
+        supernode_cap: 3,
+    };
 
     #[test]
     fn supernode_serves_distinct_rare_pieces_within_its_cap() {
@@ -143,7 +178,11 @@ mod tests {
         }
         let a = next(&mut st, "a", LIMITS, &|_| true);
         let b = next(&mut st, "b", LIMITS, &|_| true);
-        assert_eq!(a.len() + b.len(), 3, "supernode cap bounds concurrent supernode uploads");
+        assert_eq!(
+            a.len() + b.len(),
+            3,
+            "supernode cap bounds concurrent supernode uploads"
+        );
         let mut pieces: Vec<u32> = a.iter().chain(&b).map(|(n, _)| *n).collect();
         pieces.sort();
         pieces.dedup();
@@ -159,7 +198,11 @@ mod tests {
         st.peers.insert("me".into(), peer(&[]));
         st.bad_parents.insert("evil".into());
         let got = next(&mut st, "me", LIMITS, &|_| true);
-        assert_eq!(got.iter().filter(|(_, p)| p == "seed1").count(), 2, "peer cap 2");
+        assert_eq!(
+            got.iter().filter(|(_, p)| p == "seed1").count(),
+            2,
+            "peer cap 2"
+        );
         // Every piece is held by a peer: the idle supernode adds one copy, no more.
         assert_eq!(got.iter().filter(|(_, p)| p == SUPERNODE_ID).count(), 1);
         assert_eq!(got.len(), 3);

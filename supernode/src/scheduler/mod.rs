@@ -57,7 +57,10 @@ type OutStream = Pin<Box<dyn Stream<Item = Result<SchedulerMessage, Status>> + S
 impl Scheduler for SchedulerService {
     type DownloadStream = OutStream;
 
-    async fn download(&self, request: Request<Streaming<PeerMessage>>) -> Result<Response<OutStream>, Status> {
+    async fn download(
+        &self,
+        request: Request<Streaming<PeerMessage>>,
+    ) -> Result<Response<OutStream>, Status> {
         let local_ip = request.local_addr().map(|a| a.ip());
         let remote = request.remote_addr();
         let inbound = request.into_inner();
@@ -71,19 +74,28 @@ impl Scheduler for SchedulerService {
 }
 
 /// Starts seeding a URL on request of the preheat API; returns its task id.
-pub async fn register_for_preheat(s: &Scheduling, req: crate::http::PreheatRequest) -> Result<String, proto::scheduler::TaskError> {
+pub async fn register_for_preheat(
+    s: &Scheduling,
+    req: crate::http::PreheatRequest,
+) -> Result<String, proto::scheduler::TaskError> {
     let filter = fetcher::task_id::parse_filter(&req.filter);
-    let task_id = fetcher::task_id::task_id(&req.url, &req.tag, &filter).map_err(|e| proto::scheduler::TaskError {
-        kind: proto::scheduler::ErrorKind::Invalid as i32,
-        http_status: 0,
-        message: e.to_string(),
+    let task_id = fetcher::task_id::task_id(&req.url, &req.tag, &filter).map_err(|e| {
+        proto::scheduler::TaskError {
+            kind: proto::scheduler::ErrorKind::Invalid as i32,
+            http_status: 0,
+            message: e.to_string(),
+        }
     })?;
     let reg = proto::scheduler::Register {
         url: req.url,
         task_id: task_id.clone(),
         tag: req.tag,
         filter,
-        headers: req.headers.into_iter().map(|(name, value)| proto::scheduler::Header { name, value }).collect(),
+        headers: req
+            .headers
+            .into_iter()
+            .map(|(name, value)| proto::scheduler::Header { name, value })
+            .collect(),
         ..Default::default()
     };
     register::join(s, &reg).await?;

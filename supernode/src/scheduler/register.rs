@@ -12,17 +12,29 @@ use crate::seed::{self, task_error};
 use crate::task::{Status, Version, fingerprint};
 
 fn invalid(message: String) -> TaskError {
-    TaskError { kind: ErrorKind::Invalid as i32, http_status: 0, message }
+    TaskError {
+        kind: ErrorKind::Invalid as i32,
+        http_status: 0,
+        message,
+    }
 }
 
 /// Validates a registration and returns the version the peer joins.
 pub async fn join(s: &Scheduling, reg: &Register) -> Result<Arc<Version>, TaskError> {
     let filter = reg.filter.clone();
-    let task_id = fetcher::task_id::task_id(&reg.url, &reg.tag, &filter).map_err(|e| invalid(e.to_string()))?;
+    let task_id = fetcher::task_id::task_id(&reg.url, &reg.tag, &filter)
+        .map_err(|e| invalid(e.to_string()))?;
     if task_id != reg.task_id {
-        return Err(invalid(format!("task id {} does not match url, tag and filter", reg.task_id)));
+        return Err(invalid(format!(
+            "task id {} does not match url, tag and filter",
+            reg.task_id
+        )));
     }
-    let headers: Vec<HeaderPair> = reg.headers.iter().map(|h| (h.name.clone(), h.value.clone())).collect();
+    let headers: Vec<HeaderPair> = reg
+        .headers
+        .iter()
+        .map(|h| (h.name.clone(), h.value.clone()))
+        .collect();
     let fp = fingerprint(&headers);
 
     // Get the current version or start one, atomically.
@@ -40,23 +52,34 @@ pub async fn join(s: &Scheduling, reg: &Register) -> Result<Arc<Version>, TaskEr
     }
     let (complete, known) = {
         let st = version.lock();
-        (matches!(st.status, Status::Complete { .. }), st.validated.contains(&fp))
+        (
+            matches!(st.status, Status::Complete { .. }),
+            st.validated.contains(&fp),
+        )
     };
     if !complete && known {
         return Ok(version);
     }
     // A finished version may be stale, and unknown credentials must be accepted by the origin
     // before this peer gets any piece: one small ranged request answers both.
-    s.metrics.source_requests.with_label_values(&["probe"]).inc();
-    let probe = s.seed.source.probe(&reg.url, &headers).await.map_err(|e| task_error(&e))?;
+    s.metrics
+        .source_requests
+        .with_label_values(&["probe"])
+        .inc();
+    let probe = s
+        .seed
+        .source
+        .probe(&reg.url, &headers)
+        .await
+        .map_err(|e| task_error(&e))?;
     let changed = {
         let mut st = version.lock();
         st.validated.insert(fp);
         st.last_validated = Instant::now();
         match &st.info {
             Some(info) => {
-                let len_changed =
-                    info.content_length >= 0 && probe.content_length.map(|l| l as i64) != Some(info.content_length);
+                let len_changed = info.content_length >= 0
+                    && probe.content_length.map(|l| l as i64) != Some(info.content_length);
                 len_changed || info.etag != probe.etag || info.last_modified != probe.last_modified
             }
             None => false,

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proto::scheduler::{
-    self as pb, ErrorKind, FailureReason, PeerMessage, SchedulerMessage, TaskError, peer_message, scheduler_message,
+    self as pb, ErrorKind, FailureReason, PeerMessage, SchedulerMessage, TaskError, peer_message,
+    scheduler_message,
 };
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
@@ -28,24 +29,50 @@ async fn send_error(tx: &Tx, e: TaskError) {
 }
 
 fn invalid(message: impl Into<String>) -> TaskError {
-    TaskError { kind: ErrorKind::Invalid as i32, http_status: 0, message: message.into() }
+    TaskError {
+        kind: ErrorKind::Invalid as i32,
+        http_status: 0,
+        message: message.into(),
+    }
 }
 
 /// Runs a session until the peer leaves, the task fails, or the supernode shuts down.
-pub async fn run(s: Arc<Scheduling>, mut inbound: Streaming<PeerMessage>, tx: Tx, local_ip: Option<IpAddr>, remote: Option<SocketAddr>) {
+pub async fn run(
+    s: Arc<Scheduling>,
+    mut inbound: Streaming<PeerMessage>,
+    tx: Tx,
+    local_ip: Option<IpAddr>,
+    remote: Option<SocketAddr>,
+) {
     let first = tokio::time::timeout(Duration::from_secs(30), inbound.message()).await;
     let reg = match first {
-        Ok(Ok(Some(PeerMessage { msg: Some(peer_message::Msg::Register(r)) }))) => r,
+        Ok(Ok(Some(PeerMessage {
+            msg: Some(peer_message::Msg::Register(r)),
+        }))) => r,
         _ => return send_error(&tx, invalid("the first message must be Register")).await,
     };
     let span = tracing::info_span!("session", task_id = %reg.task_id.get(..16).unwrap_or(""), peer = %reg.peer_id, remote = ?remote);
-    run_registered(s, inbound, tx, local_ip, reg).instrument(span).await;
+    run_registered(s, inbound, tx, local_ip, reg)
+        .instrument(span)
+        .await;
 }
 
-async fn run_registered(s: Arc<Scheduling>, mut inbound: Streaming<PeerMessage>, tx: Tx, local_ip: Option<IpAddr>, reg: pb::Register) {
+async fn run_registered(
+    s: Arc<Scheduling>,
+    mut inbound: Streaming<PeerMessage>,
+    tx: Tx,
+    local_ip: Option<IpAddr>,
+    reg: pb::Register,
+) {
     let upload: SocketAddr = match reg.upload_addr.parse() {
         Ok(a) => a,
-        Err(_) => return send_error(&tx, invalid(format!("bad upload_addr {:?}", reg.upload_addr))).await,
+        Err(_) => {
+            return send_error(
+                &tx,
+                invalid(format!("bad upload_addr {:?}", reg.upload_addr)),
+            )
+            .await;
+        }
     };
     if reg.peer_id.is_empty() || reg.host_id.is_empty() {
         return send_error(&tx, invalid("peer_id and host_id are required")).await;
@@ -84,11 +111,17 @@ async fn run_registered(s: Arc<Scheduling>, mut inbound: Streaming<PeerMessage>,
         last_modified: info.last_modified.clone(),
         supernode_id: SUPERNODE_ID.into(),
     };
-    if tx.send(out(scheduler_message::Msg::TaskInfo(task_info))).await.is_err() {
+    if tx
+        .send(out(scheduler_message::Msg::TaskInfo(task_info)))
+        .await
+        .is_err()
+    {
         return;
     }
     let have = match tokio::time::timeout(Duration::from_secs(60), inbound.message()).await {
-        Ok(Ok(Some(PeerMessage { msg: Some(peer_message::Msg::Have(h)) }))) => h.pieces,
+        Ok(Ok(Some(PeerMessage {
+            msg: Some(peer_message::Msg::Have(h)),
+        }))) => h.pieces,
         _ => return send_error(&tx, invalid("expected Have after TaskInfo")).await,
     };
     let peer_id = reg.peer_id.clone();
@@ -106,12 +139,23 @@ async fn run_registered(s: Arc<Scheduling>, mut inbound: Streaming<PeerMessage>,
     version.notify();
     tracing::info!(version = %&info.version_id[..16], "peer joined");
 
-    let sn_ip = s.cfg.advertise_ip.or(local_ip).unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let sn_ip = s
+        .cfg
+        .advertise_ip
+        .or(local_ip)
+        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
     let supernode_base = format!("http://{}", SocketAddr::new(sn_ip, s.cfg.http_port));
     let mut sent = 0usize;
     let mut done_sent = false;
     loop {
-        let (msgs, end) = step(&s, &version, &peer_id, &supernode_base, &mut sent, &mut done_sent);
+        let (msgs, end) = step(
+            &s,
+            &version,
+            &peer_id,
+            &supernode_base,
+            &mut sent,
+            &mut done_sent,
+        );
         for m in msgs {
             if tx.send(out(m)).await.is_err() {
                 return leave(&s, &version, &peer_id);
@@ -162,7 +206,11 @@ fn step(
             msgs.push(scheduler_message::Msg::Error(e.clone()));
             return (msgs, true);
         }
-        SeedStatus::Complete { content_length, piece_count, digest } if !*done_sent => {
+        SeedStatus::Complete {
+            content_length,
+            piece_count,
+            digest,
+        } if !*done_sent => {
             msgs.push(scheduler_message::Msg::Done(pb::Done {
                 content_length: *content_length,
                 piece_count: *piece_count,
@@ -177,12 +225,25 @@ fn step(
         let (base_url, is_supernode) = if parent == SUPERNODE_ID {
             (supernode_base.to_owned(), true)
         } else {
-            (st.peers.get(&parent).map(|p| p.base_url.clone()).unwrap_or_default(), false)
+            (
+                st.peers
+                    .get(&parent)
+                    .map(|p| p.base_url.clone())
+                    .unwrap_or_default(),
+                false,
+            )
         };
-        s.metrics.assignments.with_label_values(&[if is_supernode { "supernode" } else { "peer" }]).inc();
+        s.metrics
+            .assignments
+            .with_label_values(&[if is_supernode { "supernode" } else { "peer" }])
+            .inc();
         msgs.push(scheduler_message::Msg::Assign(pb::Assign {
             piece,
-            parent: Some(pb::Parent { id: parent, base_url, is_supernode }),
+            parent: Some(pb::Parent {
+                id: parent,
+                base_url,
+                is_supernode,
+            }),
         }));
     }
     (msgs, false)
@@ -191,7 +252,11 @@ fn step(
 /// Books a piece result: holdings on success; on failure, the parent's faults and isolation.
 fn on_result(s: &Scheduling, version: &Version, peer_id: &str, r: pb::PieceResult) {
     let mut st = version.lock();
-    let Some(parent) = st.peers.get_mut(peer_id).and_then(|p| p.outstanding.remove(&r.piece)) else {
+    let Some(parent) = st
+        .peers
+        .get_mut(peer_id)
+        .and_then(|p| p.outstanding.remove(&r.piece))
+    else {
         return;
     };
     assign::release(&mut st, r.piece, &parent);
@@ -201,9 +266,15 @@ fn on_result(s: &Scheduling, version: &Version, peer_id: &str, r: pb::PieceResul
         }
     } else {
         let reason = FailureReason::try_from(r.reason).unwrap_or(FailureReason::Unspecified);
-        s.metrics.piece_failures.with_label_values(&[reason.as_str_name()]).inc();
+        s.metrics
+            .piece_failures
+            .with_label_values(&[reason.as_str_name()])
+            .inc();
         tracing::warn!(piece = r.piece, parent = %parent, ?reason, detail = %r.detail, "peer reported a failed piece");
-        let parent_fault = matches!(reason, FailureReason::DigestMismatch | FailureReason::ParentUnreachable);
+        let parent_fault = matches!(
+            reason,
+            FailureReason::DigestMismatch | FailureReason::ParentUnreachable
+        );
         if parent != SUPERNODE_ID && reason != FailureReason::Local {
             if let Some(p) = st.peers.get_mut(peer_id) {
                 p.failed_parents.insert(parent.clone());

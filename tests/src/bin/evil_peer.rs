@@ -45,7 +45,13 @@ async fn main() -> anyhow::Result<()> {
         ..PeerConfig::default()
     };
     let shutdown = Shutdown::new();
-    let peer = Peer::start_with(cfg, fetcher::metrics::PeerMetrics::new(), shutdown.clone(), |s| Arc::new(Corrupting(s))).await?;
+    let peer = Peer::start_with(
+        cfg,
+        fetcher::metrics::PeerMetrics::new(),
+        shutdown.clone(),
+        |s| Arc::new(Corrupting(s)),
+    )
+    .await?;
     let req = DownloadRequest {
         url: a.url,
         output: a.output,

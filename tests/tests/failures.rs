@@ -1,0 +1,186 @@
+//! What goes wrong at the origin reaches the user as one clear line, a non-zero exit, and no file.
+
+use damselfly_tests::harness::{Env, free_port, random_file, run, sha256_file};
+
+fn error_line(output: &str) -> String {
+    output
+        .lines()
+        .find(|l| l.starts_with("dfget: error:"))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_failures_give_clear_errors_and_no_file() {
+    let env = Env::new("origin-errors");
+    let (_origin, origin_url) = env.origin(&[]).await;
+    random_file(&env.path("www/f"), 3 << 20);
+    let (_sn, grpc, _) = env.supernode("sn", &[]).await;
+    let refused = format!("http://127.0.0.1:{}/files/f", free_port());
+    let cases: Vec<(String, &str)> = vec![
+        (format!("{origin_url}/status/401/f"), "HTTP 401"),
+        (format!("{origin_url}/status/403/f"), "HTTP 403"),
+        (format!("{origin_url}/status/404/f"), "HTTP 404"),
+        (format!("{origin_url}/status/500/f"), "HTTP 500"),
+        (refused, "unreachable"),
+        (format!("{origin_url}/short/f"), "broken body"),
+    ];
+    for (i, (url, cause)) in cases.iter().enumerate() {
+        let out = env.path(&format!("out{i}"));
+        let args = env.dfget_args("peer", url, &out, &grpc, &["--back-source", "never"]);
+        let mut p = env.spawn(&format!("dfget{i}"), "dfget", &args);
+        let (code, output) = run(&mut p).await;
+        let line = error_line(&output);
+        assert_eq!(code, 4, "{url}: expected exit 4, got {code}: {output}");
+        assert!(
+            line.contains(cause),
+            "{url}: error line {line:?} does not name {cause:?}"
+        );
+        assert!(
+            line.contains(url.as_str()),
+            "{url}: error line {line:?} does not name the URL"
+        );
+        assert!(
+            !out.exists(),
+            "{url}: {} exists after a failure",
+            out.display()
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(env.dir.path())
+            .expect("ls")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_header_reaches_the_origin_and_is_checked_per_peer() {
+    let env = Env::new("auth");
+    let (_origin, origin_url) = env.origin(&["--bearer", "s3cret"]).await;
+    let want = random_file(&env.path("www/private"), 5 << 20);
+    let (_sn, grpc, _) = env.supernode("sn", &[]).await;
+    let url = format!("{origin_url}/auth/private");
+
+    let out = env.path("with-token");
+    let args = env.dfget_args(
+        "p1",
+        &url,
+        &out,
+        &grpc,
+        &["-H", "Authorization: Bearer s3cret"],
+    );
+    let (code, output) = run(&mut env.spawn("dfget-ok", "dfget", &args)).await;
+    assert_eq!(code, 0, "{output}");
+    assert_eq!(sha256_file(&out), want);
+
+    // The supernode now holds the content; a peer without the token must still be refused.
+    let out = env.path("without-token");
+    let args = env.dfget_args("p2", &url, &out, &grpc, &[]);
+    let (code, output) = run(&mut env.spawn("dfget-denied", "dfget", &args)).await;
+    assert_eq!(code, 4, "{output}");
+    assert!(error_line(&output).contains("HTTP 401"), "{output}");
+    assert!(!out.exists());
+
+    let out = env.path("wrong-token");
+    let args = env.dfget_args(
+        "p3",
+        &url,
+        &out,
+        &grpc,
+        &["-H", "Authorization: Bearer guess"],
+    );
+    let (code, output) = run(&mut env.spawn("dfget-wrong", "dfget", &args)).await;
+    assert_eq!(code, 4, "{output}");
+    assert!(!out.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_origin_content_is_a_new_version_never_a_mix() {
+    let env = Env::new("change");
+    let (_origin, origin_url) = env.origin(&[]).await;
+    let first = random_file(&env.path("www/f"), 9 << 20);
+    let (_sn, grpc, _) = env.supernode("sn", &[]).await;
+    let url = format!("{origin_url}/files/f");
+    let out1 = env.path("out1");
+    let args = env.dfget_args("peer", &url, &out1, &grpc, &[]);
+    let (code, output) = run(&mut env.spawn("dfget1", "dfget", &args)).await;
+    assert_eq!(code, 0, "{output}");
+    assert_eq!(sha256_file(&out1), first);
+
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let second = random_file(&env.path("www/f"), 9 << 20);
+    assert_ne!(first, second);
+    let out2 = env.path("out2");
+    // Same peer store and same supernode: both hold pieces of the old version.
+    let args = env.dfget_args("peer", &url, &out2, &grpc, &[]);
+    let (code, output) = run(&mut env.spawn("dfget2", "dfget", &args)).await;
+    assert_eq!(code, 0, "{output}");
+    assert_eq!(
+        sha256_file(&out2),
+        second,
+        "second download must be the new content"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_space_is_refused_before_downloading() {
+    let env = Env::new("nospace");
+    if !damselfly_tests::harness::is_root() {
+        eprintln!("SKIP no_space_is_refused_before_downloading: mounting a tmpfs needs root");
+        return;
+    }
+    let small = env.path("small");
+    std::fs::create_dir_all(&small).expect("mkdir");
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=10m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .expect("mount");
+    assert!(st.success(), "mount tmpfs failed");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(small.clone());
+    let (_origin, origin_url) = env.origin(&[]).await;
+    random_file(&env.path("www/f"), 50 << 20);
+    let (_sn, grpc, _) = env.supernode("sn", &[]).await;
+    let out = small.join("out");
+    let args = env.dfget_args("peer", &format!("{origin_url}/files/f"), &out, &grpc, &[]);
+    let (code, output) = run(&mut env.spawn("dfget", "dfget", &args)).await;
+    assert_eq!(code, 5, "{output}");
+    assert!(
+        error_line(&output).contains("not enough disk space"),
+        "{output}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&small).expect("ls").count(),
+        0,
+        "nothing may be left on the small disk"
+    );
+    let peer_bytes: u64 = walk_size(&env.path("peer"));
+    assert!(
+        peer_bytes < 1 << 20,
+        "{peer_bytes} bytes downloaded into the store despite the refusal"
+    );
+}
+
+fn walk_size(p: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(rd) = std::fs::read_dir(p) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| {
+            let m = e.metadata().expect("meta");
+            if m.is_dir() {
+                walk_size(&e.path())
+            } else {
+                m.blocks() * 512
+            }
+        })
+        .sum()
+}
