@@ -224,20 +224,27 @@ async fn run_inner(args: Args) -> Result<()> {
     task_id::task_id(&req.url, &req.tag, &req.filter)?;
     let bar = progress_bar(args.quiet);
     let started = Instant::now();
-    let agent_socket = if args.no_agent {
+    // An agent named with --agent must work; the default/configured one is used when it exists and
+    // answers (a non-root user without access to it gets an embedded peer instead).
+    let explicit_agent = args.agent.clone();
+    let default_agent = if args.no_agent || explicit_agent.is_some() {
         None
     } else {
-        match &args.agent {
-            Some(s) => Some(s.clone()),
-            None => cfg
-                .agent_socket
-                .clone()
-                .or_else(|| Some(PathBuf::from(DEFAULT_AGENT_SOCKET)))
-                .filter(|p| p.exists()),
-        }
+        cfg.agent_socket.clone().or_else(|| Some(PathBuf::from(DEFAULT_AGENT_SOCKET))).filter(|p| p.exists())
     };
-    let summary = match agent_socket {
-        Some(sock) => via_agent(&sock, &req, &bar).await?,
+    let via = match (&explicit_agent, &default_agent) {
+        (Some(sock), _) => Some(via_agent(sock, &req, &bar).await?),
+        (None, Some(sock)) => match agent::connect(sock).await {
+            Ok(_) => Some(via_agent(sock, &req, &bar).await?),
+            Err(e) => {
+                tracing::warn!(error = %e, "host agent not usable; running an embedded peer");
+                None
+            }
+        },
+        (None, None) => None,
+    };
+    let summary = match via {
+        Some(s) => s,
         None => {
             let peer_cfg = PeerConfig {
                 supernodes,
