@@ -149,7 +149,8 @@ mod tests {
 
     #[test]
     fn sample_config_parses_and_typos_fail_with_the_key_name() {
-        let c: Config = toml::from_str(include_str!("../../packaging/supernode.toml")).expect("supernode.toml");
+        let c: Config =
+            toml::from_str(include_str!("../../packaging/supernode.toml")).expect("supernode.toml");
         assert_eq!(c.grpc_addr, Config::default().grpc_addr);
         let err = toml::from_str::<Config>("cache_sise = \"1GiB\"").expect_err("typo");
         assert!(err.to_string().contains("cache_sise"), "{err}");

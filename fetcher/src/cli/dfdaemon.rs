@@ -213,14 +213,16 @@ mod tests {
 
     #[test]
     fn sample_configs_parse_and_typos_fail_with_the_key_name() {
-        let d: DaemonConfig = toml::from_str(include_str!("../../../packaging/dfdaemon.toml")).expect("dfdaemon.toml");
+        let d: DaemonConfig = toml::from_str(include_str!("../../../packaging/dfdaemon.toml"))
+            .expect("dfdaemon.toml");
         assert_eq!(d.upload_addr, DaemonConfig::default().upload_addr);
         let g: super::super::dfget::DfgetConfig =
             toml::from_str(include_str!("../../../packaging/dfget.toml")).expect("dfget.toml");
         assert_eq!(g.back_source, Some(crate::download::BackSource::Auto));
         let err = toml::from_str::<DaemonConfig>("uplod_rate = \"1MiB\"").expect_err("typo");
         assert!(err.to_string().contains("uplod_rate"), "{err}");
-        let err = toml::from_str::<DaemonConfig>("upload_addr = \"nowhere\"").expect_err("bad value");
+        let err =
+            toml::from_str::<DaemonConfig>("upload_addr = \"nowhere\"").expect_err("bad value");
         assert!(err.to_string().contains("upload_addr"), "{err}");
     }
 }

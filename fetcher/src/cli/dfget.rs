@@ -230,7 +230,10 @@ async fn run_inner(args: Args) -> Result<()> {
     let default_agent = if args.no_agent || explicit_agent.is_some() {
         None
     } else {
-        cfg.agent_socket.clone().or_else(|| Some(PathBuf::from(DEFAULT_AGENT_SOCKET))).filter(|p| p.exists())
+        cfg.agent_socket
+            .clone()
+            .or_else(|| Some(PathBuf::from(DEFAULT_AGENT_SOCKET)))
+            .filter(|p| p.exists())
     };
     let via = match (&explicit_agent, &default_agent) {
         (Some(sock), _) => Some(via_agent(sock, &req, &bar).await?),

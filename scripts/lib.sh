@@ -1,0 +1,38 @@
+# Shared by scripts/demo.sh and tests/bench/*.sh: build, install missing Debian tools, start the
+# test origin and a supernode on loopback with ephemeral ports.
+
+need_tools() {
+  local missing=()
+  for t in "$@"; do command -v "$t" >/dev/null || missing+=("$t"); done
+  [ "${#missing[@]}" -eq 0 ] && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+  else
+    echo "missing tools: ${missing[*]} (install them, or run as root)" >&2
+    return 1
+  fi
+}
+
+# start_origin DIR [ARGS...]: sets ORIGIN (host:port); logs in $WORK/origin.log
+start_origin() {
+  local dir=$1; shift
+  "$BIN/damselfly-origin" --dir "$dir" "$@" > "$WORK/origin.addr" 2> "$WORK/origin.log" &
+  for _ in $(seq 100); do grep -q listening "$WORK/origin.addr" 2>/dev/null && break; sleep 0.1; done
+  ORIGIN=$(sed -n 's/^listening on //p' "$WORK/origin.addr")
+  [ -n "$ORIGIN" ] || { echo "origin did not start" >&2; cat "$WORK/origin.log" >&2; return 1; }
+}
+
+# start_supernode [ARGS...]: sets GRPC and HTTP (host:port); logs in $WORK/supernode.log
+start_supernode() {
+  "$BIN/supernode" --grpc-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 --data-dir "$WORK/supernode" "$@" \
+    2> "$WORK/supernode.log" &
+  for _ in $(seq 100); do grep -q "supernode ready" "$WORK/supernode.log" 2>/dev/null && break; sleep 0.1; done
+  GRPC=$(sed -n 's/.*grpc_addr=\([0-9.:]*\).*/\1/p' "$WORK/supernode.log" | head -1)
+  HTTP=$(sed -n 's/.*http_addr=\([0-9.:]*\).*/\1/p' "$WORK/supernode.log" | head -1)
+  [ -n "$GRPC" ] || { echo "supernode did not start" >&2; cat "$WORK/supernode.log" >&2; return 1; }
+}
+
+origin_bytes() { curl -s "http://$ORIGIN/_stats" | sed 's/.*"bytes": \([0-9]*\).*/\1/'; }
+
+now() { date +%s.%N; }
+calc() { awk "BEGIN { printf \"$1\", $2 }"; }
