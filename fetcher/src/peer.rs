@@ -111,6 +111,7 @@ pub(crate) struct PeerInner {
     pub(crate) metrics: PeerMetrics,
     pub(crate) upload_addr: SocketAddr,
     pub(crate) shutdown: Shutdown,
+    upload_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Peer {
@@ -141,7 +142,7 @@ impl Peer {
             &metrics,
         );
         let router = upload::router(wrap(open.clone()), upload_cfg);
-        let bound = upload::serve(bind, router, shutdown.clone())
+        let (bound, upload_task) = upload::serve(bind, router, shutdown.clone())
             .await
             .map_err(|e| Error::io("cannot bind upload server on", bind.to_string(), e))?;
         let advertised_ip = if bound.ip().is_unspecified() {
@@ -178,8 +179,24 @@ impl Peer {
                 metrics,
                 upload_addr,
                 shutdown,
+                upload_task: Mutex::new(Some(upload_task)),
             }),
         })
+    }
+
+    /// Stops the peer: no new uploads are accepted, and uploads in flight get up to `grace` to finish
+    /// (parents that vanish mid-piece cost their children a retry).
+    pub async fn close(&self, grace: Duration) {
+        self.inner.shutdown.trigger();
+        let task = self
+            .inner
+            .upload_task
+            .lock()
+            .ok()
+            .and_then(|mut t| t.take());
+        if let Some(t) = task {
+            let _ = tokio::time::timeout(grace, t).await;
+        }
     }
 
     /// The advertised address of the upload server.

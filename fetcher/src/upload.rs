@@ -54,15 +54,16 @@ pub fn router(source: Arc<dyn PieceSource>, cfg: UploadConfig) -> Router {
         .with_state(state)
 }
 
-/// Binds `addr` and serves `router` until `shutdown`. Returns the bound address.
+/// Binds `addr` and serves `router` until `shutdown`; in-flight responses then finish. Returns the
+/// bound address and the server task (which ends once the last response is sent).
 pub async fn serve(
     addr: SocketAddr,
     router: Router,
     shutdown: Shutdown,
-) -> std::io::Result<SocketAddr> {
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let r = axum::serve(listener, router)
             .with_graceful_shutdown(async move { shutdown.wait().await })
             .await;
@@ -70,7 +71,7 @@ pub async fn serve(
             tracing::error!(error = %e, "HTTP server failed");
         }
     });
-    Ok(local)
+    Ok((local, task))
 }
 
 /// Metrics snapshot helper for a `PeerMetrics`.

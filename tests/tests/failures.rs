@@ -184,3 +184,87 @@ fn walk_size(p: &std::path::Path) -> u64 {
         })
         .sum()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_are_followed_and_wrong_digests_refused() {
+    let env = Env::new("redirect-digest");
+    let (_origin, origin_url) = env.origin(&[]).await;
+    let want = random_file(&env.path("www/f"), 5 << 20);
+    let (_sn, grpc, _) = env.supernode("sn", &[]).await;
+
+    let out = env.path("redirected");
+    let url = format!("{origin_url}/redirect/f");
+    let args = env.dfget_args(
+        "p1",
+        &url,
+        &out,
+        &grpc,
+        &["--digest", &format!("sha256:{want}")],
+    );
+    let (code, output) = run(&mut env.spawn("dfget-redirect", "dfget", &args)).await;
+    assert_eq!(code, 0, "{output}");
+    assert_eq!(sha256_file(&out), want);
+
+    let out = env.path("wrong-digest");
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let args = env.dfget_args(
+        "p2",
+        &format!("{origin_url}/files/f"),
+        &out,
+        &grpc,
+        &["--digest", &wrong],
+    );
+    let (code, output) = run(&mut env.spawn("dfget-digest", "dfget", &args)).await;
+    assert_eq!(code, 6, "{output}");
+    assert!(error_line(&output).contains("digest mismatch"), "{output}");
+    assert!(!out.exists());
+
+    let args = env.dfget_args(
+        "p3",
+        &format!("{origin_url}/files/f"),
+        &out,
+        &grpc,
+        &["--digest", "md5:abc"],
+    );
+    let (code, output) = run(&mut env.spawn("dfget-bad-digest", "dfget", &args)).await;
+    assert_eq!(code, 2, "{output}");
+    assert!(error_line(&output).contains("invalid digest"), "{output}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supernode_cache_is_bounded_by_lru_eviction() {
+    let env = Env::new("cache");
+    let (_origin, origin_url) = env.origin(&[]).await;
+    for name in ["a", "b", "c"] {
+        random_file(&env.path(&format!("www/{name}")), 6 << 20);
+    }
+    let (_sn, grpc, http) = env.supernode("sn", &["--cache-size", "10MiB"]).await;
+    for name in ["a", "b", "c"] {
+        let out = env.path(&format!("{name}.out"));
+        let args = env.dfget_args(
+            &format!("p-{name}"),
+            &format!("{origin_url}/files/{name}"),
+            &out,
+            &grpc,
+            &[],
+        );
+        let (code, output) = run(&mut env.spawn(&format!("dfget-{name}"), "dfget", &args)).await;
+        assert_eq!(code, 0, "{output}");
+    }
+    // Eviction runs every few seconds.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let m = damselfly_tests::harness::get_text(&format!("{http}/metrics")).await;
+        let evicted =
+            damselfly_tests::harness::metric(&m, "damselfly_supernode_evictions_total", "");
+        let usage = walk_size(&env.path("sn"));
+        if evicted >= 1.0 && usage <= 10 << 20 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cache not bounded: {usage} bytes on disk, {evicted} evictions"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}

@@ -185,7 +185,7 @@ async fn run_inner(args: Args) -> Result<()> {
     let router = Router::new()
         .route("/metrics", get(move || std::future::ready(m.render())))
         .route("/healthz", get(|| std::future::ready("ok")));
-    let maddr = upload::serve(c.metrics_addr, router, shutdown.clone())
+    let (maddr, _) = upload::serve(c.metrics_addr, router, shutdown.clone())
         .await
         .map_err(|e| Error::io("cannot bind metrics on", c.metrics_addr.to_string(), e))?;
     tracing::info!(upload = %peer.upload_addr(), metrics = %maddr, socket = %c.agent_socket.display(), "dfdaemon ready");
@@ -203,6 +203,7 @@ async fn run_inner(args: Args) -> Result<()> {
     });
     shutdown.wait().await;
     let _ = tokio::time::timeout(Duration::from_secs(10), api).await;
+    peer.close(Duration::from_secs(10)).await;
     tracing::info!("dfdaemon stopped");
     Ok(())
 }

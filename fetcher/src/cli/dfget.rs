@@ -343,7 +343,8 @@ async fn embedded(
             Ok(()) = rx.changed() => show(bar, &rx.borrow_and_update()),
         }
     };
-    shutdown.trigger();
+    // The scheduler stream is closed by now (no new children); let uploads in flight finish.
+    peer.close(Duration::from_secs(5)).await;
     result
 }
 

@@ -202,6 +202,7 @@ impl Download<'_> {
         let m = &self.peer.inner.metrics;
         match &o.result {
             Ok(bytes) => {
+                tracing::debug!(piece = o.piece, parent = %o.parent_id, bytes, cost_ms = o.cost.as_millis() as u64, "piece done");
                 let from = if o.from_supernode {
                     "supernode"
                 } else {

@@ -7,7 +7,7 @@
 
 use rand::seq::IndexedRandom;
 
-use crate::task::{PeerState, State};
+use crate::task::{PeerState, State, Status};
 
 /// The supernode's parent id.
 pub const SUPERNODE_ID: &str = "supernode";
@@ -96,14 +96,16 @@ pub fn next(
             least.choose(&mut rng).map(|p| (n, (*p).to_owned()))
         } else if sn_load < limits.supernode_cap {
             // The supernode sends pieces no peer has or is getting (each piece leaves it about once);
-            // a second copy only when it is otherwise idle.
+            // a second copy only when it is otherwise idle after seeding.
             let min_s = needed.iter().map(|n| supply(*n)).min().unwrap_or(0);
             let rarest: Vec<u32> = needed
                 .iter()
                 .copied()
                 .filter(|n| supply(*n) == min_s)
                 .collect();
-            if min_s == 0 || sn_load == 0 {
+            // While seeding, the supernode's uplink belongs to pieces nobody has yet.
+            let seeded = matches!(state.status, Status::Complete { .. });
+            if min_s == 0 || (sn_load == 0 && seeded) {
                 rarest
                     .choose(&mut rng)
                     .map(|n| (*n, SUPERNODE_ID.to_owned()))
@@ -203,11 +205,19 @@ mod tests {
             2,
             "peer cap 2"
         );
-        // Every piece is held by a peer: the idle supernode adds one copy, no more.
-        assert_eq!(got.iter().filter(|(_, p)| p == SUPERNODE_ID).count(), 1);
-        assert_eq!(got.len(), 3);
+        // Every piece is held by a peer: while seeding, the supernode sends no second copy.
+        assert_eq!(got.len(), 2);
         assert!(got.iter().all(|(_, p)| p != "evil"));
-        for (n, p) in &got {
+        // Once seeded, the idle supernode adds one copy, no more.
+        st.status = Status::Complete {
+            content_length: 16,
+            piece_count: 4,
+            digest: String::new(),
+        };
+        let more = next(&mut st, "me", LIMITS, &|_| true);
+        assert_eq!(more.len(), 1);
+        assert_eq!(more[0].1, SUPERNODE_ID);
+        for (n, p) in got.iter().chain(&more) {
             release(&mut st, *n, p);
         }
         assert!(st.load.values().all(|l| *l == 0));
