@@ -2,9 +2,11 @@
 //! (copy from the store while hashing, verify, fsync, rename) so the path holds the whole verified
 //! content or nothing.
 
-use std::io::{Read, Write};
-use std::os::unix::fs::MetadataExt;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
@@ -67,72 +69,158 @@ pub fn preflight(output: &Path, store_root: &Path, content_length: u64, held: u6
     Ok(())
 }
 
-/// Copies `len` bytes of `data_path` to `output` atomically, verifying the whole against
-/// `expected_hex` when given. Returns the content's `sha256:<hex>`.
-pub fn deliver(
-    data_path: &Path,
-    len: u64,
-    output: &Path,
-    expected_hex: Option<&str>,
-) -> Result<String> {
-    let dir = output_dir(output)?;
-    let name = output
+/// The destination being written, piece by piece as pieces land, while the downloader hashes its
+/// contiguous prefix. It is an unnamed file in the destination's directory (`O_TMPFILE`: a crash
+/// leaves nothing behind) linked into place by [`Output::commit`] only once whole, verified and
+/// synced; on filesystems without `O_TMPFILE`, a hidden temporary name removed on failure.
+pub struct Output {
+    dest: PathBuf,
+    dir: PathBuf,
+    file: Arc<File>,
+    named: Option<PathBuf>,
+    hasher: Sha256,
+    hashed: u64,
+    committed: bool,
+}
+
+/// A cloneable handle for writing pieces into an [`Output`] from other tasks.
+#[derive(Clone)]
+pub struct OutputWriter(Arc<File>);
+
+impl OutputWriter {
+    /// Writes `data` at `offset`.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.0.write_all_at(data, offset)
+    }
+}
+
+fn temp_name(dir: &Path, dest: &Path) -> PathBuf {
+    let name = dest
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "out".into());
-    let tmp = dir.join(format!(
+    dir.join(format!(
         ".{name}.damselfly-{}-{:08x}.tmp",
         std::process::id(),
         rand::random::<u32>()
-    ));
-    let result = copy_verify(data_path, len, &tmp, expected_hex).and_then(|digest| {
-        std::fs::rename(&tmp, output).map_err(|e| Error::io("cannot rename into", output, e))?;
-        if let Ok(d) = std::fs::File::open(&dir) {
-            let _ = d.sync_all();
-        }
-        Ok(digest)
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    ))
 }
 
-fn copy_verify(src: &Path, len: u64, tmp: &Path, expected_hex: Option<&str>) -> Result<String> {
-    let mut input = std::fs::File::open(src)
-        .map_err(|e| Error::io("cannot open", src, e))?
-        .take(len);
-    let mut out = std::fs::File::create(tmp).map_err(|e| Error::io("cannot create", tmp, e))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut copied = 0u64;
-    loop {
-        let n = input
-            .read(&mut buf)
-            .map_err(|e| Error::io("cannot read", src, e))?;
-        if n == 0 {
-            break;
+impl Output {
+    /// Starts writing `dest` (whose directory must exist).
+    pub fn create(dest: &Path) -> Result<Self> {
+        let dir = output_dir(dest)?;
+        let unnamed = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .mode(0o644)
+            .custom_flags(libc::O_TMPFILE)
+            .open(&dir);
+        let (file, named) = match unnamed {
+            Ok(f) => (f, None),
+            Err(_) => {
+                let tmp = temp_name(&dir, dest);
+                let f = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o644)
+                    .open(&tmp)
+                    .map_err(|e| Error::io("cannot create", &tmp, e))?;
+                (f, Some(tmp))
+            }
+        };
+        Ok(Self {
+            dest: dest.to_path_buf(),
+            dir,
+            file: Arc::new(file),
+            named,
+            hasher: Sha256::new(),
+            hashed: 0,
+            committed: false,
+        })
+    }
+
+    /// A handle for writing pieces.
+    pub fn writer(&self) -> OutputWriter {
+        OutputWriter(self.file.clone())
+    }
+
+    /// Hashes the bytes from where hashing stopped up to `upto`, which must be fully written.
+    pub fn hash_upto(&mut self, upto: u64) -> Result<()> {
+        let mut buf = vec![0u8; 1 << 20];
+        while self.hashed < upto {
+            let n = ((upto - self.hashed) as usize).min(buf.len());
+            self.file
+                .read_exact_at(&mut buf[..n], self.hashed)
+                .map_err(|e| Error::io("cannot read back", &self.dest, e))?;
+            self.hasher.update(&buf[..n]);
+            self.hashed += n as u64;
         }
-        hasher.update(&buf[..n]);
-        out.write_all(&buf[..n])
-            .map_err(|e| Error::io("cannot write", tmp, e))?;
-        copied += n as u64;
+        Ok(())
     }
-    if copied != len {
-        return Err(Error::Download(format!(
-            "store holds {copied} of {len} bytes"
-        )));
+
+    /// Finishes: checks the length, verifies the whole against `expected_hex` when given, syncs, and
+    /// puts the file at its destination. Returns the content's `sha256:<hex>`.
+    pub fn commit(mut self, len: u64, expected_hex: Option<&str>) -> Result<String> {
+        let size = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io("cannot stat", &self.dest, e))?
+            .len();
+        if size != len {
+            return Err(Error::Download(format!(
+                "output holds {size} of {len} bytes"
+            )));
+        }
+        self.hash_upto(len)?;
+        let actual = hex::encode(std::mem::take(&mut self.hasher).finalize());
+        if let Some(exp) = expected_hex.filter(|e| *e != actual) {
+            return Err(Error::DigestMismatch {
+                expected: format!("sha256:{exp}"),
+                actual: format!("sha256:{actual}"),
+            });
+        }
+        self.file
+            .sync_all()
+            .map_err(|e| Error::io("cannot sync", &self.dest, e))?;
+        let named = match self.named.take() {
+            Some(n) => n,
+            None => {
+                // Give the unnamed file a temporary name, then move it over the destination.
+                let tmp = temp_name(&self.dir, &self.dest);
+                let fd_path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+                rustix::fs::linkat(
+                    rustix::fs::CWD,
+                    fd_path.as_str(),
+                    rustix::fs::CWD,
+                    &tmp,
+                    rustix::fs::AtFlags::SYMLINK_FOLLOW,
+                )
+                .map_err(|e| Error::io("cannot link output as", &tmp, e.into()))?;
+                tmp
+            }
+        };
+        if let Err(e) = std::fs::rename(&named, &self.dest) {
+            let _ = std::fs::remove_file(&named);
+            return Err(Error::io("cannot rename into", &self.dest, e));
+        }
+        if let Ok(d) = File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
+        self.committed = true;
+        Ok(format!("sha256:{actual}"))
     }
-    let actual = hex::encode(hasher.finalize());
-    if let Some(exp) = expected_hex.filter(|e| *e != actual) {
-        return Err(Error::DigestMismatch {
-            expected: format!("sha256:{exp}"),
-            actual: format!("sha256:{actual}"),
-        });
+}
+
+impl Drop for Output {
+    fn drop(&mut self) {
+        if !self.committed
+            && let Some(n) = &self.named
+        {
+            let _ = std::fs::remove_file(n);
+        }
     }
-    out.sync_all()
-        .map_err(|e| Error::io("cannot sync", tmp, e))?;
-    Ok(format!("sha256:{actual}"))
 }
 
 #[cfg(test)]
@@ -140,24 +228,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn delivers_whole_or_nothing() {
+    fn output_appears_whole_and_verified_or_not_at_all() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let src = dir.path().join("data");
-        std::fs::write(&src, b"hello world").expect("write");
-        let out = dir.path().join("out");
+        let dest = dir.path().join("out");
         let good = crate::piece::sha256_hex(b"hello world");
-        assert!(deliver(&src, 11, &out, Some(&"0".repeat(64))).is_err());
-        assert!(!out.exists());
+        // Pieces land out of order; hashing follows the contiguous prefix.
+        let mut out = Output::create(&dest).expect("create");
+        out.writer().write_at(6, b"world").expect("write");
+        out.writer().write_at(0, b"hello ").expect("write");
+        out.hash_upto(6).expect("hash");
+        assert!(!dest.exists(), "nothing at the destination before commit");
         assert_eq!(
-            std::fs::read_dir(dir.path()).expect("ls").count(),
-            1,
-            "no temp file left"
-        );
-        assert_eq!(
-            deliver(&src, 11, &out, Some(&good)).expect("ok"),
+            out.commit(11, Some(&good)).expect("commit"),
             format!("sha256:{good}")
         );
-        assert_eq!(std::fs::read(&out).expect("read"), b"hello world");
+        assert_eq!(std::fs::read(&dest).expect("read"), b"hello world");
+
+        let bad = dir.path().join("bad");
+        let out = Output::create(&bad).expect("create");
+        out.writer().write_at(0, b"hello world").expect("write");
+        let err = out.commit(11, Some(&"0".repeat(64))).expect_err("mismatch");
+        assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
+        let short = Output::create(&bad).expect("create");
+        short.writer().write_at(0, b"hello").expect("write");
+        assert!(short.commit(11, None).is_err());
+        assert!(!bad.exists());
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("ls")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(
+            names,
+            vec![std::ffi::OsString::from("out")],
+            "no temporary file left"
+        );
     }
 
     #[test]

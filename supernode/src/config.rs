@@ -83,7 +83,7 @@ impl Default for Config {
             upload_rate: "0".into(),
             piece_size: "4MiB".into(),
             peer_window: 4,
-            peer_upload_slots: 4,
+            peer_upload_slots: 2,
             supernode_upload_slots: 8,
             fault_threshold: 3,
             fault_window: "60s".into(),
@@ -151,7 +151,13 @@ mod tests {
     fn sample_config_parses_and_typos_fail_with_the_key_name() {
         let c: Config =
             toml::from_str(include_str!("../../packaging/supernode.toml")).expect("supernode.toml");
-        assert_eq!(c.grpc_addr, Config::default().grpc_addr);
+        let d = Config::default();
+        assert_eq!(c.grpc_addr, d.grpc_addr);
+        assert_eq!(
+            (c.peer_window, c.peer_upload_slots, c.supernode_upload_slots),
+            (d.peer_window, d.peer_upload_slots, d.supernode_upload_slots),
+            "the sample must show the defaults"
+        );
         let err = toml::from_str::<Config>("cache_sise = \"1GiB\"").expect_err("typo");
         assert!(err.to_string().contains("cache_sise"), "{err}");
     }

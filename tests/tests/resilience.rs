@@ -41,6 +41,15 @@ async fn killed_peer_resumes_and_others_finish() {
         !env.path("victim.out").exists(),
         "a killed download must leave no output"
     );
+    let leftovers: Vec<_> = std::fs::read_dir(env.dir.path())
+        .expect("ls")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".victim.out"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "a killed download left temporary files: {leftovers:?}"
+    );
     for (out, p) in &mut others {
         let (code, output) = run(p).await;
         assert_eq!(code, 0, "survivor failed: {output}");

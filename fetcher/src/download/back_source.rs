@@ -34,9 +34,16 @@ impl Download<'_> {
         let mut cutter = PieceCutter::new(piece_size);
         let mut body = std::pin::pin!(resp.into_stream());
         let counter = inner.metrics.download_bytes.with_label_values(&["origin"]);
+        let out = self
+            .output
+            .as_ref()
+            .map(|o| o.writer())
+            .ok_or_else(|| Error::Download("no output file".into()))?;
         let mut write = |pieces: Vec<(crate::piece::PieceMeta, bytes::Bytes)>| -> Result<()> {
             for (m, data) in pieces {
                 if store.piece(m.num).is_none() {
+                    out.write_at(m.offset, &data)
+                        .map_err(|e| Error::io("cannot write output", &self.req.output, e))?;
                     store.write_piece(&m, &data)?;
                     self.progress.completed += u64::from(m.size);
                 }

@@ -14,12 +14,13 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::error::{Error, Result};
+use crate::output::{self, Output};
 use crate::peer::Peer;
 use crate::piece::PieceMeta;
 use crate::piece_store::{TaskMeta, TaskStore};
 use crate::rate::RateLimiter;
 use crate::source::HeaderPair;
-use crate::{output, rendezvous, task_id};
+use crate::{rendezvous, task_id};
 
 /// Whether a peer may go to the origin itself when no supernode is reachable.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
@@ -84,6 +85,8 @@ pub(crate) struct Download<'a> {
     pub(crate) progress_tx: &'a watch::Sender<Progress>,
     pub(crate) task_limit: RateLimiter,
     pub(crate) verify_failures: u64,
+    /// The destination, written as pieces land.
+    pub(crate) output: Option<Output>,
     _busy: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
@@ -143,6 +146,7 @@ impl Peer {
             progress_tx,
             task_limit: RateLimiter::new(req.limit_rate),
             verify_failures: 0,
+            output: None,
             _busy: None,
         };
         let order: Vec<String> = rendezvous::order(&d.task_id, &self.inner.cfg.supernodes)
@@ -187,12 +191,13 @@ impl Peer {
             (None, Some(seed)) => task_id::parse_digest(seed).ok(),
             (None, None) => None,
         };
-        let (data, out) = (store.data_path(), req.output.clone());
-        let digest = tokio::task::spawn_blocking(move || {
-            output::deliver(&data, len, &out, expected.as_deref())
-        })
-        .await
-        .map_err(|e| Error::Download(format!("delivery task failed: {e}")))??;
+        let out = d
+            .output
+            .take()
+            .ok_or_else(|| Error::Download("no output file".into()))?;
+        let digest = tokio::task::spawn_blocking(move || out.commit(len, expected.as_deref()))
+            .await
+            .map_err(|e| Error::Download(format!("delivery task failed: {e}")))??;
         store.touch();
         let summary = Summary {
             progress: d.progress.clone(),
@@ -220,6 +225,7 @@ impl Download<'_> {
             tracing::warn!(old = %s.meta().version_id, new = %meta.version_id, "origin content changed; starting over");
             self.peer.inner.open.remove(&s.meta().version_id);
             self.store = None;
+            self.output = None;
             self._busy = None;
             self.known.clear();
             self.progress = Progress {
@@ -251,6 +257,21 @@ impl Download<'_> {
             }
         };
         store.touch();
+        // Start the destination with what the store already holds (a resumed download).
+        let out = Output::create(&self.req.output)?;
+        let (s, w, dest) = (store.clone(), out.writer(), self.req.output.clone());
+        tokio::task::spawn_blocking(move || {
+            for n in s.have() {
+                if let (Some(m), Some(data)) = (s.piece(n), s.read_piece(n)?) {
+                    w.write_at(m.offset, &data)
+                        .map_err(|e| Error::io("cannot write output", &dest, e))?;
+                }
+            }
+            Ok::<_, Error>(())
+        })
+        .await
+        .map_err(|e| Error::Download(format!("output task failed: {e}")))??;
+        self.output = Some(out);
         let (_, held) = store.held();
         self.progress.content_length = meta.content_length;
         self.progress.reused = held;
@@ -259,6 +280,17 @@ impl Download<'_> {
         self._busy = Some(busy);
         self.store = Some(store.clone());
         Ok(store)
+    }
+
+    /// Hashes the destination's newly contiguous prefix (so little is left to hash at the end).
+    pub(crate) fn advance_hash(&mut self) {
+        let (Some(store), Some(out)) = (&self.store, &mut self.output) else {
+            return;
+        };
+        let upto = store.contiguous_bytes();
+        if let Err(e) = tokio::task::block_in_place(|| out.hash_upto(upto)) {
+            tracing::warn!(error = %e, "cannot hash the output yet; will retry at the end");
+        }
     }
 
     /// True once every piece of the version is held.

@@ -7,6 +7,7 @@ use bytes::BytesMut;
 use futures::StreamExt;
 use proto::scheduler::{FailureReason, Parent};
 
+use crate::output::OutputWriter;
 use crate::piece::PieceMeta;
 use crate::piece_store::TaskStore;
 use crate::rate::{RateLimiter, acquire_all};
@@ -19,6 +20,7 @@ pub(crate) struct Job {
     pub store: Arc<TaskStore>,
     pub host_limit: RateLimiter,
     pub task_limit: RateLimiter,
+    pub output: OutputWriter,
 }
 
 pub(crate) struct PieceOutcome {
@@ -95,11 +97,16 @@ async fn fetch_inner(job: &Job) -> Result<u64, (FailureReason, String)> {
             format!("{} bytes failed sha256 verification", buf.len()),
         ));
     }
-    let (store, meta) = (job.store.clone(), job.meta.clone());
+    let (store, meta, out) = (job.store.clone(), job.meta.clone(), job.output.clone());
     let data = buf.freeze();
-    tokio::task::spawn_blocking(move || store.write_piece(&meta, &data))
-        .await
-        .map_err(|e| (FailureReason::Local, e.to_string()))?
-        .map_err(|e| (FailureReason::Local, e.to_string()))?;
+    // The destination first: once the store records the piece, it counts as written everywhere.
+    tokio::task::spawn_blocking(move || {
+        out.write_at(meta.offset, &data)
+            .map_err(|e| format!("cannot write output: {e}"))?;
+        store.write_piece(&meta, &data).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| (FailureReason::Local, e.to_string()))?
+    .map_err(|e| (FailureReason::Local, e))?;
     Ok(job.meta.size.into())
 }

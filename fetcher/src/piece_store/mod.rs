@@ -295,6 +295,19 @@ impl TaskStore {
             .unwrap_or((0, 0))
     }
 
+    /// Length of the prefix of the content covered by held pieces.
+    pub fn contiguous_bytes(&self) -> u64 {
+        let Ok(p) = self.pieces.lock() else { return 0 };
+        let mut end = 0u64;
+        for (i, (num, m)) in p.iter().enumerate() {
+            if *num as usize != i || m.offset != end {
+                break;
+            }
+            end += u64::from(m.size);
+        }
+        end
+    }
+
     /// Forgets a held piece (its metadata disagrees with the supernode's).
     pub fn forget(&self, num: u32) {
         if let Ok(mut p) = self.pieces.lock() {
