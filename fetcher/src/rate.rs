@@ -10,22 +10,28 @@ use governor::{DefaultDirectRateLimiter, Quota};
 
 use crate::error::{Error, Result};
 
-/// Parses a rate in bytes per second: a number with an optional unit. Byte units: `B`, `K`/`KB`/`KiB`,
-/// `M`/`MB`/`MiB`, `G`/`GB`/`GiB` (all binary multiples, as `dfget` always did); bit units: `bit`,
-/// `Kbit`, `Mbit`, `Gbit` (decimal). `0` means unlimited.
-pub fn parse_rate(spec: &str) -> Result<u64> {
+/// Splits `"40MiB"` into `("40", "MiB")` (trimmed).
+pub(crate) fn split_unit(spec: &str) -> (&str, &str) {
     let s = spec.trim();
     let split = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
+    (num, unit.trim())
+}
+
+/// Parses a rate in bytes per second: a number with an optional unit. Byte units: `B`, `K`/`KB`/`KiB`,
+/// `M`/`MB`/`MiB`, `G`/`GB`/`GiB` (all binary multiples, as `dfget` always did); bit units: `bit`,
+/// `Kbit`, `Mbit`, `Gbit` (decimal). `0` means unlimited.
+pub fn parse_rate(spec: &str) -> Result<u64> {
+    let (num, unit) = split_unit(spec);
     let value: f64 = num.parse().map_err(|_| {
         Error::invalid(
             "rate",
             format!("{spec:?}: expected e.g. 40MiB, 100Mbit or 1048576"),
         )
     })?;
-    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+    let mult: f64 = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kb" | "kib" => 1024.0,
         "m" | "mb" | "mib" => 1024.0 * 1024.0,

@@ -46,6 +46,17 @@ impl Running {
     }
 }
 
+/// Binds a listener; returns it with the address it got (port 0 picks a free port).
+async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr)> {
+    let err = |source| Error::Bind {
+        addr: addr.to_string(),
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(err)?;
+    let local = listener.local_addr().map_err(err)?;
+    Ok((listener, local))
+}
+
 /// Starts the supernode's servers; they stop when `shutdown` triggers.
 pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
     let cache_size = parse("cache_size", &c.cache_size, parse_size)?;
@@ -73,26 +84,8 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
     let metrics = Metrics::new();
     let tasks = Arc::new(Tasks::default());
 
-    let http_listener = tokio::net::TcpListener::bind(c.http_addr)
-        .await
-        .map_err(|source| Error::Bind {
-            addr: c.http_addr.to_string(),
-            source,
-        })?;
-    let http_addr = http_listener.local_addr().map_err(|source| Error::Bind {
-        addr: c.http_addr.to_string(),
-        source,
-    })?;
-    let grpc_listener = tokio::net::TcpListener::bind(c.grpc_addr)
-        .await
-        .map_err(|source| Error::Bind {
-            addr: c.grpc_addr.to_string(),
-            source,
-        })?;
-    let grpc_addr = grpc_listener.local_addr().map_err(|source| Error::Bind {
-        addr: c.grpc_addr.to_string(),
-        source,
-    })?;
+    let (http_listener, http_addr) = bind(c.http_addr).await?;
+    let (grpc_listener, grpc_addr) = bind(c.grpc_addr).await?;
 
     let scheduling = Arc::new(Scheduling {
         cfg: SchedulerConfig {

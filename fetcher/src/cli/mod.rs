@@ -25,11 +25,7 @@ pub fn init_logging(default_level: &str, json: bool) {
 
 /// Parses a duration: a number with `ms`, `s`, `m`, `h` or `d` (plain numbers are seconds).
 pub fn parse_duration(spec: &str) -> Result<Duration> {
-    let s = spec.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
+    let (num, unit) = crate::rate::split_unit(spec);
     let v: f64 = num.parse().map_err(|_| {
         Error::invalid("duration", format!("{spec:?}: expected e.g. 30s, 10m, 24h"))
     })?;
