@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tonic::{Request, Response, Status};
 
-use crate::download::{BackSource, DownloadRequest, Progress};
+use crate::download::{BackSource, Destination, DownloadRequest, Progress};
 use crate::error::{Error, Result};
 use crate::peer::Peer;
 use crate::shutdown::Shutdown;
@@ -75,11 +75,12 @@ pub async fn connect(path: &Path) -> Result<AgentClient<tonic::transport::Channe
     Ok(AgentClient::new(channel))
 }
 
-/// Converts the user's request to the wire form.
-pub fn to_proto(req: &DownloadRequest) -> PbRequest {
+/// Converts the user's request, with its destination file `output`, to the wire form (the agent
+/// writes files; streams stay with an embedded peer).
+pub fn to_proto(req: &DownloadRequest, output: &Path) -> PbRequest {
     PbRequest {
         url: req.url.clone(),
-        output: req.output.to_string_lossy().into_owned(),
+        output: output.to_string_lossy().into_owned(),
         headers: req
             .headers
             .iter()
@@ -120,7 +121,7 @@ fn from_proto(r: PbRequest) -> Result<DownloadRequest> {
     };
     Ok(DownloadRequest {
         url: r.url,
-        output,
+        output: Destination::File(output),
         headers: r.headers.into_iter().map(|h| (h.name, h.value)).collect(),
         digest: if r.digest.is_empty() {
             None

@@ -40,31 +40,26 @@ pub fn output_dir(output: &Path) -> Result<PathBuf> {
 /// download in the store (both on one filesystem: both counted there).
 pub fn preflight(output: &Path, store_root: &Path, content_length: u64, held: u64) -> Result<()> {
     let out_dir = output_dir(output)?;
-    let avail = |p: &Path| {
-        fs4::available_space(p).map_err(|e| Error::io("cannot stat filesystem of", p, e))
-    };
     let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
     let to_fetch = content_length.saturating_sub(held);
-    let out_avail = avail(&out_dir)?;
-    let same_fs = dev(&out_dir).is_some() && dev(&out_dir) == dev(store_root);
-    let out_need = content_length + DISK_RESERVE + if same_fs { to_fetch } else { 0 };
-    if out_avail < out_need {
-        return Err(Error::NoSpace {
-            path: out_dir,
-            needed: out_need,
-            available: out_avail,
-        });
+    if dev(&out_dir).is_some() && dev(&out_dir) == dev(store_root) {
+        return check_space(&out_dir, content_length + to_fetch);
     }
-    if !same_fs {
-        let store_avail = avail(store_root)?;
-        let need = to_fetch + DISK_RESERVE;
-        if store_avail < need {
-            return Err(Error::NoSpace {
-                path: store_root.to_path_buf(),
-                needed: need,
-                available: store_avail,
-            });
-        }
+    check_space(&out_dir, content_length)?;
+    check_space(store_root, to_fetch)
+}
+
+/// Checks that `dir`'s filesystem has `bytes` plus [`DISK_RESERVE`] free.
+pub fn check_space(dir: &Path, bytes: u64) -> Result<()> {
+    let available =
+        fs4::available_space(dir).map_err(|e| Error::io("cannot stat filesystem of", dir, e))?;
+    let needed = bytes + DISK_RESERVE;
+    if available < needed {
+        return Err(Error::NoSpace {
+            path: dir.to_path_buf(),
+            needed,
+            available,
+        });
     }
     Ok(())
 }

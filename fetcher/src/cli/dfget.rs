@@ -10,7 +10,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 use super::{human_bytes, load_toml, parse_duration, parse_header, split_list};
-use crate::download::{BackSource, DownloadRequest, Progress, Summary};
+use crate::download::{BackSource, Destination, DownloadRequest, Progress, Summary};
 use crate::error::{Error, Result};
 use crate::metrics::PeerMetrics;
 use crate::peer::{Peer, PeerConfig};
@@ -47,7 +47,8 @@ enough disk space (checked before downloading); 6 digest mismatch; 7 timed out."
 pub struct Args {
     /// URL of the content (http:// or https://).
     pub url: String,
-    /// Where to write the content (written whole, verified, then renamed into place).
+    /// Where to write the content (it appears whole and verified, or not at all). `-` streams it to
+    /// stdout in order as it arrives, holding the last byte back until the whole is verified.
     #[arg(short = 'O', long = "output", value_name = "PATH")]
     pub output: PathBuf,
     /// Supernode scheduler addresses, comma-separated (host:port of their gRPC port, default 8002).
@@ -184,8 +185,19 @@ async fn run_inner(args: Args) -> Result<()> {
         None if !cfg.supernodes.is_empty() => cfg.supernodes.clone(),
         None => dragonfly_supernodes(Path::new(DRAGONFLY_CONFIG)),
     };
+    // `-O -` streams to stdout (in order, as pieces arrive; the summary then goes to stderr).
+    let to_stdout = args.output == Path::new("-");
     let output = std::path::absolute(&args.output)
         .map_err(|e| Error::io("bad output path", &args.output, e))?;
+    let (destination, writer) = if to_stdout {
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        (
+            Destination::Stream(tx),
+            Some(tokio::spawn(write_stdout(rx))),
+        )
+    } else {
+        (Destination::File(output.clone()), None)
+    };
     let timeout = args
         .timeout
         .as_deref()
@@ -194,7 +206,7 @@ async fn run_inner(args: Args) -> Result<()> {
         .transpose()?;
     let req = DownloadRequest {
         url: args.url.clone(),
-        output: output.clone(),
+        output: destination,
         headers: args
             .headers
             .iter()
@@ -227,7 +239,13 @@ async fn run_inner(args: Args) -> Result<()> {
     // An agent named with --agent must work; the default/configured one is used when it exists and
     // answers (a non-root user without access to it gets an embedded peer instead).
     let explicit_agent = args.agent.clone();
-    let default_agent = if args.no_agent || explicit_agent.is_some() {
+    if to_stdout && explicit_agent.is_some() {
+        return Err(Error::invalid(
+            "output",
+            "-O - (stdout) needs an embedded peer, not --agent",
+        ));
+    }
+    let default_agent = if args.no_agent || explicit_agent.is_some() || to_stdout {
         None
     } else {
         cfg.agent_socket
@@ -236,9 +254,9 @@ async fn run_inner(args: Args) -> Result<()> {
             .filter(|p| p.exists())
     };
     let via = match (&explicit_agent, &default_agent) {
-        (Some(sock), _) => Some(via_agent(sock, &req, &bar).await?),
+        (Some(sock), _) => Some(via_agent(sock, &req, &output, &bar).await?),
         (None, Some(sock)) => match agent::connect(sock).await {
-            Ok(_) => Some(via_agent(sock, &req, &bar).await?),
+            Ok(_) => Some(via_agent(sock, &req, &output, &bar).await?),
             Err(e) => {
                 tracing::warn!(error = %e, "host agent not usable; running an embedded peer");
                 None
@@ -273,12 +291,21 @@ async fn run_inner(args: Args) -> Result<()> {
         }
     };
     bar.finish_and_clear();
+    drop(req);
+    if let Some(w) = writer {
+        w.await
+            .map_err(|e| Error::Download(format!("stdout writer failed: {e}")))??;
+    }
     let elapsed = started.elapsed().as_secs_f64().max(1e-6);
     let p = &summary.progress;
     let size = p.content_length.max(0) as u64;
-    println!(
+    let line = format!(
         "dfget: done {} size={} ({}) time_s={:.3} rate={}/s peers={} supernode={} origin={} reused={} verify_failures={} digest={}",
-        output.display(),
+        if to_stdout {
+            "-".into()
+        } else {
+            output.display().to_string()
+        },
         size,
         human_bytes(size),
         elapsed,
@@ -290,7 +317,27 @@ async fn run_inner(args: Args) -> Result<()> {
         summary.verify_failures,
         summary.digest,
     );
+    if to_stdout {
+        eprintln!("{line}");
+    } else {
+        println!("{line}");
+    }
     Ok(())
+}
+
+/// Copies a download stream to stdout; stops at the first error (the download reports it).
+async fn write_stdout(mut rx: tokio::sync::mpsc::Receiver<Result<bytes::Bytes>>) -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut out = tokio::io::stdout();
+    while let Some(item) = rx.recv().await {
+        let Ok(chunk) = item else { break };
+        out.write_all(&chunk)
+            .await
+            .map_err(|e| Error::io("cannot write", "stdout", e))?;
+    }
+    out.flush()
+        .await
+        .map_err(|e| Error::io("cannot write", "stdout", e))
 }
 
 fn progress_bar(quiet: bool) -> ProgressBar {
@@ -348,7 +395,12 @@ async fn embedded(
     result
 }
 
-async fn via_agent(sock: &Path, req: &DownloadRequest, bar: &ProgressBar) -> Result<Summary> {
+async fn via_agent(
+    sock: &Path,
+    req: &DownloadRequest,
+    output: &Path,
+    bar: &ProgressBar,
+) -> Result<Summary> {
     let err = |detail: String| Error::Agent {
         socket: sock.to_path_buf(),
         detail,
@@ -356,7 +408,7 @@ async fn via_agent(sock: &Path, req: &DownloadRequest, bar: &ProgressBar) -> Res
     let mut client = agent::connect(sock).await?;
     let started = Instant::now();
     let mut stream = client
-        .download(agent::to_proto(req))
+        .download(agent::to_proto(req, output))
         .await
         .map_err(|s| err(s.message().to_owned()))?
         .into_inner();

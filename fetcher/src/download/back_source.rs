@@ -3,10 +3,12 @@
 
 use futures::StreamExt;
 
-use super::Download;
+use bytes::Bytes;
+
+use super::{Destination, Download};
 use crate::error::{Error, Result};
-use crate::piece::PieceCutter;
-use crate::piece_store::TaskMeta;
+use crate::piece::{PieceCutter, PieceMeta};
+use crate::piece_store::{TaskMeta, TaskStore};
 use crate::rate::acquire_all;
 use crate::task_id::{self, DEFAULT_PIECE_SIZE};
 
@@ -34,33 +36,15 @@ impl Download<'_> {
         let mut cutter = PieceCutter::new(piece_size);
         let mut body = std::pin::pin!(resp.into_stream());
         let counter = inner.metrics.download_bytes.with_label_values(&["origin"]);
-        let out = self
-            .output
-            .as_ref()
-            .map(|o| o.writer())
-            .ok_or_else(|| Error::Download("no output file".into()))?;
-        let mut write = |pieces: Vec<(crate::piece::PieceMeta, bytes::Bytes)>| -> Result<()> {
-            for (m, data) in pieces {
-                if store.piece(m.num).is_none() {
-                    out.write_at(m.offset, &data)
-                        .map_err(|e| Error::io("cannot write output", &self.req.output, e))?;
-                    store.write_piece(&m, &data)?;
-                    self.progress.completed += u64::from(m.size);
-                }
-                self.progress.from_origin += u64::from(m.size);
-                self.progress_tx.send_replace(self.progress.clone());
-            }
-            Ok(())
-        };
         while let Some(chunk) = body.next().await {
             let chunk = chunk?;
             acquire_all(&[&inner.download_limit, &self.task_limit], chunk.len()).await;
             counter.inc_by(chunk.len() as u64);
             let done = cutter.push(&chunk);
-            write(done)?;
+            self.store_pieces(&store, done)?;
         }
         let (last, total, digest) = cutter.finish();
-        write(last.into_iter().collect())?;
+        self.store_pieces(&store, last.into_iter().collect())?;
         if len >= 0 && total != len as u64 {
             return Err(Error::OriginBody {
                 url: self.req.url.clone(),
@@ -70,6 +54,25 @@ impl Download<'_> {
         store.set_complete(total, Some(digest.clone()))?;
         self.piece_count = Some(total.div_ceil(u64::from(piece_size)) as u32);
         self.whole_digest = Some(digest);
+        Ok(())
+    }
+
+    /// Stores pieces cut from the origin's stream (unless held) and moves the destination along.
+    fn store_pieces(&mut self, store: &TaskStore, pieces: Vec<(PieceMeta, Bytes)>) -> Result<()> {
+        for (m, data) in pieces {
+            if store.piece(m.num).is_none() {
+                if let (Some(out), Destination::File(path)) = (&self.output, &self.req.output) {
+                    out.writer()
+                        .write_at(m.offset, &data)
+                        .map_err(|e| Error::io("cannot write output", path, e))?;
+                }
+                store.write_piece(&m, &data)?;
+                self.progress.completed += u64::from(m.size);
+            }
+            self.progress.from_origin += u64::from(m.size);
+            self.progress_tx.send_replace(self.progress.clone());
+        }
+        self.advance();
         Ok(())
     }
 }

@@ -4,15 +4,18 @@
 mod back_source;
 mod piece_fetch;
 mod scheduled;
+mod stream;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
+use self::stream::StreamTail;
 use crate::error::{Error, Result};
 use crate::output::{self, Output};
 use crate::peer::Peer;
@@ -33,11 +36,21 @@ pub enum BackSource {
     Never,
 }
 
+/// Where the content goes.
+#[derive(Clone, Debug)]
+pub enum Destination {
+    /// A file, which appears whole and verified or not at all.
+    File(PathBuf),
+    /// A channel receiving the content in order as it arrives; the final byte is sent only after the
+    /// whole content is verified (an `Err` ends the stream otherwise).
+    Stream(mpsc::Sender<Result<Bytes>>),
+}
+
 /// One download as the user asked for it.
 #[derive(Clone, Debug)]
 pub struct DownloadRequest {
     pub url: String,
-    pub output: PathBuf,
+    pub output: Destination,
     pub headers: Vec<HeaderPair>,
     /// Expected sha256 of the whole content, lowercase hex.
     pub digest: Option<String>,
@@ -85,8 +98,10 @@ pub(crate) struct Download<'a> {
     pub(crate) progress_tx: &'a watch::Sender<Progress>,
     pub(crate) task_limit: RateLimiter,
     pub(crate) verify_failures: u64,
-    /// The destination, written as pieces land.
+    /// The destination file, written as pieces land.
     pub(crate) output: Option<Output>,
+    /// The destination stream, fed as the contiguous prefix grows.
+    pub(crate) stream: Option<StreamTail>,
     _busy: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
@@ -106,7 +121,9 @@ impl Peer {
         progress: &watch::Sender<Progress>,
     ) -> Result<Summary> {
         let task_id = task_id::task_id(&req.url, &req.tag, &req.filter)?;
-        output::output_dir(&req.output)?;
+        if let Destination::File(path) = &req.output {
+            output::output_dir(path)?;
+        }
         let span = tracing::info_span!("download", task_id = %&task_id[..16], url = %req.url);
         let fut = self.download_inner(req, task_id, progress).instrument(span);
         let res = match req.timeout {
@@ -147,6 +164,7 @@ impl Peer {
             task_limit: RateLimiter::new(req.limit_rate),
             verify_failures: 0,
             output: None,
+            stream: None,
             _busy: None,
         };
         let order: Vec<String> = rendezvous::order(&d.task_id, &self.inner.cfg.supernodes)
@@ -191,13 +209,15 @@ impl Peer {
             (None, Some(seed)) => task_id::parse_digest(seed).ok(),
             (None, None) => None,
         };
-        let out = d
-            .output
-            .take()
-            .ok_or_else(|| Error::Download("no output file".into()))?;
-        let digest = tokio::task::spawn_blocking(move || out.commit(len, expected.as_deref()))
-            .await
-            .map_err(|e| Error::Download(format!("delivery task failed: {e}")))??;
+        let digest = match (d.output.take(), d.stream.take()) {
+            (Some(out), _) => {
+                tokio::task::spawn_blocking(move || out.commit(len, expected.as_deref()))
+                    .await
+                    .map_err(|e| Error::Download(format!("delivery task failed: {e}")))??
+            }
+            (None, Some(stream)) => stream.finish(len, expected).await?,
+            (None, None) => return Err(Error::Download("no destination".into())),
+        };
         store.touch();
         let summary = Summary {
             progress: d.progress.clone(),
@@ -226,6 +246,7 @@ impl Download<'_> {
             self.peer.inner.open.remove(&s.meta().version_id);
             self.store = None;
             self.output = None;
+            self.stream = None;
             self._busy = None;
             self.known.clear();
             self.progress = Progress {
@@ -234,12 +255,13 @@ impl Download<'_> {
             };
         }
         if meta.content_length >= 0 {
-            output::preflight(
-                &self.req.output,
-                self.peer.inner.store.root(),
-                meta.content_length as u64,
-                0,
-            )?;
+            let len = meta.content_length as u64;
+            match &self.req.output {
+                Destination::File(path) => {
+                    output::preflight(path, self.peer.inner.store.root(), len, 0)?
+                }
+                Destination::Stream(_) => output::check_space(self.peer.inner.store.root(), len)?,
+            }
         }
         let busy = self
             .peer
@@ -258,20 +280,29 @@ impl Download<'_> {
         };
         store.touch();
         // Start the destination with what the store already holds (a resumed download).
-        let out = Output::create(&self.req.output)?;
-        let (s, w, dest) = (store.clone(), out.writer(), self.req.output.clone());
-        tokio::task::spawn_blocking(move || {
-            for n in s.have() {
-                if let (Some(m), Some(data)) = (s.piece(n), s.read_piece(n)?) {
-                    w.write_at(m.offset, &data)
-                        .map_err(|e| Error::io("cannot write output", &dest, e))?;
-                }
+        match &self.req.output {
+            Destination::File(path) => {
+                let out = Output::create(path)?;
+                let (s, w, dest) = (store.clone(), out.writer(), path.clone());
+                tokio::task::spawn_blocking(move || {
+                    for n in s.have() {
+                        if let (Some(m), Some(data)) = (s.piece(n), s.read_piece(n)?) {
+                            w.write_at(m.offset, &data)
+                                .map_err(|e| Error::io("cannot write output", &dest, e))?;
+                        }
+                    }
+                    Ok::<_, Error>(())
+                })
+                .await
+                .map_err(|e| Error::Download(format!("output task failed: {e}")))??;
+                self.output = Some(out);
             }
-            Ok::<_, Error>(())
-        })
-        .await
-        .map_err(|e| Error::Download(format!("output task failed: {e}")))??;
-        self.output = Some(out);
+            Destination::Stream(tx) => {
+                let tail = StreamTail::start(store.clone(), tx.clone());
+                tail.advance(store.contiguous_bytes());
+                self.stream = Some(tail);
+            }
+        }
         let (_, held) = store.held();
         self.progress.content_length = meta.content_length;
         self.progress.reused = held;
@@ -282,13 +313,19 @@ impl Download<'_> {
         Ok(store)
     }
 
-    /// Hashes the destination's newly contiguous prefix (so little is left to hash at the end).
-    pub(crate) fn advance_hash(&mut self) {
-        let (Some(store), Some(out)) = (&self.store, &mut self.output) else {
+    /// Moves the destination along the store's contiguous prefix: hashes the file's new prefix (so
+    /// little is left to hash at the end), or lets the stream send it.
+    pub(crate) fn advance(&mut self) {
+        let Some(store) = &self.store else {
             return;
         };
         let upto = store.contiguous_bytes();
-        if let Err(e) = tokio::task::block_in_place(|| out.hash_upto(upto)) {
+        if let Some(stream) = &self.stream {
+            stream.advance(upto);
+        }
+        if let Some(out) = &mut self.output
+            && let Err(e) = tokio::task::block_in_place(|| out.hash_upto(upto))
+        {
             tracing::warn!(error = %e, "cannot hash the output yet; will retry at the end");
         }
     }

@@ -20,7 +20,7 @@ pub(crate) struct Job {
     pub store: Arc<TaskStore>,
     pub host_limit: RateLimiter,
     pub task_limit: RateLimiter,
-    pub output: OutputWriter,
+    pub output: Option<OutputWriter>,
 }
 
 pub(crate) struct PieceOutcome {
@@ -101,8 +101,10 @@ async fn fetch_inner(job: &Job) -> Result<u64, (FailureReason, String)> {
     let data = buf.freeze();
     // The destination first: once the store records the piece, it counts as written everywhere.
     tokio::task::spawn_blocking(move || {
-        out.write_at(meta.offset, &data)
-            .map_err(|e| format!("cannot write output: {e}"))?;
+        if let Some(out) = &out {
+            out.write_at(meta.offset, &data)
+                .map_err(|e| format!("cannot write output: {e}"))?;
+        }
         store.write_piece(&meta, &data).map_err(|e| e.to_string())
     })
     .await

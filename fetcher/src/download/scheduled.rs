@@ -193,10 +193,7 @@ impl Download<'_> {
             store: store.clone(),
             host_limit: self.peer.inner.download_limit.clone(),
             task_limit: self.task_limit.clone(),
-            output: match &self.output {
-                Some(o) => o.writer(),
-                None => return,
-            },
+            output: self.output.as_ref().map(|o| o.writer()),
         };
         inflight.spawn(piece_fetch::fetch(job));
     }
@@ -220,7 +217,7 @@ impl Download<'_> {
                 }
                 self.progress.completed += bytes;
                 self.progress_tx.send_replace(self.progress.clone());
-                self.advance_hash();
+                self.advance();
             }
             Err((reason, detail)) => {
                 if *reason == pb::FailureReason::DigestMismatch {

@@ -364,6 +364,15 @@ impl TaskStore {
         Ok(Some(Bytes::from(buf)))
     }
 
+    /// Reads `len` bytes at `offset` of the data file (callers read only verified ranges).
+    pub fn read_range(&self, offset: u64, len: u64) -> Result<Bytes> {
+        let mut buf = vec![0u8; len as usize];
+        self.data
+            .read_exact_at(&mut buf, offset)
+            .map_err(|e| Error::io("cannot read", self.data_path(), e))?;
+        Ok(Bytes::from(buf))
+    }
+
     /// Bytes of disk the data file occupies.
     pub fn allocated(&self) -> u64 {
         self.data.metadata().map(|m| m.blocks() * 512).unwrap_or(0)

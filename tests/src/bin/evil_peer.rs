@@ -54,7 +54,7 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let req = DownloadRequest {
         url: a.url,
-        output: a.output,
+        output: fetcher::download::Destination::File(a.output),
         headers: vec![],
         digest: None,
         tag: String::new(),
