@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the tests use (mount/umount for the tmpfs test come with util-linux).
-PACKAGES=(util-linux ca-certificates)
+# Debian packages the tests use: mount/umount (tmpfs test) from util-linux; a real registry, image
+# tools and busybox for the registry-mirror tests.
+PACKAGES=(util-linux ca-certificates docker-registry skopeo umoci busybox-static)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
   for p in "${PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

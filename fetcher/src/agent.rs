@@ -133,6 +133,7 @@ fn from_proto(r: PbRequest) -> Result<DownloadRequest> {
         limit_rate: r.limit_rate,
         back_source,
         timeout: (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms)),
+        content_key: None,
     })
 }
 

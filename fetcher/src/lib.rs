@@ -14,6 +14,7 @@ pub mod output;
 pub mod peer;
 pub mod piece;
 pub mod piece_store;
+pub mod proxy;
 pub mod rate;
 pub mod rendezvous;
 pub mod shutdown;

@@ -60,6 +60,31 @@ pub fn task_id(url: &str, tag: &str, filter: &[String]) -> Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// The task id of content known by its digest (`sha256:<hex>`), whatever URL serves it.
+pub fn content_task_id(content_key: &str) -> Result<String> {
+    let hex_digest = parse_digest(content_key)?;
+    let mut h = Sha256::new();
+    h.update(b"content\0sha256:");
+    h.update(hex_digest.as_bytes());
+    Ok(hex::encode(h.finalize()))
+}
+
+/// The task id of a request: by content key when given, else by URL, tag and filter.
+pub fn task_id_of(
+    url: &str,
+    tag: &str,
+    filter: &[String],
+    content_key: Option<&str>,
+) -> Result<String> {
+    match content_key {
+        Some(k) => {
+            filter_url(url, filter)?;
+            content_task_id(k)
+        }
+        None => task_id(url, tag, filter),
+    }
+}
+
 /// The version id of a task: the task id plus the origin's description of the bytes.
 pub fn version_id(task_id: &str, content_length: i64, etag: &str, last_modified: &str) -> String {
     let mut h = Sha256::new();
@@ -120,6 +145,19 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(b, c);
         assert!(task_id("ftp://h/o", "", &f).is_err());
+    }
+
+    #[test]
+    fn content_keyed_tasks_ignore_the_url() {
+        let key = format!("sha256:{}", "ab".repeat(32));
+        let a = task_id_of("http://r1/v2/a/blobs/x", "", &[], Some(&key)).expect("valid");
+        let b = task_id_of("https://r2/v2/b/blobs/x", "t", &[], Some(&key)).expect("valid");
+        assert_eq!(a, b);
+        assert_ne!(
+            a,
+            task_id("http://r1/v2/a/blobs/x", "", &[]).expect("valid")
+        );
+        assert!(task_id_of("http://r1/x", "", &[], Some("md5:00")).is_err());
     }
 
     #[test]

@@ -32,6 +32,12 @@ pub struct Args {
     /// Supernode scheduler addresses, comma-separated.
     #[arg(long, value_name = "H:P,H:P")]
     pub supernode: Option<String>,
+    /// Registry proxy (mirror) address [default: 127.0.0.1:65001].
+    #[arg(long, value_name = "IP:PORT")]
+    pub proxy_addr: Option<SocketAddr>,
+    /// Registry mirrored when a client does not name one with ?ns= (e.g. https://harbor.example.com).
+    #[arg(long, value_name = "URL")]
+    pub registry_mirror: Option<url::Url>,
     /// Piece upload server address [default: 0.0.0.0:65002].
     #[arg(long, value_name = "IP:PORT")]
     pub upload_addr: Option<SocketAddr>,
@@ -67,6 +73,8 @@ pub struct Args {
 pub struct DaemonConfig {
     pub supernodes: Vec<String>,
     pub upload_addr: SocketAddr,
+    pub proxy_addr: SocketAddr,
+    pub registry_mirror: Option<url::Url>,
     pub metrics_addr: SocketAddr,
     pub data_dir: PathBuf,
     pub agent_socket: PathBuf,
@@ -105,6 +113,8 @@ impl Default for DaemonConfig {
         Self {
             supernodes: Vec::new(),
             upload_addr: ([0, 0, 0, 0], 65002).into(),
+            proxy_addr: ([127, 0, 0, 1], 65001).into(),
+            registry_mirror: None,
             metrics_addr: ([127, 0, 0, 1], 65003).into(),
             data_dir: PathBuf::from("/var/lib/damselfly"),
             agent_socket: PathBuf::from(super::dfget::DEFAULT_AGENT_SOCKET),
@@ -128,6 +138,7 @@ fn merge(args: &Args) -> Result<DaemonConfig> {
     }
     take!(
         upload_addr,
+        proxy_addr,
         metrics_addr,
         data_dir,
         agent_socket,
@@ -136,6 +147,9 @@ fn merge(args: &Args) -> Result<DaemonConfig> {
     );
     if args.advertise_ip.is_some() {
         c.advertise_ip = args.advertise_ip;
+    }
+    if args.registry_mirror.is_some() {
+        c.registry_mirror = args.registry_mirror.clone();
     }
     if args.upstream_ca.is_some() {
         c.upstream_ca = args.upstream_ca.clone();
@@ -188,7 +202,13 @@ async fn run_inner(args: Args) -> Result<()> {
     let (maddr, _) = upload::serve(c.metrics_addr, router, shutdown.clone())
         .await
         .map_err(|e| Error::io("cannot bind metrics on", c.metrics_addr.to_string(), e))?;
-    tracing::info!(upload = %peer.upload_addr(), metrics = %maddr, socket = %c.agent_socket.display(), "dfdaemon ready");
+    let proxy_cfg = crate::proxy::ProxyConfig {
+        addr: c.proxy_addr,
+        registry_mirror: c.registry_mirror.clone(),
+        upstream_ca: c.upstream_ca.clone(),
+    };
+    let paddr = crate::proxy::serve(proxy_cfg, peer.clone(), shutdown.clone()).await?;
+    tracing::info!(proxy = %paddr, upload = %peer.upload_addr(), metrics = %maddr, socket = %c.agent_socket.display(), "dfdaemon ready");
     let store = peer.store().clone();
     let gc_shutdown = shutdown.clone();
     tokio::spawn(async move {

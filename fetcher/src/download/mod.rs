@@ -60,6 +60,8 @@ pub struct DownloadRequest {
     pub limit_rate: u64,
     pub back_source: BackSource,
     pub timeout: Option<Duration>,
+    /// Key the task by this content digest (`sha256:<hex>`) instead of the URL (registry blobs).
+    pub content_key: Option<String>,
 }
 
 /// Where the bytes are coming from, updated as pieces land.
@@ -120,7 +122,8 @@ impl Peer {
         req: &DownloadRequest,
         progress: &watch::Sender<Progress>,
     ) -> Result<Summary> {
-        let task_id = task_id::task_id(&req.url, &req.tag, &req.filter)?;
+        let task_id =
+            task_id::task_id_of(&req.url, &req.tag, &req.filter, req.content_key.as_deref())?;
         if let Destination::File(path) = &req.output {
             output::output_dir(path)?;
         }

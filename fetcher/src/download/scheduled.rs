@@ -80,6 +80,7 @@ impl Download<'_> {
             peer_id,
             host_id: self.peer.inner.host_id.clone(),
             upload_addr: self.peer.inner.upload_addr.to_string(),
+            content_key: self.req.content_key.clone().unwrap_or_default(),
         };
         tx.send(msg(peer_message::Msg::Register(register)))
             .await

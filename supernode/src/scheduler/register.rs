@@ -22,7 +22,8 @@ fn invalid(message: String) -> TaskError {
 /// Validates a registration and returns the version the peer joins.
 pub async fn join(s: &Scheduling, reg: &Register) -> Result<Arc<Version>, TaskError> {
     let filter = reg.filter.clone();
-    let task_id = fetcher::task_id::task_id(&reg.url, &reg.tag, &filter)
+    let key = (!reg.content_key.is_empty()).then_some(reg.content_key.as_str());
+    let task_id = fetcher::task_id::task_id_of(&reg.url, &reg.tag, &filter, key)
         .map_err(|e| invalid(e.to_string()))?;
     if task_id != reg.task_id {
         return Err(invalid(format!(

@@ -62,6 +62,7 @@ async fn main() -> anyhow::Result<()> {
         limit_rate: 0,
         back_source: fetcher::BackSource::Never,
         timeout: None,
+        content_key: None,
     };
     let (tx, _rx) = tokio::sync::watch::channel(Progress::default());
     peer.download(&req, &tx).await?;

@@ -1,0 +1,289 @@
+//! Helpers for end-to-end tests against a real local OCI registry (distribution 2.8,
+//! `docker-registry`): start it on loopback over plain HTTP, build and push a small test image
+//! without a daemon (umoci + skopeo), pull with skopeo, and count the blob downloads the registry
+//! served from its access log.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::Command;
+
+use crate::harness::{Env, Proc, free_port, random_file, wait_http};
+
+/// The external tools these helpers need.
+const TOOLS: [&str; 4] = ["docker-registry", "skopeo", "umoci", "busybox"];
+
+/// Where `name` is found on `PATH` (an executable regular file), if anywhere.
+fn which(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// `None` when docker-registry, skopeo, umoci and busybox are all on `PATH`; otherwise the reason
+/// to skip, e.g. `"docker-registry, skopeo not installed"`.
+pub fn tools_missing() -> Option<String> {
+    let missing: Vec<&str> = TOOLS
+        .iter()
+        .copied()
+        .filter(|t| which(t).is_none())
+        .collect();
+    if missing.is_empty() {
+        None
+    } else {
+        Some(format!("{} not installed", missing.join(", ")))
+    }
+}
+
+/// Runs a command to completion; panics with its output unless it exits 0. Returns stdout.
+async fn run_ok(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "`{program} {}` failed ({}):\nstderr:\n{}\nstdout:\n{stdout}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+    );
+    stdout
+}
+
+fn path_str(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// Starts `docker-registry serve` on a free loopback port, plain HTTP, filesystem storage under
+/// `<dir>/registry/data`, access log on, output to `<dir>/registry.log`. Waits for `GET /v2/` to
+/// answer 200. Returns the process and its address `"127.0.0.1:<port>"`.
+pub async fn start_registry(env: &Env) -> (Proc, String) {
+    let dir = env.path("registry");
+    let data = env.path("registry/data");
+    std::fs::create_dir_all(&data).expect("create registry data dir");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let config = dir.join("config.yml");
+    let yaml = format!(
+        "version: 0.1\n\
+         log:\n  accesslog:\n    disabled: false\n  level: info\n\
+         storage:\n  filesystem:\n    rootdirectory: {data}\n  delete:\n    enabled: true\n\
+         http:\n  addr: {addr}\n",
+        data = data.display(),
+    );
+    std::fs::write(&config, yaml).expect("write registry config.yml");
+
+    let log = env.path("registry.log");
+    let f = std::fs::File::create(&log).expect("create registry.log");
+    let f2 = f.try_clone().expect("clone registry.log handle");
+    let child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(&config)
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .stdout(f)
+        .stderr(f2)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn docker-registry: {e}"));
+    let mut proc = Proc {
+        name: "registry".to_owned(),
+        child,
+        log,
+    };
+    let url = format!("http://{addr}/v2/");
+    tokio::select! {
+        () = wait_http(&url, Duration::from_secs(20)) => {}
+        status = proc.child.wait() => {
+            panic!("docker-registry exited early ({status:?}):\n{}", proc.output());
+        }
+    }
+    (proc, addr)
+}
+
+/// Builds a three-layer OCI image under `<dir>/image` with umoci and pushes it with skopeo to
+/// `<registry>/<reference>` (e.g. `reference = "project/app:v1"`):
+/// 1. static busybox at `/bin/busybox`, symlinks `/bin/sh` and `/bin/cat`, and `/small-file`
+///    (`"hello from damselfly\n"`);
+/// 2. `/big.bin`, `big_layer_bytes` random bytes;
+/// 3. `/etc/release`.
+///
+/// The config's cmd is `/bin/sh`. Returns the layer digests (`"sha256:..."`) in manifest order,
+/// read back from the pushed manifest. Panics with the failing command's output.
+pub async fn push_test_image(
+    env: &Env,
+    registry: &str,
+    reference: &str,
+    big_layer_bytes: usize,
+) -> Vec<String> {
+    let root = env.path("image");
+    std::fs::create_dir_all(&root).expect("create image dir");
+    let layout = root.join("oci");
+    let image = format!("{}:app", layout.display());
+    run_ok("umoci", &["init", "--layout", &path_str(&layout)]).await;
+    run_ok("umoci", &["new", "--image", &image]).await;
+
+    let busybox = which("busybox").expect("busybox not on PATH");
+    for layer in 1..=3 {
+        // Each unpack/repack cycle adds one layer holding what changed in the bundle.
+        let bundle = root.join(format!("bundle{layer}"));
+        let bundle_s = path_str(&bundle);
+        run_ok(
+            "umoci",
+            &["unpack", "--rootless", "--image", &image, &bundle_s],
+        )
+        .await;
+        let rootfs = bundle.join("rootfs");
+        match layer {
+            1 => {
+                let bin = rootfs.join("bin");
+                std::fs::create_dir_all(&bin).expect("mkdir rootfs/bin");
+                std::fs::copy(&busybox, bin.join("busybox")).expect("copy busybox");
+                for link in ["sh", "cat"] {
+                    std::os::unix::fs::symlink("busybox", bin.join(link))
+                        .unwrap_or_else(|e| panic!("symlink /bin/{link}: {e}"));
+                }
+                std::fs::write(rootfs.join("small-file"), "hello from damselfly\n")
+                    .expect("write /small-file");
+            }
+            2 => {
+                random_file(&rootfs.join("big.bin"), big_layer_bytes);
+            }
+            _ => {
+                let etc = rootfs.join("etc");
+                std::fs::create_dir_all(&etc).expect("mkdir rootfs/etc");
+                std::fs::write(etc.join("release"), "damselfly test image\n")
+                    .expect("write /etc/release");
+            }
+        }
+        run_ok("umoci", &["repack", "--image", &image, &bundle_s]).await;
+        std::fs::remove_dir_all(&bundle).expect("remove bundle");
+    }
+    run_ok(
+        "umoci",
+        &["config", "--image", &image, "--config.cmd", "/bin/sh"],
+    )
+    .await;
+
+    let dest = format!("docker://{registry}/{reference}");
+    run_ok(
+        "skopeo",
+        &[
+            "--insecure-policy",
+            "copy",
+            "--dest-tls-verify=false",
+            &format!("oci:{image}"),
+            &dest,
+        ],
+    )
+    .await;
+    let raw = run_ok("skopeo", &["inspect", "--tls-verify=false", "--raw", &dest]).await;
+    let manifest: serde_json::Value = serde_json::from_str(&raw)
+        .unwrap_or_else(|e| panic!("manifest of {dest} is not JSON ({e}): {raw}"));
+    manifest["layers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("manifest of {dest} has no layers: {raw}"))
+        .iter()
+        .map(|l| {
+            l["digest"]
+                .as_str()
+                .unwrap_or_else(|| panic!("layer without digest in {raw}"))
+                .to_owned()
+        })
+        .collect()
+}
+
+/// Number of successful (2xx) `GET /v2/<name>/blobs/<digest>` requests in the registry's access
+/// log. `registry_log` is the log's text (e.g. `registry.output()`). distribution 2.8 writes
+/// combined-format lines such as
+/// `127.0.0.1 - - [26/Nov/2026:17:43:49 +0000] "GET /v2/project/app/blobs/sha256:0d91... HTTP/1.1" 200 5244088 "" "skopeo/1.9.3"`;
+/// its logrus `msg="response completed"` lines for the same request, HEAD requests and
+/// redirects (307) and ranged GETs answered 206 (the supernode's 1-byte probes) are not counted.
+///
+/// The access-log line is written once the handler has returned, which can be a moment after
+/// the client saw the last byte.
+pub fn count_blob_gets(registry_log: &str, digest: &str) -> usize {
+    registry_log
+        .lines()
+        .filter(|line| is_blob_get(line, digest))
+        .count()
+}
+
+fn is_blob_get(line: &str, digest: &str) -> bool {
+    // `... [date] "GET <target> HTTP/1.1" <status> <bytes> "<referer>" "<agent>"`
+    let Some((_, rest)) = line.split_once("] \"GET ") else {
+        return false;
+    };
+    let Some((request, after)) = rest.split_once('"') else {
+        return false;
+    };
+    let Some((target, _proto)) = request.rsplit_once(' ') else {
+        return false;
+    };
+    let path = target.split('?').next().unwrap_or(target);
+    let Some(name) = path
+        .strip_prefix("/v2/")
+        .and_then(|p| p.strip_suffix(digest))
+        .and_then(|p| p.strip_suffix("/blobs/"))
+    else {
+        return false;
+    };
+    if name.is_empty() {
+        return false;
+    }
+    after
+        .split_whitespace()
+        .next()
+        .and_then(|s| s.parse::<u16>().ok())
+        .is_some_and(|status| status == 200)
+}
+
+/// `skopeo copy --src-tls-verify=false docker://<src> oci:<dest_dir>:app`; returns the exit code
+/// (-1 if killed by a signal) and stdout followed by stderr.
+pub async fn skopeo_copy_to_oci(src: &str, dest_dir: &Path) -> (i32, String) {
+    let out = Command::new("skopeo")
+        .args([
+            "--insecure-policy",
+            "copy",
+            "--src-tls-verify=false",
+            &format!("docker://{src}"),
+            &format!("oci:{}:app", dest_dir.display()),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("spawn skopeo: {e}"));
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count_blob_gets;
+
+    #[test]
+    fn counts_only_successful_blob_gets() {
+        let d = "sha256:0d916836a23c62d86568965a1f39f1448e6c1084ff177475bd945729c900bc1b";
+        let log = format!(
+            "127.0.0.1 - - [26/Nov/2026:17:43:49 +0000] \"HEAD /v2/project/app/blobs/{d} HTTP/1.1\" 404 157 \"\" \"skopeo/1.9.3\"\n\
+             time=\"2026-11-26T17:43:49Z\" level=info msg=\"response completed\" http.request.method=GET http.request.uri=\"/v2/project/app/blobs/{d}\" http.response.status=200\n\
+             127.0.0.1 - - [26/Nov/2026:17:43:49 +0000] \"GET /v2/project/app/blobs/{d} HTTP/1.1\" 200 5244088 \"\" \"skopeo/1.9.3\"\n\
+             127.0.0.1 - - [26/Nov/2026:17:43:49 +0000] \"GET /v2/other/blobs/{d} HTTP/1.1\" 307 0 \"\" \"skopeo/1.9.3\"\n\
+             127.0.0.1 - - [26/Nov/2026:17:43:49 +0000] \"GET /v2/a/b/blobs/{d}?x=1 HTTP/1.1\" 206 100 \"\" \"curl\"\n\
+             127.0.0.1 - - [26/Nov/2026:17:43:49 +0000] \"GET /v2/project/app/manifests/{d} HTTP/1.1\" 200 661 \"\" \"skopeo/1.9.3\"\n\
+             127.0.0.1 - - [26/Nov/2026:17:43:49 +0000] \"GET /v2/project/app/blobs/{d}0 HTTP/1.1\" 200 1 \"\" \"skopeo/1.9.3\"\n"
+        );
+        // Only the full 200 GET: HEADs, redirects, 206 range probes and manifests do not count.
+        assert_eq!(count_blob_gets(&log, d), 1);
+        assert_eq!(count_blob_gets(&log, "sha256:00"), 0);
+    }
+}

@@ -1,0 +1,149 @@
+//! dfdaemon as a registry mirror, against a real `docker-registry` and real `skopeo`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use damselfly_tests::harness::{Env, Proc, free_port, wait_http};
+use damselfly_tests::registry::{
+    count_blob_gets, push_test_image, skopeo_copy_to_oci, start_registry, tools_missing,
+};
+
+/// Starts a dfdaemon mirroring `registry`; returns it and its proxy address.
+async fn agent(env: &Env, name: &str, supernode: &str, registry: &str) -> (Proc, String) {
+    let proxy = format!("127.0.0.1:{}", free_port());
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let args: Vec<String> = [
+        "--supernode",
+        supernode,
+        "--data-dir",
+        &env.path(name).to_string_lossy(),
+        "--agent-socket",
+        &env.path(&format!("{name}.sock")).to_string_lossy(),
+        "--upload-addr",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        &metrics,
+        "--proxy-addr",
+        &proxy,
+        "--registry-mirror",
+        &format!("http://{registry}"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let p = env.spawn(name, "dfdaemon", &args);
+    wait_http(
+        &format!("http://{metrics}/healthz"),
+        Duration::from_secs(15),
+    )
+    .await;
+    (p, proxy)
+}
+
+/// The blob files of an OCI layout, sorted.
+fn blobs(layout: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(layout.join("blobs/sha256"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skopeo_pulls_through_mirrors_with_one_registry_fetch_per_layer() {
+    if let Some(why) = tools_missing() {
+        eprintln!("SKIP skopeo_pulls_through_mirrors_with_one_registry_fetch_per_layer: {why}");
+        return;
+    }
+    let env = Env::new("registry-mirror");
+    let (registry_proc, registry) = start_registry(&env).await;
+    let layers = push_test_image(&env, &registry, "project/app:v1", 24 << 20).await;
+    assert_eq!(layers.len(), 3);
+    let (_sn, grpc, _) = env.supernode("sn", &[]).await;
+    let mut agents = Vec::new();
+    for i in 0..3 {
+        agents.push(agent(&env, &format!("agent{i}"), &grpc, &registry).await);
+    }
+    // Three hosts pull at once through their own agent.
+    let pulls = agents.iter().enumerate().map(|(i, (_, proxy))| {
+        let dest = env.path(&format!("pulled{i}"));
+        let src = format!("{proxy}/project/app:v1");
+        async move { (skopeo_copy_to_oci(&src, &dest).await, dest) }
+    });
+    let results = futures::future::join_all(pulls).await;
+    for ((code, output), _) in &results {
+        if *code != 0 {
+            env.dump_logs();
+        }
+        assert_eq!(*code, 0, "skopeo through the mirror failed: {output}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = registry_proc.output();
+    for layer in &layers {
+        let gets = count_blob_gets(&log, layer);
+        // Exactly one: the supernode's seed fetch; the three clients got it P2P.
+        assert_eq!(
+            gets, 1,
+            "the registry served layer {layer} {gets} times to 3 mirrored pulls"
+        );
+    }
+    // The same image pulled directly is identical, blob for blob.
+    let direct = env.path("direct");
+    let (code, output) = skopeo_copy_to_oci(&format!("{registry}/project/app:v1"), &direct).await;
+    assert_eq!(code, 0, "{output}");
+    for (_, dest) in &results {
+        assert_eq!(
+            blobs(dest),
+            blobs(&direct),
+            "{} differs from the direct pull",
+            dest.display()
+        );
+        assert_eq!(
+            std::fs::read(dest.join("index.json")).expect("index"),
+            std::fs::read(direct.join("index.json")).expect("index"),
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_paths_and_unreachable_registries_get_clear_errors() {
+    if let Some(why) = tools_missing() {
+        eprintln!("SKIP unknown_paths_and_unreachable_registries_get_clear_errors: {why}");
+        return;
+    }
+    let env = Env::new("registry-errors");
+    let (_sn, grpc, _) = env.supernode("sn", &[]).await;
+    let dead = format!("127.0.0.1:{}", free_port());
+    let (_agent, proxy) = agent(&env, "agent", &grpc, &dead).await;
+    let client = reqwest::Client::new();
+    let r = client
+        .get(format!("http://{proxy}/v2/"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status().as_u16(), 502);
+    assert!(r.text().await.expect("body").contains("unreachable"));
+    let blob = format!(
+        "http://{proxy}/v2/project/app/blobs/sha256:{}",
+        "a".repeat(64)
+    );
+    let r = client.get(blob).send().await.expect("request");
+    assert_eq!(r.status().as_u16(), 502);
+    let r = client
+        .get(format!("http://{proxy}/elsewhere"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status().as_u16(), 404);
+    // The proxy keeps serving after bad requests.
+    let r = client
+        .get(format!("http://{proxy}/v2/"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status().as_u16(), 502);
+}
