@@ -32,6 +32,7 @@ pub fn task_error(e: &fetcher::Error) -> TaskError {
         fetcher::Error::OriginUnreachable { .. } => (ErrorKind::OriginUnreachable, 0),
         fetcher::Error::OriginBody { .. } => (ErrorKind::OriginBody, 0),
         fetcher::Error::Invalid { .. } => (ErrorKind::Invalid, 0),
+        fetcher::Error::DigestMismatch { .. } => (ErrorKind::DigestMismatch, 0),
         _ => (ErrorKind::Internal, 0),
     };
     let message = match e {
@@ -146,6 +147,16 @@ async fn seed_inner(ctx: &SeedContext, v: &Arc<Version>) -> fetcher::Result<()> 
         return Err(fetcher::Error::OriginBody {
             url: v.url.clone(),
             detail: format!("got {total} of {len} bytes"),
+        });
+    }
+    if let Some(expected) = v.expected_digest.as_deref()
+        && !expected.eq_ignore_ascii_case(&digest)
+    {
+        // The origin served other bytes than the digest the task is keyed by: share nothing more.
+        store.discard()?;
+        return Err(fetcher::Error::DigestMismatch {
+            expected: expected.to_owned(),
+            actual: digest,
         });
     }
     store.set_complete(total, Some(digest.clone()))?;

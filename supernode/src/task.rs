@@ -76,6 +76,8 @@ pub struct Version {
     pub url: String,
     /// Headers of the registration that started the seed (used for the origin fetch).
     pub headers: Vec<HeaderPair>,
+    /// `sha256:<hex>` the content must have (content-keyed tasks such as registry blobs).
+    pub expected_digest: Option<String>,
     state: Mutex<State>,
     changed: watch::Sender<u64>,
     /// The seed's store, once the origin answered.
@@ -85,7 +87,12 @@ pub struct Version {
 impl Version {
     /// A new version about to be seeded with `headers` (whose fingerprint counts as validated once
     /// the origin accepts the seed's request).
-    pub fn new(task_id: String, url: String, headers: Vec<HeaderPair>) -> Arc<Self> {
+    pub fn new(
+        task_id: String,
+        url: String,
+        headers: Vec<HeaderPair>,
+        expected_digest: Option<String>,
+    ) -> Arc<Self> {
         let now = Instant::now();
         let mut validated = HashSet::new();
         validated.insert(fingerprint(&headers));
@@ -93,6 +100,7 @@ impl Version {
             task_id,
             url,
             headers,
+            expected_digest,
             state: Mutex::new(State {
                 info: None,
                 status: Status::Seeding,

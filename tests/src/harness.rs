@@ -315,3 +315,18 @@ pub fn is_root() -> bool {
         })
         .unwrap_or(false)
 }
+
+/// Bytes allocated on disk by the files under `p` (sparse files count what they really use).
+pub fn disk_usage(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(rd) = std::fs::read_dir(p) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => disk_usage(&e.path()),
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}

@@ -6,6 +6,7 @@
 //! - `GET /status/<code>/<anything>`: answers `<code>`.
 //! - `GET /short/<name>`: announces the file's length, sends half, closes.
 //! - `GET /redirect/<name>`: 302 to `/files/<name>`.
+//! - `GET|HEAD /v2/<repo>/blobs/sha256:<hex>`: the file `blob-<hex>` (registry-like; may lie).
 //! - `GET /_stats`: `{"bytes": N, "requests": N}` of file bodies served; `POST /_reset` zeroes them.
 
 use std::path::PathBuf;
@@ -39,6 +40,7 @@ pub fn router(origin: Arc<Origin>) -> Router {
         .route("/status/{code}/{rest}", get(status))
         .route("/short/{name}", get(short))
         .route("/redirect/{name}", get(redirect))
+        .route("/v2/{*path}", get(blob))
         .route("/_stats", get(stats))
         .route("/_reset", post(reset))
         .with_state(origin)
@@ -98,6 +100,21 @@ async fn files(
     headers: HeaderMap,
 ) -> Response {
     serve(o, &name, &headers, false).await
+}
+
+/// A registry-like blob path: serves the file `blob-<hex>`, whatever its bytes (tests make it lie).
+async fn blob(
+    State(o): State<Arc<Origin>>,
+    Path(path): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(hex) = path
+        .rsplit_once("/blobs/sha256:")
+        .map(|(_, h)| h.to_owned())
+    else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    serve(o, &format!("blob-{hex}"), &headers, false).await
 }
 
 async fn short(

@@ -161,28 +161,11 @@ async fn no_space_is_refused_before_downloading() {
         0,
         "nothing may be left on the small disk"
     );
-    let peer_bytes: u64 = walk_size(&env.path("peer"));
+    let peer_bytes: u64 = damselfly_tests::harness::disk_usage(&env.path("peer"));
     assert!(
         peer_bytes < 1 << 20,
         "{peer_bytes} bytes downloaded into the store despite the refusal"
     );
-}
-
-fn walk_size(p: &std::path::Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(rd) = std::fs::read_dir(p) else {
-        return 0;
-    };
-    rd.flatten()
-        .map(|e| {
-            let m = e.metadata().expect("meta");
-            if m.is_dir() {
-                walk_size(&e.path())
-            } else {
-                m.blocks() * 512
-            }
-        })
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -257,7 +240,7 @@ async fn supernode_cache_is_bounded_by_lru_eviction() {
         let m = damselfly_tests::harness::get_text(&format!("{http}/metrics")).await;
         let evicted =
             damselfly_tests::harness::metric(&m, "damselfly_supernode_evictions_total", "");
-        let usage = walk_size(&env.path("sn"));
+        let usage = damselfly_tests::harness::disk_usage(&env.path("sn"));
         if evicted >= 1.0 && usage <= 10 << 20 {
             break;
         }

@@ -147,3 +147,55 @@ async fn unknown_paths_and_unreachable_registries_get_clear_errors() {
         .expect("request");
     assert_eq!(r.status().as_u16(), 502);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_that_does_not_match_its_digest_is_refused_and_not_shared() {
+    let env = Env::new("registry-lying");
+    // The test origin plays a registry whose storage returns wrong bytes for one digest.
+    let (_origin, origin_url) = env.origin(&[]).await;
+    let good = damselfly_tests::harness::random_file(&env.path("www/good"), 6 << 20);
+    std::fs::rename(env.path("www/good"), env.path(&format!("www/blob-{good}"))).expect("rename");
+    let claimed = "b".repeat(64);
+    damselfly_tests::harness::random_file(&env.path(&format!("www/blob-{claimed}")), 6 << 20);
+    let (_sn, grpc, _) = env.supernode("sn", &[]).await;
+    let registry = origin_url.trim_start_matches("http://").to_owned();
+    let (_a, proxy_a) = agent(&env, "agent-a", &grpc, &registry).await;
+    let (_b, proxy_b) = agent(&env, "agent-b", &grpc, &registry).await;
+    let client = reqwest::Client::new();
+
+    let ok = client
+        .get(format!(
+            "http://{proxy_a}/v2/project/app/blobs/sha256:{good}"
+        ))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(ok.status().as_u16(), 200);
+    let body = ok.bytes().await.expect("body");
+    assert_eq!(fetcher::piece::sha256_hex(&body), good);
+
+    for proxy in [&proxy_a, &proxy_b] {
+        let url = format!("http://{proxy}/v2/project/app/blobs/sha256:{claimed}");
+        let got = match client.get(url).send().await {
+            Ok(r) => r.bytes().await.map(|b| b.to_vec()),
+            Err(e) => Err(e),
+        };
+        if let Ok(bytes) = got {
+            assert_ne!(
+                fetcher::piece::sha256_hex(&bytes),
+                claimed,
+                "impossible: wrong bytes hashed right"
+            );
+            assert!(
+                bytes.len() < 6 << 20,
+                "a client received the whole unverified blob from {proxy}"
+            );
+        }
+    }
+    // The supernode keeps the good blob and discarded the lying one.
+    let cached = damselfly_tests::harness::disk_usage(&env.path("sn"));
+    assert!(
+        cached < (6 << 20) + (1 << 20),
+        "the supernode cache holds {cached} bytes: the bad blob was kept"
+    );
+}

@@ -295,6 +295,23 @@ impl TaskStore {
             .unwrap_or((0, 0))
     }
 
+    /// Drops every piece and truncates the data: content that turned out wrong is not kept.
+    pub fn discard(&self) -> Result<()> {
+        if let Ok(mut p) = self.pieces.lock() {
+            p.clear();
+        }
+        let path = self.data_path();
+        self.data
+            .set_len(0)
+            .map_err(|e| Error::io("cannot truncate", &path, e))?;
+        let log = self
+            .log
+            .lock()
+            .map_err(|_| Error::Download("log lock poisoned".into()))?;
+        log.set_len(0)
+            .map_err(|e| Error::io("cannot truncate piece log in", &self.dir, e))
+    }
+
     /// Length of the prefix of the content covered by held pieces.
     pub fn contiguous_bytes(&self) -> u64 {
         let Ok(p) = self.pieces.lock() else { return 0 };

@@ -153,7 +153,7 @@ mod tests {
     }
 
     fn state_with(pieces: u32) -> std::sync::Arc<Version> {
-        let v = Version::new("t".repeat(64), "http://o/x".into(), vec![]);
+        let v = Version::new("t".repeat(64), "http://o/x".into(), vec![], None);
         v.lock().pieces = (0..pieces)
             .map(|n| PieceMeta {
                 num: n,

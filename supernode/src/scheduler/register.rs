@@ -42,7 +42,12 @@ pub async fn join(s: &Scheduling, reg: &Register) -> Result<Arc<Version>, TaskEr
     let (version, created) = s.tasks.with_current(|m| match m.get(&task_id) {
         Some(v) if !v.failed() => (v.clone(), false),
         _ => {
-            let v = Version::new(task_id.clone(), reg.url.clone(), headers.clone());
+            let v = Version::new(
+                task_id.clone(),
+                reg.url.clone(),
+                headers.clone(),
+                key.map(str::to_owned),
+            );
             m.insert(task_id.clone(), v.clone());
             (v, true)
         }
@@ -95,7 +100,12 @@ pub async fn join(s: &Scheduling, reg: &Register) -> Result<Arc<Version>, TaskEr
         match m.get(&task_id) {
             Some(cur) if !Arc::ptr_eq(cur, &version) && !cur.failed() => (cur.clone(), false),
             _ => {
-                let v = Version::new(task_id.clone(), reg.url.clone(), headers.clone());
+                let v = Version::new(
+                    task_id.clone(),
+                    reg.url.clone(),
+                    headers.clone(),
+                    key.map(str::to_owned),
+                );
                 m.insert(task_id.clone(), v.clone());
                 (v, true)
             }
