@@ -39,21 +39,16 @@ pub async fn join(s: &Scheduling, reg: &Register) -> Result<Arc<Version>, TaskEr
     let fp = fingerprint(&headers);
 
     // Get the current version or start one, atomically.
-    let (version, created) = s.tasks.with_current(|m| match m.get(&task_id) {
-        Some(v) if !v.failed() => (v.clone(), false),
-        _ => {
-            let v = Version::new(
-                task_id.clone(),
-                reg.url.clone(),
-                headers.clone(),
-                key.map(str::to_owned),
-            );
-            m.insert(task_id.clone(), v.clone());
-            (v, true)
-        }
-    });
+    let new_version = || {
+        Version::new(
+            task_id.clone(),
+            reg.url.clone(),
+            headers.clone(),
+            key.map(str::to_owned),
+        )
+    };
+    let (version, created) = current_or_new(s, &task_id, |cur| !cur.failed(), new_version);
     if created {
-        tokio::spawn(seed::seed(s.seed.clone(), version.clone()));
         return Ok(version);
     }
     let (complete, known) = {
@@ -95,24 +90,34 @@ pub async fn join(s: &Scheduling, reg: &Register) -> Result<Arc<Version>, TaskEr
         return Ok(version);
     }
     tracing::info!(task_id = %&task_id[..16], "origin content changed: starting a new version");
-    let fresh = s.tasks.with_current(|m| {
-        // Another registration may have replaced it already.
-        match m.get(&task_id) {
-            Some(cur) if !Arc::ptr_eq(cur, &version) && !cur.failed() => (cur.clone(), false),
-            _ => {
-                let v = Version::new(
-                    task_id.clone(),
-                    reg.url.clone(),
-                    headers.clone(),
-                    key.map(str::to_owned),
-                );
-                m.insert(task_id.clone(), v.clone());
-                (v, true)
-            }
+    // Another registration may have replaced it already.
+    let (fresh, _) = current_or_new(
+        s,
+        &task_id,
+        |cur| !Arc::ptr_eq(cur, &version) && !cur.failed(),
+        new_version,
+    );
+    Ok(fresh)
+}
+
+/// The current version of `task_id` if `keep(current)`, else a new one from `make`, installed as
+/// current and seeding. Returns it and whether it is new.
+fn current_or_new(
+    s: &Scheduling,
+    task_id: &str,
+    keep: impl FnOnce(&Arc<Version>) -> bool,
+    make: impl FnOnce() -> Arc<Version>,
+) -> (Arc<Version>, bool) {
+    let (v, created) = s.tasks.with_current(|m| match m.get(task_id) {
+        Some(cur) if keep(cur) => (cur.clone(), false),
+        _ => {
+            let v = make();
+            m.insert(task_id.to_owned(), v.clone());
+            (v, true)
         }
     });
-    if fresh.1 {
-        tokio::spawn(seed::seed(s.seed.clone(), fresh.0.clone()));
+    if created {
+        tokio::spawn(seed::seed(s.seed.clone(), v.clone()));
     }
-    Ok(fresh.0)
+    (v, created)
 }
