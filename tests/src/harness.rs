@@ -162,6 +162,38 @@ impl Env {
         (p, grpc, http_url)
     }
 
+    /// Starts a dfdaemon (store `<dir>/<name>`, socket `<dir>/<name>.sock`, every port free on
+    /// loopback) with `extra` flags; waits for its metrics endpoint.
+    pub async fn dfdaemon(&self, name: &str, supernode: &str, extra: &[&str]) -> (Proc, Daemon) {
+        let d = Daemon {
+            proxy: format!("127.0.0.1:{}", free_port()),
+            metrics: format!("127.0.0.1:{}", free_port()),
+            socket: self.path(&format!("{name}.sock")),
+        };
+        let mut args: Vec<String> = vec![
+            "--supernode".into(),
+            supernode.into(),
+            "--data-dir".into(),
+            self.path(name).to_string_lossy().into_owned(),
+            "--agent-socket".into(),
+            d.socket.to_string_lossy().into_owned(),
+            "--upload-addr".into(),
+            "127.0.0.1:0".into(),
+            "--metrics-addr".into(),
+            d.metrics.clone(),
+            "--proxy-addr".into(),
+            d.proxy.clone(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let p = self.spawn(name, "dfdaemon", &args);
+        wait_http(
+            &format!("http://{}/healthz", d.metrics),
+            Duration::from_secs(15),
+        )
+        .await;
+        (p, d)
+    }
+
     /// A `dfget` command line (embedded peer with its own store `<dir>/<peer>`).
     pub fn dfget_args(
         &self,
@@ -205,6 +237,13 @@ impl Env {
             }
         }
     }
+}
+
+/// Addresses of a dfdaemon started by [`Env::dfdaemon`].
+pub struct Daemon {
+    pub proxy: String,
+    pub metrics: String,
+    pub socket: PathBuf,
 }
 
 /// Runs a process to completion; returns (exit code, combined output).

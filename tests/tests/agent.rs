@@ -1,10 +1,8 @@
 //! dfget through the host agent: downloads share the agent's host-wide download limit.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use damselfly_tests::harness::{
-    Env, free_port, get_text, metric, random_file, run, sha256_file, wait_http,
-};
+use damselfly_tests::harness::{Env, get_text, metric, random_file, run, sha256_file};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_agent_downloads_share_the_host_download_limit() {
@@ -14,32 +12,11 @@ async fn concurrent_agent_downloads_share_the_host_download_limit() {
     let a = random_file(&env.path("www/a"), size);
     let b = random_file(&env.path("www/b"), size);
     let (_sn, grpc, _) = env.supernode("sn", &[]).await;
-    let sock = env.path("agent.sock");
-    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let (_agent, daemon) = env
+        .dfdaemon("agent", &grpc, &["--download-rate", "8MiB"])
+        .await;
+    let (sock, metrics_addr) = (daemon.socket, daemon.metrics);
     let limit = 8u64 << 20;
-    let args: Vec<String> = [
-        "--supernode",
-        &grpc,
-        "--data-dir",
-        &env.path("agent").to_string_lossy(),
-        "--agent-socket",
-        &sock.to_string_lossy(),
-        "--upload-addr",
-        "127.0.0.1:0",
-        "--metrics-addr",
-        &metrics_addr,
-        "--download-rate",
-        "8MiB",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let _agent = env.spawn("dfdaemon", "dfdaemon", &args);
-    wait_http(
-        &format!("http://{metrics_addr}/healthz"),
-        Duration::from_secs(15),
-    )
-    .await;
 
     let started = Instant::now();
     let mut procs: Vec<_> = [("a", &a), ("b", &b)]

@@ -3,7 +3,7 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use damselfly_tests::harness::{Env, Proc, free_port, is_root, wait_http};
+use damselfly_tests::harness::{Env, Proc, is_root};
 use damselfly_tests::registry::{count_blob_gets, push_test_image, start_registry, tools_missing};
 
 fn on_path(tool: &str) -> bool {
@@ -49,33 +49,14 @@ async fn ctr_pulls_through_the_mirror_and_runs_the_image() {
     let layers = push_test_image(&env, &registry, "project/app:v1", 8 << 20).await;
     let (_sn, grpc, _) = env.supernode("sn", &[]).await;
 
-    let proxy = format!("127.0.0.1:{}", free_port());
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let args: Vec<String> = [
-        "--supernode",
-        &grpc,
-        "--data-dir",
-        &env.path("agent").to_string_lossy(),
-        "--agent-socket",
-        &env.path("agent.sock").to_string_lossy(),
-        "--upload-addr",
-        "127.0.0.1:0",
-        "--metrics-addr",
-        &metrics,
-        "--proxy-addr",
-        &proxy,
-        "--registry-mirror",
-        &format!("http://{registry}"),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let _agent = env.spawn("dfdaemon", "dfdaemon", &args);
-    wait_http(
-        &format!("http://{metrics}/healthz"),
-        Duration::from_secs(15),
-    )
-    .await;
+    let (_agent, daemon) = env
+        .dfdaemon(
+            "dfdaemon",
+            &grpc,
+            &["--registry-mirror", &format!("http://{registry}")],
+        )
+        .await;
+    let proxy = daemon.proxy;
 
     // containerd of our own: own root, state and socket; no CRI.
     let dir = env.path("containerd");

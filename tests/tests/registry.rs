@@ -3,41 +3,21 @@
 use std::path::Path;
 use std::time::Duration;
 
-use damselfly_tests::harness::{Env, Proc, free_port, wait_http};
+use damselfly_tests::harness::{Env, Proc, free_port};
 use damselfly_tests::registry::{
     count_blob_gets, push_test_image, skopeo_copy_to_oci, start_registry, tools_missing,
 };
 
 /// Starts a dfdaemon mirroring `registry`; returns it and its proxy address.
 async fn agent(env: &Env, name: &str, supernode: &str, registry: &str) -> (Proc, String) {
-    let proxy = format!("127.0.0.1:{}", free_port());
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let args: Vec<String> = [
-        "--supernode",
-        supernode,
-        "--data-dir",
-        &env.path(name).to_string_lossy(),
-        "--agent-socket",
-        &env.path(&format!("{name}.sock")).to_string_lossy(),
-        "--upload-addr",
-        "127.0.0.1:0",
-        "--metrics-addr",
-        &metrics,
-        "--proxy-addr",
-        &proxy,
-        "--registry-mirror",
-        &format!("http://{registry}"),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let p = env.spawn(name, "dfdaemon", &args);
-    wait_http(
-        &format!("http://{metrics}/healthz"),
-        Duration::from_secs(15),
-    )
-    .await;
-    (p, proxy)
+    let (p, d) = env
+        .dfdaemon(
+            name,
+            supernode,
+            &["--registry-mirror", &format!("http://{registry}")],
+        )
+        .await;
+    (p, d.proxy)
 }
 
 /// The blob files of an OCI layout, sorted.
