@@ -326,8 +326,17 @@ impl Download<'_> {
         if let Some(stream) = &self.stream {
             stream.advance(upto);
         }
+        // Hashing a few MiB blocks briefly; on a multi-threaded runtime let other tasks move meanwhile.
+        let multi = matches!(
+            tokio::runtime::Handle::current().runtime_flavor(),
+            tokio::runtime::RuntimeFlavor::MultiThread
+        );
         if let Some(out) = &mut self.output
-            && let Err(e) = tokio::task::block_in_place(|| out.hash_upto(upto))
+            && let Err(e) = if multi {
+                tokio::task::block_in_place(|| out.hash_upto(upto))
+            } else {
+                out.hash_upto(upto)
+            }
         {
             tracing::warn!(error = %e, "cannot hash the output yet; will retry at the end");
         }
