@@ -14,6 +14,8 @@ pub struct PeerMetrics {
     pub verify_failures: IntCounter,
     /// `damselfly_peer_downloads_total{result="ok|error"}`
     pub downloads: IntCounterVec,
+    /// `damselfly_proxy_requests_total{kind="blob|token|passthrough|tunnel|hijack"}`
+    pub proxy_requests: IntCounterVec,
 }
 
 impl PeerMetrics {
@@ -46,7 +48,16 @@ impl PeerMetrics {
             &["result"],
         )
         .expect("static metric definition");
-        for c in [&download_bytes, &downloads] {
+        let proxy_requests = IntCounterVec::new(
+            Opts::new(
+                "damselfly_proxy_requests_total",
+                "Registry proxy requests, by how they were handled (blob: P2P; token: shared token \
+                 fetch; passthrough: to the registry; tunnel/hijack: CONNECT)",
+            ),
+            &["kind"],
+        )
+        .expect("static metric definition");
+        for c in [&download_bytes, &downloads, &proxy_requests] {
             let _ = registry.register(Box::new(c.clone()));
         }
         for c in [&upload_bytes, &verify_failures] {
@@ -58,6 +69,7 @@ impl PeerMetrics {
             upload_bytes,
             verify_failures,
             downloads,
+            proxy_requests,
         }
     }
 

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
-use crate::harness::{Env, Proc, free_port, random_file, wait_http};
+use crate::harness::{Env, Proc, free_port, random_file};
+use crate::pki::{Pki, REGISTRY_HOST};
 
 /// The external tools these helpers need.
 const TOOLS: [&str; 4] = ["docker-registry", "skopeo", "umoci", "busybox"];
@@ -63,22 +64,77 @@ fn path_str(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
 
+/// How the test registry authenticates clients.
+pub enum RegistryAuth {
+    None,
+    /// `htpasswd` file of `(user, password)` (bcrypt, made with `htpasswd -Bbn`).
+    Htpasswd(Vec<(String, String)>),
+    /// Token auth, as Harbor's registry: tokens from `realm` (a [`start_token_server`]).
+    Token {
+        realm: String,
+    },
+}
+
+/// Issuer and service names shared by the registry config and the token server.
+const TOKEN_ISSUER: &str = "damselfly-token-issuer";
+const TOKEN_SERVICE: &str = "damselfly-registry";
+
 /// Starts `docker-registry serve` on a free loopback port, plain HTTP, filesystem storage under
 /// `<dir>/registry/data`, access log on, output to `<dir>/registry.log`. Waits for `GET /v2/` to
 /// answer 200. Returns the process and its address `"127.0.0.1:<port>"`.
 pub async fn start_registry(env: &Env) -> (Proc, String) {
+    start_registry_with(env, None, RegistryAuth::None).await
+}
+
+/// [`start_registry`] with TLS (a server certificate of `pki` for [`REGISTRY_HOST`]) and auth.
+/// With TLS the returned address is `"registry.damselfly.test:<port>"`.
+pub async fn start_registry_with(
+    env: &Env,
+    tls: Option<&Pki>,
+    auth: RegistryAuth,
+) -> (Proc, String) {
     let dir = env.path("registry");
     let data = env.path("registry/data");
     std::fs::create_dir_all(&data).expect("create registry data dir");
-    let addr = format!("127.0.0.1:{}", free_port());
-    let config = dir.join("config.yml");
-    let yaml = format!(
+    let port = free_port();
+    let mut yaml = format!(
         "version: 0.1\n\
          log:\n  accesslog:\n    disabled: false\n  level: info\n\
          storage:\n  filesystem:\n    rootdirectory: {data}\n  delete:\n    enabled: true\n\
-         http:\n  addr: {addr}\n",
+         http:\n  addr: 127.0.0.1:{port}\n",
         data = data.display(),
     );
+    if let Some(pki) = tls {
+        yaml.push_str(&format!(
+            "  tls:\n    certificate: {}\n    key: {}\n",
+            pki.server_crt.display(),
+            pki.server_key.display()
+        ));
+    }
+    match auth {
+        RegistryAuth::None => {}
+        RegistryAuth::Htpasswd(users) => {
+            let mut lines = String::new();
+            for (u, p) in &users {
+                lines.push_str(run_ok("htpasswd", &["-Bbn", u, p]).await.trim());
+                lines.push('\n');
+            }
+            let file = dir.join("htpasswd");
+            std::fs::write(&file, lines).expect("write htpasswd");
+            yaml.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: damselfly-registry\n    path: {}\n",
+                file.display()
+            ));
+        }
+        RegistryAuth::Token { realm } => {
+            let pki = tls.expect("token auth needs the test PKI");
+            yaml.push_str(&format!(
+                "auth:\n  token:\n    realm: {realm}\n    service: {TOKEN_SERVICE}\n    issuer: {TOKEN_ISSUER}\n    rootcertbundle: {}\n",
+                pki.signing_crt.display()
+            ));
+        }
+    }
+    let config = dir.join("config.yml");
     std::fs::write(&config, yaml).expect("write registry config.yml");
 
     let log = env.path("registry.log");
@@ -99,14 +155,106 @@ pub async fn start_registry(env: &Env) -> (Proc, String) {
         child,
         log,
     };
-    let url = format!("http://{addr}/v2/");
+    let (addr, url) = match tls {
+        Some(_) => {
+            let a = format!("{REGISTRY_HOST}:{port}");
+            let u = format!("https://{a}/v2/");
+            (a, u)
+        }
+        None => {
+            let a = format!("127.0.0.1:{port}");
+            let u = format!("http://{a}/v2/");
+            (a, u)
+        }
+    };
     tokio::select! {
-        () = wait_http(&url, Duration::from_secs(20)) => {}
+        () = wait_answer(&url, tls.map(|p| p.ca_crt.as_path()), Duration::from_secs(20)) => {}
         status = proc.child.wait() => {
             panic!("docker-registry exited early ({status:?}):\n{}", proc.output());
         }
     }
     (proc, addr)
+}
+
+/// Polls `url` until it answers at all (401 counts: the server is up), trusting `ca`.
+async fn wait_answer(url: &str, ca: Option<&Path>, timeout: Duration) {
+    let client = test_client(ca);
+    let start = std::time::Instant::now();
+    while start.elapsed() < timeout {
+        if client.get(url).send().await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{url} did not come up within {timeout:?}");
+}
+
+/// A reqwest client that trusts `ca` (if any) besides the system roots, and no proxy.
+pub fn test_client(ca: Option<&Path>) -> reqwest::Client {
+    let mut b = reqwest::Client::builder().no_proxy();
+    if let Some(ca) = ca {
+        let pem = std::fs::read(ca).expect("read CA");
+        b = b.add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("CA pem"));
+    }
+    b.build().expect("client")
+}
+
+/// Starts `damselfly-token-server` over TLS on `REGISTRY_HOST:<free port>` with `users`
+/// (`"name:password"`) and `private` repositories (`"repo=user,user"`). Returns it and its realm
+/// URL (`https://registry.damselfly.test:<port>/token`).
+pub async fn start_token_server(
+    env: &Env,
+    pki: &Pki,
+    users: &[&str],
+    private: &[&str],
+) -> (Proc, String) {
+    let port = free_port();
+    let mut args: Vec<String> = vec![
+        "--addr".into(),
+        format!("127.0.0.1:{port}"),
+        "--tls-cert".into(),
+        path_str(&pki.server_crt),
+        "--tls-key".into(),
+        path_str(&pki.server_key),
+        "--signing-cert".into(),
+        path_str(&pki.signing_crt),
+        "--signing-key".into(),
+        path_str(&pki.signing_key),
+        "--issuer".into(),
+        TOKEN_ISSUER.into(),
+        "--service".into(),
+        TOKEN_SERVICE.into(),
+    ];
+    for u in users {
+        args.extend(["--user".into(), (*u).to_owned()]);
+    }
+    for p in private {
+        args.extend(["--private".into(), (*p).to_owned()]);
+    }
+    let proc = env.spawn("token-server", "damselfly-token-server", &args);
+    let base = format!("https://{REGISTRY_HOST}:{port}");
+    wait_answer(
+        &format!("{base}/_stats"),
+        Some(&pki.ca_crt),
+        Duration::from_secs(20),
+    )
+    .await;
+    (proc, format!("{base}/token"))
+}
+
+/// Tokens issued so far, per `"user|scope"` (anonymous: `"<anonymous>|scope"`).
+pub async fn tokens_issued(realm: &str, pki: &Pki) -> std::collections::BTreeMap<String, u64> {
+    let url = realm.replace("/token", "/_stats");
+    let text = test_client(Some(&pki.ca_crt))
+        .get(&url)
+        .send()
+        .await
+        .expect("token stats")
+        .text()
+        .await
+        .expect("token stats body");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("token stats json");
+    serde_json::from_value(v["issued"].clone()).expect("issued map")
 }
 
 /// Builds a three-layer OCI image under `<dir>/image` with umoci and pushes it with skopeo to
@@ -124,7 +272,54 @@ pub async fn push_test_image(
     reference: &str,
     big_layer_bytes: usize,
 ) -> Vec<String> {
-    let root = env.path("image");
+    push_test_image_as(env, registry, reference, big_layer_bytes, None).await
+}
+
+/// [`push_test_image`] with registry credentials (`"user:password"`).
+pub async fn push_test_image_as(
+    env: &Env,
+    registry: &str,
+    reference: &str,
+    big_layer_bytes: usize,
+    creds: Option<&str>,
+) -> Vec<String> {
+    let image = build_test_image(env, "image", big_layer_bytes).await;
+    let dest = format!("docker://{registry}/{reference}");
+    let src = format!("oci:{image}");
+    let mut copy = vec!["--insecure-policy", "copy", "--dest-tls-verify=false"];
+    let mut inspect = vec!["inspect", "--tls-verify=false", "--raw"];
+    if let Some(c) = creds {
+        copy.extend(["--dest-creds", c]);
+        inspect.extend(["--creds", c]);
+    }
+    copy.extend([src.as_str(), dest.as_str()]);
+    inspect.push(&dest);
+    run_ok("skopeo", &copy).await;
+    let raw = run_ok("skopeo", &inspect).await;
+    layer_digests(&raw)
+}
+
+/// The layer digests of an image manifest (JSON text).
+pub fn layer_digests(raw: &str) -> Vec<String> {
+    let manifest: serde_json::Value =
+        serde_json::from_str(raw).unwrap_or_else(|e| panic!("manifest is not JSON ({e}): {raw}"));
+    manifest["layers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("manifest has no layers: {raw}"))
+        .iter()
+        .map(|l| {
+            l["digest"]
+                .as_str()
+                .unwrap_or_else(|| panic!("layer without digest in {raw}"))
+                .to_owned()
+        })
+        .collect()
+}
+
+/// Builds the three-layer test image (see [`push_test_image`]) in an OCI layout under
+/// `<env>/<name>`; returns its umoci/skopeo reference `<layout>:app` (without the `oci:`).
+pub async fn build_test_image(env: &Env, name: &str, big_layer_bytes: usize) -> String {
+    let root = env.path(name);
     std::fs::create_dir_all(&root).expect("create image dir");
     let layout = root.join("oci");
     let image = format!("{}:app", layout.display());
@@ -172,33 +367,7 @@ pub async fn push_test_image(
         &["config", "--image", &image, "--config.cmd", "/bin/sh"],
     )
     .await;
-
-    let dest = format!("docker://{registry}/{reference}");
-    run_ok(
-        "skopeo",
-        &[
-            "--insecure-policy",
-            "copy",
-            "--dest-tls-verify=false",
-            &format!("oci:{image}"),
-            &dest,
-        ],
-    )
-    .await;
-    let raw = run_ok("skopeo", &["inspect", "--tls-verify=false", "--raw", &dest]).await;
-    let manifest: serde_json::Value = serde_json::from_str(&raw)
-        .unwrap_or_else(|e| panic!("manifest of {dest} is not JSON ({e}): {raw}"));
-    manifest["layers"]
-        .as_array()
-        .unwrap_or_else(|| panic!("manifest of {dest} has no layers: {raw}"))
-        .iter()
-        .map(|l| {
-            l["digest"]
-                .as_str()
-                .unwrap_or_else(|| panic!("layer without digest in {raw}"))
-                .to_owned()
-        })
-        .collect()
+    image
 }
 
 /// Number of successful (2xx) `GET /v2/<name>/blobs/<digest>` requests in the registry's access
@@ -249,14 +418,29 @@ fn is_blob_get(line: &str, digest: &str) -> bool {
 /// `skopeo copy --src-tls-verify=false docker://<src> oci:<dest_dir>:app`; returns the exit code
 /// (-1 if killed by a signal) and stdout followed by stderr.
 pub async fn skopeo_copy_to_oci(src: &str, dest_dir: &Path) -> (i32, String) {
-    let out = Command::new("skopeo")
-        .args([
+    let src = format!("docker://{src}");
+    let dest = format!("oci:{}:app", dest_dir.display());
+    skopeo(
+        &[
             "--insecure-policy",
             "copy",
             "--src-tls-verify=false",
-            &format!("docker://{src}"),
-            &format!("oci:{}:app", dest_dir.display()),
-        ])
+            &src,
+            &dest,
+        ],
+        &[],
+    )
+    .await
+}
+
+/// Runs `skopeo ARGS` with extra environment variables (e.g. `HTTPS_PROXY`); returns the exit
+/// code (-1 if killed by a signal) and stdout followed by stderr.
+pub async fn skopeo(args: &[&str], envs: &[(&str, &str)]) -> (i32, String) {
+    let out = Command::new("skopeo")
+        .args(args)
+        .envs(envs.iter().copied())
+        .env_remove("HTTP_PROXY")
+        .env_remove("http_proxy")
         .stdin(Stdio::null())
         .output()
         .await

@@ -38,6 +38,20 @@ pub struct Args {
     /// Registry mirrored when a client does not name one with ?ns= (e.g. https://harbor.example.com).
     #[arg(long, value_name = "URL")]
     pub registry_mirror: Option<url::Url>,
+    /// Proxy mode: intercept `CONNECT` to these hosts (comma-separated `host`, `host:port`,
+    /// `*.domain`, `*`) with a certificate from the proxy CA and serve their blobs via P2P; other
+    /// hosts are tunneled untouched [default: none].
+    #[arg(long, value_name = "HOSTS")]
+    pub hijack: Option<String>,
+    /// Proxy CA certificate (PEM) for --hijack [default: <data-dir>/proxy-ca/ca.crt, created if absent].
+    #[arg(long, value_name = "FILE", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// Proxy CA private key (PEM) [default: <data-dir>/proxy-ca/ca.key].
+    #[arg(long, value_name = "FILE", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// Do not verify registry certificates. Dangerous: for test registries only.
+    #[arg(long)]
+    pub insecure_upstream: bool,
     /// Piece upload server address [default: 0.0.0.0:65002].
     #[arg(long, value_name = "IP:PORT")]
     pub upload_addr: Option<SocketAddr>,
@@ -75,6 +89,10 @@ pub struct DaemonConfig {
     pub upload_addr: SocketAddr,
     pub proxy_addr: SocketAddr,
     pub registry_mirror: Option<url::Url>,
+    pub hijack: Vec<String>,
+    pub ca_cert: Option<PathBuf>,
+    pub ca_key: Option<PathBuf>,
+    pub insecure_upstream: bool,
     pub metrics_addr: SocketAddr,
     pub data_dir: PathBuf,
     pub agent_socket: PathBuf,
@@ -115,6 +133,10 @@ impl Default for DaemonConfig {
             upload_addr: ([0, 0, 0, 0], 65002).into(),
             proxy_addr: ([127, 0, 0, 1], 65001).into(),
             registry_mirror: None,
+            hijack: Vec::new(),
+            ca_cert: None,
+            ca_key: None,
+            insecure_upstream: false,
             metrics_addr: ([127, 0, 0, 1], 65003).into(),
             data_dir: PathBuf::from("/var/lib/damselfly"),
             agent_socket: PathBuf::from(super::dfget::DEFAULT_AGENT_SOCKET),
@@ -154,6 +176,14 @@ fn merge(args: &Args) -> Result<DaemonConfig> {
     if args.upstream_ca.is_some() {
         c.upstream_ca = args.upstream_ca.clone();
     }
+    if let Some(h) = &args.hijack {
+        c.hijack = split_list(h);
+    }
+    if args.ca_cert.is_some() {
+        c.ca_cert = args.ca_cert.clone();
+        c.ca_key = args.ca_key.clone();
+    }
+    c.insecure_upstream |= args.insecure_upstream;
     Ok(c)
 }
 
@@ -206,6 +236,21 @@ async fn run_inner(args: Args) -> Result<()> {
         addr: c.proxy_addr,
         registry_mirror: c.registry_mirror.clone(),
         upstream_ca: c.upstream_ca.clone(),
+        insecure_upstream: c.insecure_upstream,
+        hijack: c.hijack.clone(),
+        ca: match (&c.ca_cert, &c.ca_key) {
+            (Some(cert), Some(key)) => crate::proxy::CaFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            (None, None) => crate::proxy::CaFiles::under(&c.data_dir),
+            _ => {
+                return Err(Error::invalid(
+                    "config",
+                    "ca_cert and ca_key: set both or neither",
+                ));
+            }
+        },
     };
     let paddr = crate::proxy::serve(proxy_cfg, peer.clone(), shutdown.clone()).await?;
     tracing::info!(proxy = %paddr, upload = %peer.upload_addr(), metrics = %maddr, socket = %c.agent_socket.display(), "dfdaemon ready");

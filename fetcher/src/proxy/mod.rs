@@ -1,26 +1,35 @@
-//! The registry proxy on dfdaemon's proxy port (65001), mirror mode: docker `registry-mirrors`,
-//! containerd `hosts.toml` (which adds `?ns=<registry host>`), podman/skopeo `registries.conf`
-//! mirrors. Blob downloads by digest become P2P tasks keyed by the digest; everything else
-//! (ping, manifests, tags, tokens, pushes) is passed through unchanged, streamed.
+//! The registry proxy on dfdaemon's proxy port (65001).
+//!
+//! - Mirror mode: docker `registry-mirrors`, containerd `hosts.toml` (which adds `?ns=<registry>`),
+//!   podman/skopeo `registries.conf` mirrors send `/v2/...` here.
+//! - Proxy mode: clients with `HTTPS_PROXY` send `CONNECT host:port`; a host in `--hijack` gets a
+//!   certificate from our CA ([`ca`]) and its traffic is handled like mirror mode, any other host is
+//!   tunneled untouched. `GET /ca.crt` serves the CA certificate.
+//!
+//! Either way, blob downloads by digest become P2P tasks keyed by the digest ([`blob`]); everything
+//! else (ping, manifests, tags, tokens, pushes) is passed through unchanged, streamed ([`passthrough`]).
 
 mod blob;
+pub mod ca;
+mod connect;
 mod passthrough;
+mod server;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::http::StatusCode;
+use axum::extract::Request;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+
+pub use ca::CaFiles;
 
 use crate::error::{Error, Result};
 use crate::peer::Peer;
 use crate::shutdown::Shutdown;
-use crate::upload;
 
 /// Proxy settings.
 #[derive(Clone, Debug)]
@@ -30,12 +39,30 @@ pub struct ProxyConfig {
     pub registry_mirror: Option<url::Url>,
     /// Extra CA certificates (PEM) for HTTPS registries.
     pub upstream_ca: Option<PathBuf>,
+    /// Skip certificate verification of upstream registries (never by default; logged loudly).
+    pub insecure_upstream: bool,
+    /// Hosts whose `CONNECT` is intercepted: `host`, `host:port`, `*.domain` or `*`.
+    pub hijack: Vec<String>,
+    /// The interception CA (created on first start when absent).
+    pub ca: CaFiles,
+}
+
+/// Which connection a request arrived on.
+#[derive(Clone, Debug)]
+pub(crate) enum Listener {
+    /// The proxy port itself: mirror requests, `CONNECT`, absolute-form proxy requests, `/ca.crt`.
+    Entry,
+    /// A hijacked TLS stream to this origin (`https://host:port/`): every path goes there.
+    Hijacked(url::Url),
 }
 
 pub(crate) struct Proxy {
     peer: Peer,
     mirror: Option<url::Url>,
     client: reqwest::Client,
+    hijack: Vec<String>,
+    ca: ca::CertAuthority,
+    shutdown: Shutdown,
 }
 
 /// Starts the proxy; it stops with `shutdown`. Returns the bound address.
@@ -52,21 +79,133 @@ pub async fn serve(cfg: ProxyConfig, peer: Peer, shutdown: Shutdown) -> Result<S
             b = b.add_root_certificate(c);
         }
     }
+    if cfg.insecure_upstream {
+        tracing::warn!(
+            "--insecure-upstream: registry certificates are NOT verified; anyone on the path can read and alter pulls"
+        );
+        b = b.danger_accept_invalid_certs(true);
+    }
     let client = b.build().map_err(|e| Error::invalid("HTTP client", e))?;
+    let ca = ca::CertAuthority::load_or_create(&cfg.ca)?;
+    let hijack = cfg.hijack.iter().map(|h| h.to_ascii_lowercase()).collect();
     let proxy = Arc::new(Proxy {
         peer,
         mirror: cfg.registry_mirror,
         client,
+        hijack,
+        ca,
+        shutdown,
     });
-    let router = Router::new().fallback(handle).with_state(proxy);
-    let (addr, _) = upload::serve(cfg.addr, router, shutdown)
+    let listener = tokio::net::TcpListener::bind(cfg.addr)
         .await
         .map_err(|e| Error::io("cannot bind proxy on", cfg.addr.to_string(), e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::io("cannot bind proxy on", cfg.addr.to_string(), e))?;
+    tokio::spawn(server::accept_loop(listener, proxy));
     Ok(addr)
 }
 
-fn text(status: StatusCode, msg: impl Into<String>) -> Response {
+pub(crate) fn text(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, format!("{}\n", msg.into())).into_response()
+}
+
+/// Does `pattern` (`host`, `host:port`, `*.domain`, `*`) name `host:port`?
+fn host_matches(pattern: &str, host: &str, port: u16) -> bool {
+    let host = host.to_ascii_lowercase();
+    if pattern == "*" {
+        return true;
+    }
+    let (pat_host, pat_port) = match pattern.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => (h, p.parse::<u16>().ok()),
+        _ => (pattern, None),
+    };
+    if pat_port.is_some_and(|p| p != port) {
+        return false;
+    }
+    match pat_host.strip_prefix("*.") {
+        Some(domain) => host
+            .strip_suffix(domain)
+            .is_some_and(|rest| rest.ends_with('.')),
+        None => pat_host == host,
+    }
+}
+
+/// Routes one request by the connection it came on. (Boxed: a hijacked connection is served from
+/// inside a request, and the boxed type breaks that cycle for the compiler.)
+pub(crate) fn dispatch(
+    p: Arc<Proxy>,
+    req: Request<Body>,
+    listener: Listener,
+) -> futures::future::BoxFuture<'static, Response> {
+    Box::pin(dispatch_inner(p, req, listener))
+}
+
+async fn dispatch_inner(p: Arc<Proxy>, req: Request<Body>, listener: Listener) -> Response {
+    if let Listener::Hijacked(base) = listener {
+        return registry(&p, req, Some(base)).await;
+    }
+    if req.method() == http::Method::CONNECT {
+        return connect::connect(p, req).await;
+    }
+    // Absolute-form (`GET http://host/...`): a plain-HTTP proxy request.
+    if let (Some(scheme), Some(authority)) = (req.uri().scheme_str(), req.uri().authority()) {
+        let origin = match url::Url::parse(&format!("{scheme}://{authority}/")) {
+            Ok(u) => u,
+            Err(e) => return text(StatusCode::BAD_REQUEST, format!("dfdaemon proxy: {e}")),
+        };
+        let port = origin.port_or_known_default().unwrap_or(80);
+        if p.hijacks(origin.host_str().unwrap_or(""), port) {
+            return registry(&p, req, Some(origin)).await;
+        }
+        let target = upstream_url(&origin, req.uri());
+        p.count("passthrough");
+        return passthrough::forward(&p, req, target).await;
+    }
+    let path = req.uri().path();
+    if path == "/ca.crt" && req.method() == http::Method::GET {
+        return (
+            [(header::CONTENT_TYPE, "application/x-x509-ca-cert")],
+            p.ca.cert_pem().to_owned(),
+        )
+            .into_response();
+    }
+    if path != "/v2" && !path.starts_with("/v2/") {
+        return text(
+            StatusCode::NOT_FOUND,
+            "dfdaemon proxy: only the registry API (/v2/...) and /ca.crt are served here",
+        );
+    }
+    registry(&p, req, None).await
+}
+
+/// `origin` with the request's path and query.
+fn upstream_url(origin: &url::Url, uri: &http::Uri) -> url::Url {
+    let mut t = origin.clone();
+    t.set_path(uri.path());
+    t.set_query(uri.query());
+    t
+}
+
+/// A registry request for `origin` (hijacked) or, in mirror mode, for the registry the request names.
+#[tracing::instrument(skip_all, fields(method = %req.method(), path = %req.uri().path()))]
+async fn registry(p: &Proxy, req: Request<Body>, origin: Option<url::Url>) -> Response {
+    let target = match &origin {
+        Some(o) => upstream_url(o, req.uri()),
+        None => match p.target(req.uri()) {
+            Ok(t) => t,
+            Err(msg) => return text(StatusCode::BAD_GATEWAY, msg),
+        },
+    };
+    if req.method() == http::Method::GET
+        && let Some(digest) = blob_digest(req.uri().path())
+    {
+        let digest = digest.to_owned();
+        p.count("blob");
+        return blob::serve(p, req.headers(), target, digest).await;
+    }
+    p.count("passthrough");
+    passthrough::forward(p, req, target).await
 }
 
 /// `/v2/<name>/blobs/sha256:<hex>` → the digest.
@@ -79,6 +218,18 @@ fn blob_digest(path: &str) -> Option<&str> {
 }
 
 impl Proxy {
+    fn count(&self, kind: &str) {
+        self.peer
+            .metrics()
+            .proxy_requests
+            .with_label_values(&[kind])
+            .inc();
+    }
+
+    fn hijacks(&self, host: &str, port: u16) -> bool {
+        self.hijack.iter().any(|pat| host_matches(pat, host, port))
+    }
+
     /// The upstream URL for a request: the registry named by `?ns=` or the configured mirror, with
     /// the same path and the query minus `ns`.
     fn target(&self, uri: &http::Uri) -> Result<url::Url, String> {
@@ -126,27 +277,6 @@ impl Proxy {
     }
 }
 
-#[tracing::instrument(skip_all, fields(method = %req.method(), path = %req.uri().path()))]
-async fn handle(State(p): State<Arc<Proxy>>, req: Request<Body>) -> Response {
-    let path = req.uri().path().to_owned();
-    if path != "/v2" && !path.starts_with("/v2/") {
-        return text(
-            StatusCode::NOT_FOUND,
-            "dfdaemon proxy: only the registry API (/v2/...) is served here",
-        );
-    }
-    let target = match p.target(req.uri()) {
-        Ok(t) => t,
-        Err(msg) => return text(StatusCode::BAD_GATEWAY, msg),
-    };
-    if req.method() == http::Method::GET
-        && let Some(digest) = blob_digest(&path)
-    {
-        return blob::serve(&p, req.headers(), target, digest.to_owned()).await;
-    }
-    passthrough::forward(&p.client, req, target).await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,5 +295,38 @@ mod tests {
         assert_eq!(blob_digest(&format!("/v2/app/manifests/{d}")), None);
         assert_eq!(blob_digest("/v2/app/blobs/uploads/"), None);
         assert_eq!(blob_digest("/v2/app/blobs/sha256:xyz"), None);
+    }
+
+    #[test]
+    fn hijack_patterns() {
+        assert!(host_matches("*", "any.host", 443));
+        assert!(host_matches(
+            "harbor.example.com",
+            "Harbor.Example.com",
+            443
+        ));
+        assert!(host_matches(
+            "harbor.example.com",
+            "harbor.example.com",
+            5000
+        ));
+        assert!(host_matches(
+            "harbor.example.com:5000",
+            "harbor.example.com",
+            5000
+        ));
+        assert!(!host_matches(
+            "harbor.example.com:5000",
+            "harbor.example.com",
+            443
+        ));
+        assert!(host_matches("*.example.com", "a.b.example.com", 443));
+        assert!(!host_matches("*.example.com", "example.com", 443));
+        assert!(!host_matches("*.example.com", "badexample.com", 443));
+        assert!(!host_matches(
+            "harbor.example.com",
+            "harbor.example.com.evil",
+            443
+        ));
     }
 }

@@ -31,17 +31,14 @@ pub(crate) fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
 }
 
 /// Forwards `req` to `target` and streams the answer back.
-pub(crate) async fn forward(
-    client: &reqwest::Client,
-    req: Request<Body>,
-    target: url::Url,
-) -> Response {
+pub(crate) async fn forward(p: &super::Proxy, req: Request<Body>, target: url::Url) -> Response {
     let (parts, body) = req.into_parts();
     let mut headers = HeaderMap::new();
     copy_headers(&parts.headers, &mut headers);
     let has_body = !matches!(parts.method, http::Method::GET | http::Method::HEAD)
         || parts.headers.contains_key(http::header::CONTENT_LENGTH);
-    let mut rb = client
+    let mut rb = p
+        .client
         .request(parts.method.clone(), target.clone())
         .headers(headers);
     if has_body {
