@@ -199,6 +199,11 @@ impl Peer {
         }
     }
 
+    /// The supernode scheduler addresses this peer was configured with.
+    pub fn supernodes(&self) -> &[String] {
+        &self.inner.cfg.supernodes
+    }
+
     /// The advertised address of the upload server.
     pub fn upload_addr(&self) -> SocketAddr {
         self.inner.upload_addr

@@ -98,6 +98,7 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
             http_port: http_addr.port(),
         },
         tasks: tasks.clone(),
+        tokens: fetcher::source::token::TokenCache::new(source.client().clone()),
         seed: Arc::new(SeedContext {
             source,
             store: store.clone(),

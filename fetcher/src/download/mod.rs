@@ -3,7 +3,7 @@
 
 mod back_source;
 mod piece_fetch;
-mod scheduled;
+pub(crate) mod scheduled;
 mod stream;
 
 use std::collections::HashMap;

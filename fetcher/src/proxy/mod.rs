@@ -14,6 +14,7 @@ pub mod ca;
 mod connect;
 mod passthrough;
 mod server;
+mod token;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -62,6 +63,7 @@ pub(crate) struct Proxy {
     client: reqwest::Client,
     hijack: Vec<String>,
     ca: ca::CertAuthority,
+    tokens: token::Tokens,
     shutdown: Shutdown,
 }
 
@@ -91,6 +93,7 @@ pub async fn serve(cfg: ProxyConfig, peer: Peer, shutdown: Shutdown) -> Result<S
     let proxy = Arc::new(Proxy {
         peer,
         mirror: cfg.registry_mirror,
+        tokens: token::Tokens::new(client.clone()),
         client,
         hijack,
         ca,
@@ -203,6 +206,10 @@ async fn registry(p: &Proxy, req: Request<Body>, origin: Option<url::Url>) -> Re
         let digest = digest.to_owned();
         p.count("blob");
         return blob::serve(p, req.headers(), target, digest).await;
+    }
+    if req.method() == http::Method::GET && p.tokens.is_token_request(&target) {
+        p.count("token");
+        return token::serve(p, req.headers(), target).await;
     }
     p.count("passthrough");
     passthrough::forward(p, req, target).await

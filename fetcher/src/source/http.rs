@@ -33,6 +33,11 @@ pub struct OriginResponse {
 }
 
 impl HttpSource {
+    /// The underlying HTTP client (for other requests to origins, e.g. registry tokens).
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
     /// A client trusting the system roots and, if given, the PEM CA certificates in `extra_ca`.
     pub fn new(extra_ca: Option<&Path>) -> Result<Self> {
         let mut b = reqwest::Client::builder()

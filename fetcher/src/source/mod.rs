@@ -2,6 +2,7 @@
 //! back-to-source; peers use them only when no supernode is reachable.
 
 mod http;
+pub mod token;
 
 pub use http::{HttpSource, OriginResponse, Probe};
 

@@ -36,6 +36,8 @@ pub struct Scheduling {
     pub isolation: Isolation,
     pub metrics: Metrics,
     pub shutdown: fetcher::Shutdown,
+    /// Registry token fetches shared by every peer.
+    pub tokens: fetcher::source::token::TokenCache,
 }
 
 /// The tonic service.
@@ -70,6 +72,38 @@ impl Scheduler for SchedulerService {
             session::run(inner, inbound, tx, local_ip, remote).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    #[tracing::instrument(skip_all, fields(realm))]
+    async fn token(
+        &self,
+        request: Request<proto::scheduler::TokenRequest>,
+    ) -> Result<Response<proto::scheduler::TokenReply>, Status> {
+        let req = request.into_inner();
+        let url = url::Url::parse(&req.url)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https"))
+            .ok_or_else(|| Status::invalid_argument(format!("bad token URL {:?}", req.url)))?;
+        tracing::Span::current().record(
+            "realm",
+            tracing::field::display(format_args!(
+                "{}{}",
+                url.host_str().unwrap_or(""),
+                url.path()
+            )),
+        );
+        let answer = self
+            .inner
+            .tokens
+            .get(&url, req.authorization.as_deref())
+            .await
+            .map_err(Status::unavailable)?;
+        Ok(Response::new(proto::scheduler::TokenReply {
+            status: u32::from(answer.status),
+            content_type: answer.content_type,
+            www_authenticate: answer.www_authenticate,
+            body: answer.body.to_vec(),
+        }))
     }
 }
 

@@ -1,0 +1,180 @@
+//! Registry token requests seen by the proxy. The proxy learns token realms from the registry's
+//! `WWW-Authenticate: Bearer realm="..."` answers that pass through it; a later `GET` of such a
+//! realm (a hijacked host, or an absolute-form request) is a token request. It is asked of the
+//! supernode (rendezvous over the URL), which shares one upstream request among all peers asking
+//! the same thing with the same credentials and reuses the token while fresh; when no supernode
+//! answers, this agent's own [`TokenCache`] does the same for its clients.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::Response;
+use proto::scheduler::TokenRequest;
+use proto::scheduler::scheduler_client::SchedulerClient;
+use tonic::transport::Channel;
+
+use super::{Proxy, text};
+use crate::rendezvous;
+use crate::source::token::{TokenAnswer, TokenCache};
+
+/// Realms remembered (a host talks to a handful of registries).
+const MAX_REALMS: usize = 256;
+
+pub(crate) struct Tokens {
+    realms: Mutex<HashSet<String>>,
+    local: TokenCache,
+    clients: Mutex<HashMap<String, SchedulerClient<Channel>>>,
+}
+
+/// `scheme://host:port/path` of a URL: what identifies a realm.
+fn realm_key(u: &url::Url) -> String {
+    format!(
+        "{}://{}:{}{}",
+        u.scheme(),
+        u.host_str().unwrap_or(""),
+        u.port_or_known_default().unwrap_or(0),
+        u.path()
+    )
+}
+
+/// The `realm` of a `Bearer` challenge, if `value` is one.
+pub(crate) fn bearer_realm(value: &str) -> Option<url::Url> {
+    let rest = value.trim_start();
+    let params = rest
+        .get(..7)
+        .filter(|s| s.eq_ignore_ascii_case("bearer "))
+        .map(|_| &rest[7..])?;
+    let start = params.find("realm=\"")? + 7;
+    let len = params[start..].find('"')?;
+    url::Url::parse(&params[start..start + len])
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https"))
+}
+
+impl Tokens {
+    pub fn new(client: reqwest::Client) -> Self {
+        Self {
+            realms: Mutex::new(HashSet::new()),
+            local: TokenCache::new(client),
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Remembers the realms of the Bearer challenges in `headers` (an upstream answer).
+    pub fn learn(&self, headers: &HeaderMap) {
+        for v in headers.get_all(header::WWW_AUTHENTICATE) {
+            if let Some(realm) = v.to_str().ok().and_then(bearer_realm)
+                && let Ok(mut r) = self.realms.lock()
+                && r.len() < MAX_REALMS
+            {
+                r.insert(realm_key(&realm));
+            }
+        }
+    }
+
+    /// Is `target` a token request for a realm we have seen?
+    pub fn is_token_request(&self, target: &url::Url) -> bool {
+        self.realms
+            .lock()
+            .is_ok_and(|r| r.contains(&realm_key(target)))
+    }
+
+    async fn client(&self, addr: &str) -> Option<SchedulerClient<Channel>> {
+        if let Some(c) = self.clients.lock().ok()?.get(addr) {
+            return Some(c.clone());
+        }
+        let c = crate::download::scheduled::connect(addr).await.ok()?;
+        self.clients.lock().ok()?.insert(addr.to_owned(), c.clone());
+        Some(c)
+    }
+
+    /// The token answer: from a supernode, else fetched (coalesced) by this agent.
+    async fn answer(
+        &self,
+        supernodes: &[String],
+        target: &url::Url,
+        authorization: Option<&str>,
+    ) -> Result<TokenAnswer, String> {
+        for addr in rendezvous::order(target.as_str(), supernodes) {
+            let Some(mut c) = self.client(addr).await else {
+                continue;
+            };
+            let req = TokenRequest {
+                url: target.to_string(),
+                authorization: authorization.map(str::to_owned),
+            };
+            let mut req = tonic::Request::new(req);
+            req.set_timeout(Duration::from_secs(40));
+            match c.token(req).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    return Ok(TokenAnswer::new(
+                        u16::try_from(r.status).unwrap_or(502),
+                        r.content_type,
+                        r.www_authenticate,
+                        r.body.into(),
+                    ));
+                }
+                Err(e) => {
+                    tracing::warn!(supernode = addr, error = %e.message(), "token via supernode failed");
+                    if let Ok(mut m) = self.clients.lock() {
+                        m.remove(addr);
+                    }
+                }
+            }
+        }
+        self.local.get(target, authorization).await
+    }
+}
+
+/// Serves a token request (never logs the credentials).
+pub(crate) async fn serve(p: &Proxy, headers: &HeaderMap, target: url::Url) -> Response {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match p
+        .tokens
+        .answer(p.peer.supernodes(), &target, authorization)
+        .await
+    {
+        Ok(a) => {
+            let mut b = Response::builder().status(a.status);
+            if let Some(ct) = &a.content_type {
+                b = b.header(header::CONTENT_TYPE, ct);
+            }
+            if let Some(w) = &a.www_authenticate {
+                b = b.header(header::WWW_AUTHENTICATE, w);
+            }
+            b.body(Body::from(a.body)).unwrap_or_else(|_| {
+                text(StatusCode::BAD_GATEWAY, "dfdaemon proxy: bad token answer")
+            })
+        }
+        Err(msg) => text(StatusCode::BAD_GATEWAY, format!("dfdaemon proxy: {msg}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_bearer_realms_only() {
+        let r = bearer_realm(
+            r#"Bearer realm="https://harbor.example.com/service/token",service="harbor-registry",scope="repository:p/a:pull""#,
+        )
+        .expect("realm");
+        assert_eq!(r.as_str(), "https://harbor.example.com/service/token");
+        assert_eq!(
+            realm_key(&r),
+            "https://harbor.example.com:443/service/token"
+        );
+        assert!(bearer_realm(r#"Basic realm="registry""#).is_none());
+        assert!(bearer_realm(r#"Bearer realm="file:///etc/passwd""#).is_none());
+        assert!(bearer_realm(r#"Bearer realm="unterminated"#).is_none());
+        assert!(bearer_realm("Bearer").is_none());
+        assert!(bearer_realm("").is_none());
+    }
+}

@@ -1,0 +1,271 @@
+//! Registry token fetches (`GET <realm>?service=..&scope=..`), shared: concurrent identical
+//! requests (same URL, same credentials) become one upstream request whose answer all of them
+//! get, and a granted token is handed out again until half its lifetime has passed, so every
+//! client still holds it for at least half of `expires_in`. Refusals are shared by the requests
+//! in flight but never kept. Used by the supernode (cluster-wide) and by dfdaemon when no
+//! supernode answers.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use tokio::sync::OnceCell;
+
+/// The registry's token answer, as the client should see it.
+#[derive(Clone, Debug)]
+pub struct TokenAnswer {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub www_authenticate: Option<String>,
+    pub body: Bytes,
+    fetched: Instant,
+    reuse_for: Duration,
+}
+
+impl TokenAnswer {
+    /// Builds an answer received some other way (e.g. over gRPC from a supernode).
+    pub fn new(
+        status: u16,
+        content_type: Option<String>,
+        www_authenticate: Option<String>,
+        body: Bytes,
+    ) -> Self {
+        let reuse_for = reuse_for(status, &body);
+        Self {
+            status,
+            content_type,
+            www_authenticate,
+            body,
+            fetched: Instant::now(),
+            reuse_for,
+        }
+    }
+
+    fn fresh(&self) -> bool {
+        self.fetched.elapsed() < self.reuse_for
+    }
+}
+
+/// Token lifetime when the answer does not say (distribution's token spec: 60 s).
+const DEFAULT_EXPIRES_IN: u64 = 60;
+/// Answers too large for a token response are refused.
+const MAX_BODY: usize = 1 << 20;
+/// Entries kept before expired ones are swept.
+const SWEEP_AT: usize = 4096;
+
+/// How long a 200 answer may be handed out again: half of `expires_in`.
+fn reuse_for(status: u16, body: &[u8]) -> Duration {
+    if status != 200 {
+        return Duration::ZERO;
+    }
+    let expires_in = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("expires_in").and_then(serde_json::Value::as_u64))
+        .unwrap_or(DEFAULT_EXPIRES_IN);
+    Duration::from_secs(expires_in / 2)
+}
+
+/// Coalescing, reusing token fetcher. Cheap to share behind an `Arc`.
+pub struct TokenCache {
+    client: reqwest::Client,
+    entries: Mutex<HashMap<[u8; 32], Arc<OnceCell<TokenAnswer>>>>,
+    upstream: std::sync::atomic::AtomicU64,
+}
+
+impl TokenCache {
+    pub fn new(client: reqwest::Client) -> Self {
+        Self {
+            client,
+            entries: Mutex::new(HashMap::new()),
+            upstream: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Requests sent to token servers so far.
+    pub fn upstream_requests(&self) -> u64 {
+        self.upstream.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The token server's answer to `GET url` with `authorization` (the client's header, if any).
+    /// `Err` when the token server cannot be reached (a message naming it).
+    pub async fn get(
+        &self,
+        url: &url::Url,
+        authorization: Option<&str>,
+    ) -> Result<TokenAnswer, String> {
+        let key = key(url, authorization);
+        let cell = {
+            let mut m = self.entries.lock().map_err(|_| "token cache poisoned")?;
+            if m.len() > SWEEP_AT {
+                m.retain(|_, c| c.get().is_none_or(TokenAnswer::fresh));
+            }
+            let reusable = m
+                .get(&key)
+                .filter(|c| c.get().is_none_or(TokenAnswer::fresh))
+                .cloned();
+            match reusable {
+                Some(c) => c,
+                None => {
+                    let c = Arc::new(OnceCell::new());
+                    m.insert(key, c.clone());
+                    c
+                }
+            }
+        };
+        cell.get_or_try_init(|| self.fetch(url, authorization))
+            .await
+            .cloned()
+    }
+
+    async fn fetch(
+        &self,
+        url: &url::Url,
+        authorization: Option<&str>,
+    ) -> Result<TokenAnswer, String> {
+        self.upstream
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut req = self.client.get(url.clone());
+        if let Some(a) = authorization {
+            req = req.header(http::header::AUTHORIZATION, a);
+        }
+        let host = url.host_str().unwrap_or("token server").to_owned();
+        let resp = req
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .map_err(|e| {
+                format!(
+                    "token server {host} unreachable: {}",
+                    super::error_chain(&e)
+                )
+            })?;
+        let header = |name: http::header::HeaderName| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let status = resp.status().as_u16();
+        let content_type = header(http::header::CONTENT_TYPE);
+        let www_authenticate = header(http::header::WWW_AUTHENTICATE);
+        if resp.content_length().is_some_and(|n| n > MAX_BODY as u64) {
+            return Err(format!(
+                "token server {host}: answer larger than {MAX_BODY} bytes"
+            ));
+        }
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| format!("token server {host}: {}", super::error_chain(&e)))?;
+        if body.len() > MAX_BODY {
+            return Err(format!(
+                "token server {host}: answer larger than {MAX_BODY} bytes"
+            ));
+        }
+        Ok(TokenAnswer::new(
+            status,
+            content_type,
+            www_authenticate,
+            body,
+        ))
+    }
+}
+
+/// The cache key: the whole token URL (realm, service, scopes, in the client's order) and the
+/// credentials, hashed so no credential is kept in clear.
+fn key(url: &url::Url, authorization: Option<&str>) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(url.as_str().as_bytes());
+    h.update([0]);
+    h.update(authorization.unwrap_or("").as_bytes());
+    h.finalize().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::Router;
+    use axum::routing::get;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    async fn token_server(expires_in: u64) -> (String, Arc<AtomicU64>) {
+        let hits = Arc::new(AtomicU64::new(0));
+        let h = hits.clone();
+        let app = Router::new().route(
+            "/token",
+            get(move |headers: http::HeaderMap| {
+                let h = h.clone();
+                async move {
+                    let n = h.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if headers.get("authorization").is_none() {
+                        return (http::StatusCode::UNAUTHORIZED, "no".to_owned());
+                    }
+                    (
+                        http::StatusCode::OK,
+                        format!(r#"{{"token":"t{n}","expires_in":{expires_in}}}"#),
+                    )
+                }
+            }),
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(l, app).await });
+        (format!("http://{addr}/token"), hits)
+    }
+
+    #[tokio::test]
+    async fn concurrent_identical_requests_share_one_fetch_and_reuse_it() {
+        let (base, hits) = token_server(300).await;
+        let cache = TokenCache::new(reqwest::Client::new());
+        let url =
+            url::Url::parse(&format!("{base}?service=r&scope=repository:a:pull")).expect("url");
+        let answers =
+            futures::future::join_all((0..10).map(|_| cache.get(&url, Some("Basic YTpi")))).await;
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        for a in &answers {
+            let a = a.as_ref().expect("answer");
+            assert_eq!(a.status, 200);
+            assert_eq!(&a.body[..], br#"{"token":"t0","expires_in":300}"#);
+        }
+        // Reused while fresh; other credentials and other scopes are other entries.
+        cache.get(&url, Some("Basic YTpi")).await.expect("again");
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        cache
+            .get(&url, Some("Basic Yzpk"))
+            .await
+            .expect("other user");
+        let other =
+            url::Url::parse(&format!("{base}?service=r&scope=repository:b:pull")).expect("url");
+        cache
+            .get(&other, Some("Basic YTpi"))
+            .await
+            .expect("other scope");
+        assert_eq!(hits.load(Ordering::SeqCst), 3);
+        assert_eq!(cache.upstream_requests(), 3);
+    }
+
+    #[tokio::test]
+    async fn refusals_and_short_lived_tokens_are_not_kept() {
+        let (base, hits) = token_server(0).await;
+        let cache = TokenCache::new(reqwest::Client::new());
+        let url = url::Url::parse(&base).expect("url");
+        assert_eq!(cache.get(&url, None).await.expect("401").status, 401);
+        assert_eq!(cache.get(&url, None).await.expect("401").status, 401);
+        cache.get(&url, Some("Basic YTpi")).await.expect("ok");
+        cache.get(&url, Some("Basic YTpi")).await.expect("ok");
+        assert_eq!(hits.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_token_server_is_named() {
+        let cache = TokenCache::new(reqwest::Client::new());
+        let url = url::Url::parse("http://127.0.0.1:1/token").expect("url");
+        let err = cache.get(&url, None).await.expect_err("down");
+        assert!(err.contains("127.0.0.1"), "{err}");
+    }
+}
