@@ -6,7 +6,8 @@
 //! - `GET /status/<code>/<anything>`: answers `<code>`.
 //! - `GET /short/<name>`: announces the file's length, sends half, closes.
 //! - `GET /redirect/<name>`: 302 to `/files/<name>`.
-//! - `GET|HEAD /v2/<repo>/blobs/sha256:<hex>`: the file `blob-<hex>` (registry-like; may lie).
+//! - `GET|HEAD /v2/<repo>/blobs/sha256:<hex>`: the file `blob-<hex>` (registry-like; may lie);
+//!   `/v2/<repo>/manifests/<ref>`: the file `manifest-<ref>` as an OCI manifest, whatever its bytes.
 //! - `GET /_stats`: `{"bytes": N, "requests": N}` of file bodies served; `POST /_reset` zeroes them.
 
 use std::path::PathBuf;
@@ -40,7 +41,7 @@ pub fn router(origin: Arc<Origin>) -> Router {
         .route("/status/{code}/{rest}", get(status))
         .route("/short/{name}", get(short))
         .route("/redirect/{name}", get(redirect))
-        .route("/v2/{*path}", get(blob))
+        .route("/v2/{*path}", get(registry_api))
         .route("/_stats", get(stats))
         .route("/_reset", post(reset))
         .with_state(origin)
@@ -102,12 +103,21 @@ async fn files(
     serve(o, &name, &headers, false).await
 }
 
-/// A registry-like blob path: serves the file `blob-<hex>`, whatever its bytes (tests make it lie).
-async fn blob(
+/// Registry-like paths: blobs serve the file `blob-<hex>`, manifests the file `manifest-<ref>`,
+/// whatever their bytes (tests make them lie or be malformed).
+async fn registry_api(
     State(o): State<Arc<Origin>>,
     Path(path): Path<String>,
     headers: HeaderMap,
 ) -> Response {
+    if let Some((_, reference)) = path.rsplit_once("/manifests/") {
+        let mut r = serve(o, &format!("manifest-{reference}"), &headers, false).await;
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/vnd.oci.image.manifest.v1+json"),
+        );
+        return r;
+    }
     let Some(hex) = path
         .rsplit_once("/blobs/sha256:")
         .map(|(_, h)| h.to_owned())

@@ -176,3 +176,71 @@ async fn a_blob_that_does_not_match_its_digest_is_refused_and_not_shared() {
         "the supernode cache holds {cached} bytes: the bad blob was kept"
     );
 }
+
+/// Sends raw bytes to `addr` and returns the status code of the first answer.
+async fn raw_status(addr: &str, request: &[u8]) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    // The server may answer (and close) before reading everything: ignore write errors.
+    let _ = s.write_all(request).await;
+    let mut buf = vec![0u8; 1024];
+    let mut got = 0;
+    while got < 12 {
+        match s.read(&mut buf[got..]).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    let line = String::from_utf8_lossy(&buf[..got]).into_owned();
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {line:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_input_gets_4xx_and_malformed_manifests_pass_through_untouched() {
+    let env = Env::new("registry-bad-input");
+    let (_origin, origin_url) = env.origin(&[]).await;
+    // Not JSON at all, with bytes that are not UTF-8: the proxy must not parse or alter it.
+    let mut manifest = br#"{"schemaVersion": 2, "layers": [ {"digest": "sha256:nothex""#.to_vec();
+    manifest.extend_from_slice(&[0xff, 0x00, 0xfe, b'\n']);
+    std::fs::write(env.path("www/manifest-v1"), &manifest).expect("write manifest");
+    let (_sn, grpc, _) = env.supernode("sn", &[]).await;
+    let registry = origin_url.trim_start_matches("http://").to_owned();
+    let (_a, proxy) = agent(&env, "agent", &grpc, &registry).await;
+
+    let r = reqwest::get(format!("http://{proxy}/v2/project/app/manifests/v1"))
+        .await
+        .expect("manifest");
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        r.headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("application/vnd.oci.image.manifest.v1+json")
+    );
+    assert_eq!(r.bytes().await.expect("body").to_vec(), manifest);
+
+    let huge = format!(
+        "GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Filler: {}\r\n\r\n",
+        "a".repeat(200 * 1024)
+    );
+    let s = raw_status(&proxy, huge.as_bytes()).await;
+    assert!(s == 431 || s == 400, "oversized header block got {s}");
+    let s = raw_status(&proxy, b"GET /v2/ HTTP/1.1\r\nHost x\r\nBad Header\r\n\r\n").await;
+    assert_eq!(s, 400, "malformed header");
+    let s = raw_status(&proxy, b"\x16\x03\x01garbage that is not HTTP\r\n\r\n").await;
+    assert_eq!(s, 400, "not HTTP");
+    let s = raw_status(&proxy, b"CONNECT nowhere HTTP/1.1\r\nHost: nowhere\r\n\r\n").await;
+    assert!((400..500).contains(&s), "CONNECT without a port got {s}");
+    // Still serving.
+    let r = reqwest::get(format!("http://{proxy}/v2/project/app/manifests/v1"))
+        .await
+        .expect("manifest again");
+    assert_eq!(r.status().as_u16(), 200);
+    let ca = reqwest::get(format!("http://{proxy}/ca.crt"))
+        .await
+        .expect("ca");
+    assert_eq!(ca.status().as_u16(), 200);
+}

@@ -25,7 +25,12 @@ pub(crate) async fn connect(p: Arc<Proxy>, req: Request<Body>) -> Response {
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_owned();
-    let port = authority.port_u16().unwrap_or(443);
+    let Some(port) = authority.port_u16() else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!("dfdaemon proxy: CONNECT needs host:port, got {authority}"),
+        );
+    };
     if p.hijacks(&host, port) {
         let cfg = match p.ca.server_config(&host) {
             Ok(c) => c,
