@@ -195,7 +195,7 @@ fn upstream_url(origin: &url::Url, uri: &http::Uri) -> url::Url {
 async fn registry(p: &Proxy, req: Request<Body>, origin: Option<url::Url>) -> Response {
     let target = match &origin {
         Some(o) => upstream_url(o, req.uri()),
-        None => match p.target(req.uri()) {
+        None => match mirror_target(p.mirror.as_ref(), req.uri()) {
             Ok(t) => t,
             Err(msg) => return text(StatusCode::BAD_GATEWAY, msg),
         },
@@ -236,52 +236,61 @@ impl Proxy {
     fn hijacks(&self, host: &str, port: u16) -> bool {
         self.hijack.iter().any(|pat| host_matches(pat, host, port))
     }
+}
 
-    /// The upstream URL for a request: the registry named by `?ns=` or the configured mirror, with
-    /// the same path and the query minus `ns`.
-    fn target(&self, uri: &http::Uri) -> Result<url::Url, String> {
-        let pairs: Vec<(String, String)> = uri
-            .query()
-            .map(|q| {
-                url::form_urlencoded::parse(q.as_bytes())
-                    .into_owned()
-                    .collect()
-            })
-            .unwrap_or_default();
-        let ns = pairs
-            .iter()
-            .find(|(k, _)| k == "ns")
-            .map(|(_, v)| v.clone());
-        let base = match (ns, &self.mirror) {
-            (Some(ns), Some(m))
-                if m.host_str().map(|h| match m.port() {
-                    Some(p) => format!("{h}:{p}"),
-                    None => h.to_owned(),
-                }) == Some(ns.clone()) =>
-            {
-                m.clone()
-            }
-            (Some(ns), _) => url::Url::parse(&format!("https://{ns}"))
-                .map_err(|e| format!("bad ns {ns:?}: {e}"))?,
-            (None, Some(m)) => m.clone(),
-            (None, None) => {
-                return Err("no upstream registry: run dfdaemon with --registry-mirror URL, or use a client that adds ?ns=<registry>".into());
-            }
-        };
-        let mut target = base
-            .join(uri.path())
-            .map_err(|e| format!("bad path: {e}"))?;
-        let rest: Vec<&(String, String)> = pairs.iter().filter(|(k, _)| k != "ns").collect();
-        if rest.is_empty() {
-            target.set_query(None);
-        } else {
-            target
-                .query_pairs_mut()
-                .clear()
-                .extend_pairs(rest.iter().map(|(k, v)| (k, v)));
+/// The upstream URL of a mirror-mode request: the registry named by `?ns=` (containerd) or the
+/// configured mirror (whose path prefix, if any, is kept), with the request's path and its query
+/// minus `ns`.
+fn mirror_target(mirror: Option<&url::Url>, uri: &http::Uri) -> Result<url::Url, String> {
+    let pairs: Vec<(String, String)> = uri
+        .query()
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .into_owned()
+                .collect()
+        })
+        .unwrap_or_default();
+    let ns = pairs
+        .iter()
+        .find(|(k, _)| k == "ns")
+        .map(|(_, v)| v.as_str());
+    let authority = |m: &url::Url| {
+        m.host_str().map(|h| match m.port() {
+            Some(p) => format!("{h}:{p}"),
+            None => h.to_owned(),
+        })
+    };
+    let base = match (ns, mirror) {
+        (Some(ns), Some(m)) if authority(m).as_deref() == Some(ns) => m.clone(),
+        // containerd names Docker Hub "docker.io"; its registry API is registry-1.docker.io.
+        (Some("docker.io"), _) => {
+            url::Url::parse("https://registry-1.docker.io/").map_err(|e| format!("bad ns: {e}"))?
         }
-        Ok(target)
+        (Some(ns), _) => url::Url::parse(&format!("https://{ns}/"))
+            .ok()
+            .filter(|u| u.path() == "/" && u.query().is_none())
+            .ok_or_else(|| format!("bad ns {ns:?}: not a registry host"))?,
+        (None, Some(m)) => m.clone(),
+        (None, None) => {
+            return Err("no upstream registry: run dfdaemon with --registry-mirror URL, or use a client that adds ?ns=<registry>".into());
+        }
+    };
+    let mut target = base.clone();
+    target.set_path(&format!(
+        "{}{}",
+        base.path().trim_end_matches('/'),
+        uri.path()
+    ));
+    let rest: Vec<&(String, String)> = pairs.iter().filter(|(k, _)| k != "ns").collect();
+    if rest.is_empty() {
+        target.set_query(None);
+    } else {
+        target
+            .query_pairs_mut()
+            .clear()
+            .extend_pairs(rest.iter().map(|(k, v)| (k, v)));
     }
+    Ok(target)
 }
 
 #[cfg(test)]
@@ -302,6 +311,41 @@ mod tests {
         assert_eq!(blob_digest(&format!("/v2/app/manifests/{d}")), None);
         assert_eq!(blob_digest("/v2/app/blobs/uploads/"), None);
         assert_eq!(blob_digest("/v2/app/blobs/sha256:xyz"), None);
+    }
+
+    #[test]
+    fn mirror_targets() {
+        let t = |mirror: Option<&str>, uri: &str| {
+            let m = mirror.map(|m| url::Url::parse(m).expect("mirror"));
+            let uri: http::Uri = uri.parse().expect("uri");
+            mirror_target(m.as_ref(), &uri).map(|u| u.to_string())
+        };
+        assert_eq!(
+            t(Some("https://harbor.example.com"), "/v2/p/a/manifests/v1").as_deref(),
+            Ok("https://harbor.example.com/v2/p/a/manifests/v1")
+        );
+        assert_eq!(
+            t(Some("https://mirror.example.com/prefix/"), "/v2/").as_deref(),
+            Ok("https://mirror.example.com/prefix/v2/")
+        );
+        assert_eq!(
+            t(
+                Some("http://127.0.0.1:5000"),
+                "/v2/a/tags/list?ns=127.0.0.1:5000&n=10"
+            )
+            .as_deref(),
+            Ok("http://127.0.0.1:5000/v2/a/tags/list?n=10")
+        );
+        assert_eq!(
+            t(None, "/v2/a/blobs/x?ns=quay.io").as_deref(),
+            Ok("https://quay.io/v2/a/blobs/x")
+        );
+        assert_eq!(
+            t(None, "/v2/?ns=docker.io").as_deref(),
+            Ok("https://registry-1.docker.io/v2/")
+        );
+        assert!(t(None, "/v2/?ns=evil.com/path").is_err());
+        assert!(t(None, "/v2/").is_err());
     }
 
     #[test]
