@@ -125,7 +125,14 @@ async fn ten_agents_pull_once_per_layer_and_token_and_private_stays_private() {
             .dfdaemon(
                 &name,
                 &grpc,
-                &["--hijack", REGISTRY_HOST, "--upstream-ca", &ca],
+                &[
+                    "--hijack",
+                    REGISTRY_HOST,
+                    "--registry-mirror",
+                    &format!("https://{registry}"),
+                    "--upstream-ca",
+                    &ca,
+                ],
             )
             .await;
         let ca_dir = save_proxy_ca(&env, &d, &format!("{name}-ca")).await;
@@ -191,6 +198,51 @@ async fn ten_agents_pull_once_per_layer_and_token_and_private_stays_private() {
             "agent {} served no token request",
             d.proxy
         );
+    }
+
+    // Mirror mode: the registry's token realm is pointed at the agent, so these token requests
+    // are shared through the supernode too.
+    let token_metric = |m: &str| metric(m, "damselfly_proxy_requests_total", "kind=\"token\"");
+    let mut tokens_before = Vec::new();
+    for (_, d, _) in &agents[..3] {
+        tokens_before.push(token_metric(
+            &get_text(&format!("http://{}/metrics", d.metrics)).await,
+        ));
+    }
+    let mirror_pulls = agents[..3].iter().enumerate().map(|(i, (_, d, _))| {
+        let dest = env.path(&format!("mirrored{i}"));
+        let (src, oci) = (
+            format!("docker://{}/project/app:v1", d.proxy),
+            format!("oci:{}:app", dest.display()),
+        );
+        async move {
+            let args = [
+                "--insecure-policy",
+                "copy",
+                "--src-tls-verify=false",
+                "--src-creds",
+                "alice:wonderland",
+                &src,
+                &oci,
+            ];
+            (skopeo(&args, &[]).await, dest)
+        }
+    });
+    for ((code, out), dest) in futures::future::join_all(mirror_pulls).await {
+        assert_eq!(code, 0, "skopeo through the mirror failed: {out}");
+        assert_eq!(blobs(&dest), blobs(&results[0].1));
+    }
+    for (i, (_, d, _)) in agents[..3].iter().enumerate() {
+        let now = token_metric(&get_text(&format!("http://{}/metrics", d.metrics)).await);
+        assert!(
+            now > tokens_before[i],
+            "mirror-mode token requests did not come to agent {i}"
+        );
+    }
+    let after_mirror = tokens_issued(&realm, &pki).await;
+    for (key, n) in &after_mirror {
+        let new = n - before.get(key).copied().unwrap_or(0);
+        assert!(new <= 1, "{new} tokens issued for {key}: {after_mirror:?}");
     }
 
     // Private stays private: the layers are on every agent, but project/private is alice's only.

@@ -173,6 +173,9 @@ async fn dispatch_inner(p: Arc<Proxy>, req: Request<Body>, listener: Listener) -
         )
             .into_response();
     }
+    if path == token::MIRROR_TOKEN_PATH {
+        return token::mirror_token(&p, req).await;
+    }
     if path != "/v2" && !path.starts_with("/v2/") {
         return text(
             StatusCode::NOT_FOUND,
@@ -193,6 +196,19 @@ fn upstream_url(origin: &url::Url, uri: &http::Uri) -> url::Url {
 /// A registry request for `origin` (hijacked) or, in mirror mode, for the registry the request names.
 #[tracing::instrument(skip_all, fields(method = %req.method(), path = %req.uri().path()))]
 async fn registry(p: &Proxy, req: Request<Body>, origin: Option<url::Url>) -> Response {
+    // Mirror mode: the registry's token realms are pointed back at us, so token requests come here.
+    let via = origin
+        .is_none()
+        .then(|| token::proxy_base(req.headers()))
+        .flatten();
+    let mut resp = registry_inner(p, req, origin).await;
+    if let Some(via) = via {
+        token::point_realms_at(resp.headers_mut(), &via);
+    }
+    resp
+}
+
+async fn registry_inner(p: &Proxy, req: Request<Body>, origin: Option<url::Url>) -> Response {
     let target = match &origin {
         Some(o) => upstream_url(o, req.uri()),
         None => match mirror_target(p.mirror.as_ref(), req.uri()) {

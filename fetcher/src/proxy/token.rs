@@ -1,6 +1,9 @@
 //! Registry token requests seen by the proxy. The proxy learns token realms from the registry's
 //! `WWW-Authenticate: Bearer realm="..."` answers that pass through it; a later `GET` of such a
-//! realm (a hijacked host, or an absolute-form request) is a token request. It is asked of the
+//! realm (a hijacked host, or an absolute-form request) is a token request. In mirror mode the
+//! client would go to the realm directly, so the challenge's realm is pointed at
+//! `http://<proxy>/_damselfly/token?realm=<the registry's realm>` instead (clients add their
+//! `service` and `scope` to it), which comes back here. It is asked of the
 //! supernode (rendezvous over the URL), which shares one upstream request among all peers asking
 //! the same thing with the same credentials and reuses the token while fresh; when no supernode
 //! answers, this agent's own [`TokenCache`] does the same for its clients.
@@ -19,6 +22,9 @@ use tonic::transport::Channel;
 use super::{Proxy, text};
 use crate::rendezvous;
 use crate::source::token::{TokenAnswer, TokenCache};
+
+/// Where mirror-mode clients are sent for tokens.
+pub(crate) const MIRROR_TOKEN_PATH: &str = "/_damselfly/token";
 
 /// Realms remembered (a host talks to a handful of registries).
 const MAX_REALMS: usize = 256;
@@ -130,6 +136,92 @@ impl Tokens {
     }
 }
 
+/// `http://<Host>` as the client addressed us, if the Host header is a plain authority.
+pub(crate) fn proxy_base(headers: &HeaderMap) -> Option<String> {
+    let host = headers.get(header::HOST)?.to_str().ok()?;
+    let authority: http::uri::Authority = host.parse().ok()?;
+    Some(format!("http://{authority}"))
+}
+
+/// Rewrites the realm of every Bearer challenge in `headers` to our mirror token endpoint.
+pub(crate) fn point_realms_at(headers: &mut HeaderMap, via: &str) {
+    let values: Vec<_> = headers
+        .get_all(header::WWW_AUTHENTICATE)
+        .iter()
+        .cloned()
+        .collect();
+    if values.is_empty() {
+        return;
+    }
+    headers.remove(header::WWW_AUTHENTICATE);
+    for v in values {
+        let rewritten = v
+            .to_str()
+            .ok()
+            .and_then(|s| rewrite_realm(s, via))
+            .and_then(|s| http::HeaderValue::from_str(&s).ok());
+        headers.append(header::WWW_AUTHENTICATE, rewritten.unwrap_or(v));
+    }
+}
+
+/// `Bearer realm="R",...` → `Bearer realm="<via>/_damselfly/token?realm=<R>",...`.
+fn rewrite_realm(challenge: &str, via: &str) -> Option<String> {
+    let realm = bearer_realm(challenge)?;
+    let quoted = format!("realm=\"{}\"", realm_text(challenge)?);
+    let ours = format!(
+        "{via}{MIRROR_TOKEN_PATH}?{}",
+        url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("realm", realm.as_str())
+            .finish()
+    );
+    Some(challenge.replacen(&quoted, &format!("realm=\"{ours}\""), 1))
+}
+
+/// The realm exactly as written in the challenge.
+fn realm_text(challenge: &str) -> Option<&str> {
+    let start = challenge.find("realm=\"")? + 7;
+    let len = challenge[start..].find('"')?;
+    Some(&challenge[start..start + len])
+}
+
+/// `GET /_damselfly/token?realm=R&service=..&scope=..` from a mirror-mode client: a token request
+/// for realm R (only realms the registry named to us). Other methods (OAuth2 `POST`) go to the
+/// realm unchanged.
+pub(crate) async fn mirror_token(p: &Proxy, req: axum::extract::Request<Body>) -> Response {
+    let pairs: Vec<(String, String)> = req
+        .uri()
+        .query()
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .into_owned()
+                .collect()
+        })
+        .unwrap_or_default();
+    let realm = pairs
+        .iter()
+        .find(|(k, _)| k == "realm")
+        .and_then(|(_, v)| url::Url::parse(v).ok());
+    let Some(mut target) = realm.filter(|r| p.tokens.is_token_request(r)) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "dfdaemon proxy: unknown token realm (only realms named by a registry answer are served)",
+        );
+    };
+    let rest: Vec<&(String, String)> = pairs.iter().filter(|(k, _)| k != "realm").collect();
+    if !rest.is_empty() {
+        target
+            .query_pairs_mut()
+            .extend_pairs(rest.iter().map(|(k, v)| (k, v)));
+    }
+    if req.method() == http::Method::GET {
+        p.count("token");
+        serve(p, req.headers(), target).await
+    } else {
+        p.count("passthrough");
+        super::passthrough::forward(p, req, target).await
+    }
+}
+
 /// Serves a token request (never logs the credentials).
 pub(crate) async fn serve(p: &Proxy, headers: &HeaderMap, target: url::Url) -> Response {
     let authorization = headers
@@ -176,5 +268,41 @@ mod tests {
         assert!(bearer_realm(r#"Bearer realm="unterminated"#).is_none());
         assert!(bearer_realm("Bearer").is_none());
         assert!(bearer_realm("").is_none());
+    }
+
+    #[test]
+    fn mirror_mode_points_realms_at_the_proxy() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static(
+                r#"Bearer realm="https://auth.example.com/token?x=1",service="reg",scope="repository:p/a:pull""#,
+            ),
+        );
+        h.append(
+            header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static(r#"Basic realm="reg""#),
+        );
+        point_realms_at(&mut h, "http://127.0.0.1:65001");
+        let v: Vec<&str> = h
+            .get_all(header::WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        assert_eq!(
+            v,
+            [
+                r#"Bearer realm="http://127.0.0.1:65001/_damselfly/token?realm=https%3A%2F%2Fauth.example.com%2Ftoken%3Fx%3D1",service="reg",scope="repository:p/a:pull""#,
+                r#"Basic realm="reg""#
+            ]
+        );
+        let mut host = HeaderMap::new();
+        host.insert(
+            header::HOST,
+            http::HeaderValue::from_static("127.0.0.1:65001"),
+        );
+        assert_eq!(proxy_base(&host).as_deref(), Some("http://127.0.0.1:65001"));
+        host.insert(header::HOST, http::HeaderValue::from_static("evil/x"));
+        assert_eq!(proxy_base(&host), None);
     }
 }
