@@ -7,6 +7,9 @@
 //! - `GET /short/<name>`: announces the file's length, sends half, closes.
 //! - `GET /redirect/<name>`: 302 to `/files/<name>`.
 //! - `GET|HEAD /v2/<repo>/blobs/sha256:<hex>`: the file `blob-<hex>` (registry-like; may lie);
+//!   with `--bearer`, only for that token (else 401 with a Bearer challenge); when a file
+//!   `redirect-blob-<hex>` exists, a 307 to `/files/blob-<hex>?X-Amz-Signature=<random>` instead,
+//!   as a registry whose storage is an object store;
 //!   `/v2/<repo>/manifests/<ref>`: the file `manifest-<ref>` as an OCI manifest, whatever its bytes.
 //! - `GET /_stats`: `{"bytes": N, "requests": N}` of file bodies served; `POST /_reset` zeroes them.
 
@@ -124,6 +127,34 @@ async fn registry_api(
     else {
         return StatusCode::NOT_FOUND.into_response();
     };
+    if let Some(token) = &o.bearer {
+        let got = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if got != Some(format!("Bearer {token}").as_str()) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(
+                    header::WWW_AUTHENTICATE,
+                    "Bearer realm=\"http://127.0.0.1:1/token\"",
+                )],
+            )
+                .into_response();
+        }
+    }
+    if hex.bytes().all(|b| b.is_ascii_hexdigit())
+        && o.dir.join(format!("redirect-blob-{hex}")).exists()
+    {
+        let signature = format!("{:016x}", rand::random::<u64>());
+        return (
+            StatusCode::TEMPORARY_REDIRECT,
+            [(
+                header::LOCATION,
+                format!("/files/blob-{hex}?X-Amz-Signature={signature}&X-Amz-Expires=60"),
+            )],
+        )
+            .into_response();
+    }
     serve(o, &format!("blob-{hex}"), &headers, false).await
 }
 

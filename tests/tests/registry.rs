@@ -244,3 +244,57 @@ async fn malformed_input_gets_4xx_and_malformed_manifests_pass_through_untouched
         .expect("ca");
     assert_eq!(ca.status().as_u16(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_blobs_redirected_to_object_storage_are_one_task_per_digest() {
+    let env = Env::new("registry-redirect");
+    // A registry that wants a bearer token and keeps blobs in an object store (307 to a URL with
+    // a fresh signature on every request).
+    let (_origin, origin_url) = env.origin(&["--bearer", "s3cret"]).await;
+    let size = 6 << 20;
+    let hex = damselfly_tests::harness::random_file(&env.path("www/tmp"), size);
+    std::fs::rename(env.path("www/tmp"), env.path(&format!("www/blob-{hex}"))).expect("rename");
+    std::fs::write(env.path(&format!("www/redirect-blob-{hex}")), "").expect("marker");
+    let (_sn, grpc, _) = env.supernode("sn", &[]).await;
+    let registry = origin_url.trim_start_matches("http://").to_owned();
+    let (_a, proxy_a) = agent(&env, "agent-a", &grpc, &registry).await;
+    let (_b, proxy_b) = agent(&env, "agent-b", &grpc, &registry).await;
+    let client = reqwest::Client::new();
+
+    let r = client
+        .get(format!(
+            "http://{proxy_a}/v2/project/app/blobs/sha256:{hex}"
+        ))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status().as_u16(), 401, "no token");
+    let challenge = r
+        .headers()
+        .get("www-authenticate")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        challenge.contains(&format!("realm=\"http://{proxy_a}/_damselfly/token?realm=")),
+        "mirror mode must point the token realm at the agent: {challenge}"
+    );
+    for (proxy, repo) in [(&proxy_a, "project/app"), (&proxy_b, "other/name")] {
+        let r = client
+            .get(format!("http://{proxy}/v2/{repo}/blobs/sha256:{hex}"))
+            .bearer_auth("s3cret")
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(r.status().as_u16(), 200);
+        let body = r.bytes().await.expect("body");
+        assert_eq!(fetcher::piece::sha256_hex(&body), hex);
+    }
+    // One origin fetch (the supernode's, through the redirect): the signed URLs never entered the
+    // task key, and the second agent's pull of the same digest under another name was P2P.
+    let served = damselfly_tests::harness::origin_bytes(&origin_url).await;
+    assert!(
+        served >= size as u64 && served < size as u64 + (64 << 10),
+        "the origin served {served} bytes for one {size}-byte blob pulled twice"
+    );
+}
