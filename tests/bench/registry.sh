@@ -21,7 +21,7 @@ need=$(( (2 * AGENTS + 5) * IMAGE_MIB ))
 shm_free=$(df -Pm /dev/shm 2>/dev/null | awk 'NR==2 { print $4 }')
 if [ -n "$shm_free" ] && [ "$shm_free" -gt "$need" ]; then BASE=/dev/shm; FS=tmpfs; else BASE=/tmp; FS=disk; fi
 WORK=$(mktemp -d "$BASE/damselfly-bench.XXXXXX")
-cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"; }
+cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; [ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"; }
 trap cleanup EXIT
 mkdir -p "$WORK/out" "$WORK/logs" "$WORK/registry"
 RATE="${RATE_MIB}MiB"
@@ -61,9 +61,9 @@ REGISTRY=$(sed -n 's/^listening on //p' "$WORK/throttle.addr")
 # Bytes in one pull: the manifest's config and layer sizes.
 S=$(skopeo inspect --raw --tls-verify=false "docker://$REGISTRY/bench/app:v1" \
   | grep -o '"size":[0-9]*' | cut -d: -f2 | awk '{ s += $1 } END { printf "%d\n", s }')
-# Bytes the registry sent in 200 answers to blob GETs, from its access log.
+# Bytes the registry sent for blob GETs (200 and ranged 206 answers, e.g. resumed downloads), from its access log.
 registry_bytes() {
-  awk '$6 == "\"GET" && $7 ~ /\/blobs\/sha256:/ && $9 == 200 { s += $10 } END { printf "%d\n", s }' "$WORK/registry.log"
+  awk '$6 == "\"GET" && $7 ~ /\/blobs\/sha256:/ && ($9 == 200 || $9 == 206) { s += $10 } END { printf "%d\n", s }' "$WORK/registry.log"
 }
 
 start_supernode --upload-rate "$RATE"
