@@ -1,7 +1,12 @@
 //! Generates the tonic/prost code from `proto/*.proto` with `protox`, so no system `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/scheduler.proto", "proto/agent.proto"];
+    let files = [
+        "proto/scheduler.proto",
+        "proto/agent.proto",
+        "proto/containerd/snapshots.proto",
+        "proto/containerd/mount.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -2,6 +2,7 @@
 //!
 //! - [`scheduler`]: peer ⇄ supernode (registration, piece metadata, parent assignments, results).
 //! - [`agent`]: dfget ⇄ the host agent (dfdaemon) over its local Unix socket.
+//! - [`containerd`]: containerd's snapshotter API, which dfsnapshotter serves as a proxy plugin.
 
 /// Scheduler API (`damselfly.scheduler.v1`).
 pub mod scheduler {
@@ -11,4 +12,20 @@ pub mod scheduler {
 /// Local agent API (`damselfly.agent.v1`).
 pub mod agent {
     tonic::include_proto!("damselfly.agent.v1");
+}
+
+/// containerd's API types that dfsnapshotter serves (module paths follow the proto packages).
+pub mod containerd {
+    /// `containerd.types` (`Mount`).
+    pub mod types {
+        tonic::include_proto!("containerd.types");
+    }
+    pub mod services {
+        pub mod snapshots {
+            /// `containerd.services.snapshots.v1`: the `Snapshots` service.
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.snapshots.v1");
+            }
+        }
+    }
 }

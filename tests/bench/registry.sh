@@ -62,8 +62,16 @@ REGISTRY=$(sed -n 's/^listening on //p' "$WORK/throttle.addr")
 S=$(skopeo inspect --raw --tls-verify=false "docker://$REGISTRY/bench/app:v1" \
   | grep -o '"size":[0-9]*' | cut -d: -f2 | awk '{ s += $1 } END { printf "%d\n", s }')
 # Bytes the registry sent for blob GETs (200 and ranged 206 answers, e.g. resumed downloads), from its access log.
-registry_bytes() {
+registry_bytes_now() {
   awk '$6 == "\"GET" && $7 ~ /\/blobs\/sha256:/ && ($9 == 200 || $9 == 206) { s += $10 } END { printf "%d\n", s }' "$WORK/registry.log"
+}
+# The registry logs a request once its handler returns, which can lag the client: wait until the
+# sum stops moving (at most ~10 s).
+registry_bytes() {
+  local a b
+  a=$(registry_bytes_now)
+  for _ in $(seq 10); do sleep 1; b=$(registry_bytes_now); [ "$a" = "$b" ] && break; a=$b; done
+  echo "$a"
 }
 
 start_supernode --upload-rate "$RATE"
@@ -94,7 +102,6 @@ for i in $(seq 1 "$AGENTS"); do
 done
 for j in "${jobs_[@]}"; do wait "$j" || { echo "bench: a pull through dfdaemon failed" >&2; cat "$WORK"/logs/skopeo-p2p*.log >&2; exit 1; }; done
 t1=$(now)
-sleep 0.5
 P2P_BYTES=$(( $(registry_bytes) - before ))
 PEAK=0
 for p in "${pids[@]}"; do r=$(rss_kib "$p" VmHWM); [ "$r" -gt "$PEAK" ] && PEAK=$r; done
@@ -110,7 +117,6 @@ for i in $(seq 1 "$AGENTS"); do
 done
 for j in "${jobs_[@]}"; do wait "$j" || { echo "bench: a direct pull failed" >&2; exit 1; }; done
 t3=$(now)
-sleep 0.5
 DIRECT_BYTES=$(( $(registry_bytes) - before ))
 
 p2p=$(calc %.2f "$t1 - $t0")

@@ -1,0 +1,92 @@
+//! A private containerd (Debian's 1.6) for end-to-end tests: own root, state and socket, no CRI,
+//! optionally with dfsnapshotter registered as the `damselfly` proxy snapshotter.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crate::harness::{Env, Proc, is_root};
+
+fn on_path(tool: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Why containerd cannot run here, if it cannot.
+pub fn containerd_missing() -> Option<String> {
+    if let Some(t) = ["containerd", "ctr", "runc"].iter().find(|t| !on_path(t)) {
+        return Some(format!("{t} not installed"));
+    }
+    (!is_root()).then(|| "containerd needs root".to_owned())
+}
+
+pub struct Containerd {
+    pub proc: Proc,
+    pub sock: PathBuf,
+}
+
+/// Starts containerd under `<env>/containerd`; with `snapshotter`, registers that socket as the
+/// `damselfly` proxy snapshotter.
+pub async fn start_containerd(env: &Env, snapshotter: Option<&Path>) -> Containerd {
+    let dir = env.path("containerd");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let sock = dir.join("containerd.sock");
+    let mut config = format!(
+        "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{s}\"\n",
+        d = dir.display(),
+        s = sock.display()
+    );
+    if let Some(s) = snapshotter {
+        config.push_str(&format!(
+            "[proxy_plugins]\n  [proxy_plugins.damselfly]\n    type = \"snapshot\"\n    address = \"{}\"\n",
+            s.display()
+        ));
+    }
+    std::fs::write(dir.join("config.toml"), config).expect("config");
+    let log = env.path("containerd.log");
+    let log_file = std::fs::File::create(&log).expect("log");
+    let child = tokio::process::Command::new("containerd")
+        .arg("--config")
+        .arg(dir.join("config.toml"))
+        .stdout(log_file.try_clone().expect("log"))
+        .stderr(log_file)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn containerd");
+    let proc = Proc {
+        name: "containerd".into(),
+        child,
+        log,
+    };
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "containerd did not start:\n{}",
+            proc.output()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Containerd { proc, sock }
+}
+
+impl Containerd {
+    /// `ctr -a <sock> -n damselfly-test ARGS`; returns the exit code and stdout + stderr.
+    pub async fn ctr(&self, args: &[&str]) -> (i32, String) {
+        let out = tokio::process::Command::new("ctr")
+            .arg("-a")
+            .arg(&self.sock)
+            .args(["-n", "damselfly-test"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .expect("run ctr");
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        (out.status.code().unwrap_or(-1), text)
+    }
+}

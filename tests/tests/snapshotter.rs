@@ -1,0 +1,153 @@
+//! dfsnapshotter as containerd's `damselfly` proxy snapshotter: a real containerd unpacks an image
+//! into it and runs containers on it; the rootfs equals what containerd's own overlayfs
+//! snapshotter gives; snapshots survive kill -9 and a restart.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use damselfly_tests::containerd::{Containerd, containerd_missing, start_containerd};
+use damselfly_tests::harness::{Env, Proc};
+use damselfly_tests::registry::{push_test_image, start_registry, tools_missing};
+
+async fn start_snapshotter(env: &Env, root: &Path, sock: &Path) -> Proc {
+    let _ = std::fs::remove_file(sock);
+    let p = env.spawn(
+        "dfsnapshotter",
+        "dfsnapshotter",
+        &[
+            "--root".into(),
+            root.to_string_lossy().into_owned(),
+            "--socket".into(),
+            sock.to_string_lossy().into_owned(),
+        ],
+    );
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "dfsnapshotter did not start:\n{}",
+            p.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    p
+}
+
+/// What a container sees: a listing of the image's files (type, mode, owner, size, link target)
+/// and the hashes of its regular files, from inside a container on `snapshotter`.
+async fn tree(c: &Containerd, image: &str, snapshotter: &str, id: &str) -> String {
+    let script = "cd / && /bin/busybox ls -lanR bin etc small-file big.bin | /bin/busybox sed 's/ [A-Z][a-z][a-z] [ 0-9][0-9] [0-9:]\\{4,5\\} / /' && /bin/busybox sha256sum bin/busybox small-file big.bin etc/release";
+    let (code, out) = c
+        .ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            snapshotter,
+            image,
+            id,
+            "/bin/sh",
+            "-c",
+            script,
+        ])
+        .await;
+    assert_eq!(code, 0, "listing on {snapshotter} failed: {out}");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_unpacks_and_runs_images_on_dfsnapshotter_across_restarts() {
+    if let Some(why) = tools_missing().or_else(containerd_missing) {
+        eprintln!(
+            "SKIP containerd_unpacks_and_runs_images_on_dfsnapshotter_across_restarts: {why}"
+        );
+        return;
+    }
+    let env = Env::new("snapshotter");
+    let (_registry, registry) = start_registry(&env).await;
+    let layers = push_test_image(&env, &registry, "project/app:v1", 4 << 20).await;
+    let root = env.path("snapshotter-root");
+    let sock = env.path("snapshotter.sock");
+    let mut snap = start_snapshotter(&env, &root, &sock).await;
+    let c = start_containerd(&env, Some(&sock)).await;
+    let image = format!("{registry}/project/app:v1");
+
+    let (code, out) = c
+        .ctr(&[
+            "images",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            "damselfly",
+            &image,
+        ])
+        .await;
+    if code != 0 {
+        env.dump_logs();
+    }
+    assert_eq!(code, 0, "ctr images pull --snapshotter damselfly: {out}");
+    let (code, out) = c
+        .ctr(&["snapshots", "--snapshotter", "damselfly", "ls"])
+        .await;
+    assert_eq!(code, 0, "{out}");
+    let committed = out.lines().filter(|l| l.contains("Committed")).count();
+    assert_eq!(
+        committed,
+        layers.len(),
+        "one committed snapshot per layer:\n{out}"
+    );
+
+    let (code, out) = c
+        .ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "damselfly",
+            &image,
+            "c1",
+            "/bin/cat",
+            "/small-file",
+        ])
+        .await;
+    assert_eq!(code, 0, "ctr run on dfsnapshotter: {out}");
+    assert!(out.contains("hello from damselfly"), "{out}");
+
+    // The same image unpacked by containerd's own overlayfs snapshotter looks the same.
+    let (code, out) = c.ctr(&["images", "pull", "--plain-http", &image]).await;
+    assert_eq!(code, 0, "ctr images pull (overlayfs): {out}");
+    let ours = tree(&c, &image, "damselfly", "c2").await;
+    let theirs = tree(&c, &image, "overlayfs", "c3").await;
+    assert!(ours.contains("big.bin"), "{ours}");
+    assert_eq!(ours, theirs, "the rootfs differs from overlayfs's");
+
+    // kill -9: the snapshots are still there after a restart, and containers run on them.
+    snap.kill9().await;
+    let _snap = start_snapshotter(&env, &root, &sock).await;
+    let mut last = String::new();
+    let start = Instant::now();
+    loop {
+        // containerd reconnects to the proxy plugin on its own; give it a moment.
+        let (code, out) = c
+            .ctr(&[
+                "run",
+                "--rm",
+                "--snapshotter",
+                "damselfly",
+                &image,
+                "c4",
+                "/bin/cat",
+                "/etc/release",
+            ])
+            .await;
+        if code == 0 {
+            assert!(out.contains("damselfly test image"), "{out}");
+            break;
+        }
+        last = out;
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no container after the restart: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let _ = last;
+}
