@@ -56,22 +56,19 @@ for _ in $(seq 100); do curl -sf "http://127.0.0.1:$REG_PORT/v2/" >/dev/null && 
 skopeo --insecure-policy copy -q --dest-tls-verify=false "oci:$WORK/oci:app" \
   "docker://127.0.0.1:$REG_PORT/bench/app:v1" >/dev/null
 "$BIN/damselfly-throttle" --upstream "127.0.0.1:$REG_PORT" --rate "$RATE" > "$WORK/throttle.addr" &
-for _ in $(seq 100); do grep -q listening "$WORK/throttle.addr" 2>/dev/null && break; sleep 0.1; done
+for _ in $(seq 100); do grep -q "stats on" "$WORK/throttle.addr" 2>/dev/null && break; sleep 0.1; done
 REGISTRY=$(sed -n 's/^listening on //p' "$WORK/throttle.addr")
 # Bytes in one pull: the manifest's config and layer sizes.
 S=$(skopeo inspect --raw --tls-verify=false "docker://$REGISTRY/bench/app:v1" \
   | grep -o '"size":[0-9]*' | cut -d: -f2 | awk '{ s += $1 } END { printf "%d\n", s }')
-# Bytes the registry sent for blob GETs (200 and ranged 206 answers, e.g. resumed downloads), from its access log.
-registry_bytes_now() {
-  awk '$6 == "\"GET" && $7 ~ /\/blobs\/sha256:/ && ($9 == 200 || $9 == 206) { s += $10 } END { printf "%d\n", s }' "$WORK/registry.log"
-}
-# The registry logs a request once its handler returns, which can lag the client: wait until the
-# sum stops moving (at most ~10 s).
+STATS=$(sed -n 's/^stats on //p' "$WORK/throttle.addr")
+# Bytes the registry sent to anyone (blobs, manifests, answers), counted by the capping front.
 registry_bytes() {
-  local a b
-  a=$(registry_bytes_now)
-  for _ in $(seq 10); do sleep 1; b=$(registry_bytes_now); [ "$a" = "$b" ] && break; a=$b; done
-  echo "$a"
+  local n
+  exec 3<>"/dev/tcp/${STATS%:*}/${STATS#*:}"
+  read -r n <&3
+  exec 3<&-
+  echo "$n"
 }
 
 start_supernode --upload-rate "$RATE"
