@@ -4,6 +4,7 @@
 //!   directories and overlayfs mounts, as containerd's own overlayfs snapshotter lays them out.
 //! - [`metastore`]: its metadata, embedded and persistent across restarts.
 //! - [`service`]: containerd's `Snapshots` gRPC API on a Unix socket.
+//! - [`layerfs`]: a layer as a read-only FUSE filesystem over its index (lazy reads).
 //! - [`cli`]: the `dfsnapshotter` command.
 //!
 //! Layers are unpacked by containerd into overlayfs snapshots, so every image runs. Lazy remote
@@ -11,6 +12,7 @@
 
 pub mod cli;
 pub mod error;
+pub mod layerfs;
 pub mod metastore;
 pub mod service;
 pub mod snapshots;

@@ -1,0 +1,274 @@
+//! A layer as a read-only FUSE filesystem (`fuser`): the tree comes from the layer's index, and a
+//! file read becomes a range of the uncompressed tar stream, a compressed range of the blob
+//! ([`BlobReader`]), and an inflate from the nearest checkpoint. A read that cannot be served
+//! (missing or damaged data) is `EIO`, never wrong bytes; the error is logged with the layer.
+
+pub mod tree;
+
+use std::ffi::OsStr;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use fuser::{
+    Config, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, LockOwner,
+    MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyXattr, Request, SessionACL,
+};
+use layerindex::{Kind, LayerIndex};
+
+use tree::{Node, Tree};
+
+/// Where a layer blob's compressed bytes come from (the local agent's piece store and peers in
+/// production; a local file in tests).
+pub trait BlobReader: Send + Sync + 'static {
+    /// Exactly the bytes `range` of the blob.
+    fn read_at(&self, range: Range<u64>) -> std::io::Result<Vec<u8>>;
+}
+
+/// A blob in a local file.
+pub struct FileBlob(pub std::fs::File);
+
+impl BlobReader for FileBlob {
+    fn read_at(&self, range: Range<u64>) -> std::io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let len = usize::try_from(range.end.saturating_sub(range.start))
+            .map_err(|_| std::io::Error::other("range too large"))?;
+        let mut buf = vec![0u8; len];
+        self.0.read_exact_at(&mut buf, range.start)?;
+        Ok(buf)
+    }
+}
+
+/// The layer is immutable: the kernel may cache attributes and entries for long.
+const TTL: Duration = Duration::from_secs(3600);
+
+pub struct LayerFs {
+    name: String,
+    tree: Tree,
+    index: Arc<LayerIndex>,
+    blob: Arc<dyn BlobReader>,
+}
+
+fn file_type(k: Kind) -> FileType {
+    match k {
+        Kind::File | Kind::Hardlink => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Char => FileType::CharDevice,
+        Kind::Block => FileType::BlockDevice,
+        Kind::Fifo => FileType::NamedPipe,
+    }
+}
+
+impl LayerFs {
+    /// `name` identifies the layer in logs (its digest).
+    pub fn new(name: impl Into<String>, index: Arc<LayerIndex>, blob: Arc<dyn BlobReader>) -> Self {
+        let tree = Tree::from_toc(&index.toc);
+        Self {
+            name: name.into(),
+            tree,
+            index,
+            blob,
+        }
+    }
+
+    fn attr(&self, ino: u64, n: &Node) -> FileAttr {
+        let t = UNIX_EPOCH + Duration::from_secs(n.mtime);
+        let size = match n.kind {
+            Kind::Symlink => n.link.as_ref().map_or(0, |l| l.len() as u64),
+            _ => n.size,
+        };
+        FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: t,
+            mtime: t,
+            ctime: t,
+            crtime: t,
+            kind: file_type(n.kind),
+            perm: u16::try_from(n.mode & 0o7777).unwrap_or(0o755),
+            nlink: n.nlink,
+            uid: n.uid,
+            gid: n.gid,
+            rdev: n.rdev,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    /// File bytes `[offset, offset + size)` (clamped to the file).
+    fn read_file(&self, n: &Node, offset: u64, size: u32) -> Result<Vec<u8>, String> {
+        if offset >= n.size {
+            return Ok(Vec::new());
+        }
+        let len = u64::from(size).min(n.size - offset);
+        let start = n.offset + offset;
+        let plan = self.index.plan(start, len).map_err(|e| e.to_string())?;
+        let compressed = self
+            .blob
+            .read_at(plan.compressed.clone())
+            .map_err(|e| format!("fetching blob bytes {:?}: {e}", plan.compressed))?;
+        let len = usize::try_from(len).map_err(|e| e.to_string())?;
+        self.index
+            .read(&plan, &compressed, start, len)
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl fuser::Filesystem for LayerFs {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let child = self
+            .tree
+            .get(parent.0)
+            .and_then(|p| name.to_str().and_then(|n| p.children.get(n)))
+            .copied();
+        match child.and_then(|c| self.tree.get(c).map(|n| (c, n))) {
+            Some((ino, n)) => reply.entry(&TTL, &self.attr(ino, n), Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.tree.get(ino.0) {
+            Some(n) => reply.attr(&TTL, &self.attr(ino.0, n)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.tree.get(ino.0).and_then(|n| n.link.as_ref()) {
+            Some(l)
+                if self
+                    .tree
+                    .get(ino.0)
+                    .is_some_and(|n| n.kind == Kind::Symlink) =>
+            {
+                reply.data(l.as_bytes());
+            }
+            _ => reply.error(Errno::EINVAL),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.0 & libc_write_mask() != 0 {
+            return reply.error(Errno::EROFS);
+        }
+        match self.tree.get(ino.0) {
+            Some(n) if n.kind != Kind::Dir => {
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+            }
+            Some(_) => reply.error(Errno::EISDIR),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(n) = self.tree.get(ino.0).filter(|n| n.kind == Kind::File) else {
+            return reply.error(Errno::EINVAL);
+        };
+        match self.read_file(n, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => {
+                tracing::error!(layer = %self.name, ino = ino.0, offset, size, error = %e, "layer read failed");
+                reply.error(Errno::EIO);
+            }
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(dir) = self.tree.get(ino.0).filter(|n| n.kind == Kind::Dir) else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        let dots = [
+            (ino.0, FileType::Directory, "."),
+            (dir.parent, FileType::Directory, ".."),
+        ];
+        let children = dir.children.iter().filter_map(|(name, c)| {
+            self.tree
+                .get(*c)
+                .map(|n| (*c, file_type(n.kind), name.as_str()))
+        });
+        let skip = usize::try_from(offset).unwrap_or(usize::MAX);
+        for (i, (child, kind, name)) in dots.into_iter().chain(children).enumerate().skip(skip) {
+            if reply.add(INodeNo(child), i as u64 + 1, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let value = self
+            .tree
+            .get(ino.0)
+            .and_then(|n| name.to_str().and_then(|k| n.xattrs.get(k)));
+        match value {
+            None => reply.error(Errno::NO_XATTR),
+            Some(v) if size == 0 => reply.size(u32::try_from(v.len()).unwrap_or(u32::MAX)),
+            Some(v) if v.len() <= size as usize => reply.data(v),
+            Some(_) => reply.error(Errno::ERANGE),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let Some(n) = self.tree.get(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let mut names = Vec::new();
+        for k in n.xattrs.keys() {
+            names.extend_from_slice(k.as_bytes());
+            names.push(0);
+        }
+        if size == 0 {
+            reply.size(u32::try_from(names.len()).unwrap_or(u32::MAX));
+        } else if names.len() <= size as usize {
+            reply.data(&names);
+        } else {
+            reply.error(Errno::ERANGE);
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let blocks = self.index.uncompressed_size.div_ceil(4096);
+        reply.statfs(blocks, 0, 0, self.tree.len() as u64, 0, 4096, 255, 4096);
+    }
+}
+
+/// Open flags that ask for writing (`O_WRONLY | O_RDWR | O_TRUNC | O_APPEND | O_CREAT`).
+fn libc_write_mask() -> i32 {
+    0o1 | 0o2 | 0o1000 | 0o2000 | 0o100
+}
+
+/// Mounts `fs` read-only at `mountpoint`; unmounted when the returned session is dropped.
+pub fn mount(fs: LayerFs, mountpoint: &Path) -> std::io::Result<fuser::BackgroundSession> {
+    let mut cfg = Config::default();
+    cfg.mount_options = vec![
+        MountOption::RO,
+        MountOption::FSName(format!("damselfly:{}", fs.name)),
+        MountOption::Subtype("damselfly".into()),
+        MountOption::DefaultPermissions,
+    ];
+    cfg.acl = SessionACL::All;
+    cfg.n_threads = Some(4);
+    fuser::spawn_mount(fs, mountpoint, &cfg)
+}
