@@ -50,7 +50,70 @@ pub struct ReadPlan {
     pub compressed: std::ops::Range<u64>,
 }
 
+/// Serialized indexes start with this, then a format version byte.
+const MAGIC: &[u8; 4] = b"DFIX";
+const FORMAT: u8 = 1;
+
 impl LayerIndex {
+    /// The index as bytes (magic, format version, postcard).
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let mut out = MAGIC.to_vec();
+        out.push(FORMAT);
+        postcard::to_io(self, &mut out)
+            .map_err(|e| Error::Invalid(format!("cannot serialize the index: {e}")))?;
+        Ok(out)
+    }
+
+    /// Parses [`LayerIndex::to_bytes`] output; anything else is an error naming what is wrong.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let body = bytes
+            .strip_prefix(MAGIC.as_slice())
+            .ok_or_else(|| Error::Invalid("not a layer index (bad magic)".into()))?;
+        match body.split_first() {
+            Some((&FORMAT, rest)) => {
+                let index: Self = postcard::from_bytes(rest)
+                    .map_err(|e| Error::Invalid(format!("corrupt layer index: {e}")))?;
+                index.check()?;
+                Ok(index)
+            }
+            Some((v, _)) => Err(Error::Invalid(format!("layer index format {v} unknown"))),
+            None => Err(Error::Invalid("empty layer index".into())),
+        }
+    }
+
+    /// Internal consistency: checkpoints sorted and inside the layer, windows at most 32 KiB,
+    /// entries inside the uncompressed stream. A corrupt index fails here, not in a read.
+    fn check(&self) -> Result<()> {
+        let bad = |what: String| Err(Error::Invalid(format!("corrupt layer index: {what}")));
+        if self.compression == Compression::Gzip
+            && self.checkpoints.first().is_none_or(|c| c.out != 0)
+        {
+            return bad("no checkpoint at offset 0".into());
+        }
+        for w in self.checkpoints.windows(2) {
+            if w[1].out < w[0].out || w[1].in_bit < w[0].in_bit {
+                return bad("checkpoints out of order".into());
+            }
+        }
+        for c in &self.checkpoints {
+            if c.window.len() > gzip::WINDOW
+                || c.first_byte() > self.compressed_size
+                || c.out > self.uncompressed_size
+            {
+                return bad(format!("checkpoint at {} out of bounds", c.out));
+            }
+        }
+        for e in &self.toc.entries {
+            if e.offset
+                .checked_add(e.size)
+                .is_none_or(|end| end > self.uncompressed_size)
+            {
+                return bad(format!("entry {} outside the layer", e.path));
+            }
+        }
+        Ok(())
+    }
+
     /// Indexes a gzip-compressed tar stream (the whole blob, read once).
     pub fn build_gzip(blob: impl Read, span: u64) -> Result<Self> {
         let mut reader = gzip::CheckpointingReader::new(blob, span);

@@ -220,3 +220,33 @@ fn truncated_or_corrupt_gzip_is_an_error_never_wrong_bytes() {
     p.compressed = plan.compressed.start..plan.compressed.start + short.len() as u64;
     assert!(index.read(&p, short, 1 << 20, 100_000).is_err());
 }
+
+#[test]
+fn indexes_round_trip_and_corrupt_ones_are_refused() {
+    let (tar, _) = layer();
+    let blob = gzip(&tar, 6);
+    let index = LayerIndex::build_gzip(blob.as_slice(), 512 << 10).expect("index");
+    let bytes = index.to_bytes().expect("serialize");
+    assert_eq!(LayerIndex::from_bytes(&bytes).expect("parse"), index);
+    assert!(
+        bytes.len() < tar.len() / 4,
+        "index of {} bytes for {} of tar",
+        bytes.len(),
+        tar.len()
+    );
+    for cut in [0, 3, 5, bytes.len() / 2, bytes.len() - 1] {
+        assert!(
+            LayerIndex::from_bytes(&bytes[..cut]).is_err(),
+            "cut at {cut}"
+        );
+    }
+    let mut other = bytes.clone();
+    other[4] = 9;
+    let err = LayerIndex::from_bytes(&other).expect_err("format");
+    assert!(err.to_string().contains("format 9"), "{err}");
+    let mut shifted = index.clone();
+    shifted.toc.entries[0].offset = index.uncompressed_size;
+    shifted.toc.entries[0].size = 1;
+    let err = LayerIndex::from_bytes(&shifted.to_bytes().expect("ser")).expect_err("bounds");
+    assert!(err.to_string().contains("outside the layer"), "{err}");
+}

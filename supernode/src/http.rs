@@ -47,8 +47,36 @@ pub fn router(s: Arc<Scheduling>, upload_rate: u64, max_uploads: usize) -> Route
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .route("/api/v1/preheat", post(preheat))
+        .route("/api/v1/index/{digest}", get(layer_index))
         .with_state(s);
     pieces.merge(api)
+}
+
+/// `GET /api/v1/index/sha256:<hex>`: the layer index of a seeded registry blob.
+async fn layer_index(
+    State(s): State<Arc<Scheduling>>,
+    axum::extract::Path(digest): axum::extract::Path<String>,
+) -> axum::response::Response {
+    use crate::layer_index::IndexError;
+    match s.indexes.get(&digest).await {
+        Ok(bytes) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "application/vnd.damselfly.layer-index.v1",
+            )],
+            bytes.as_ref().clone(),
+        )
+            .into_response(),
+        Err(e) => {
+            let status = match e {
+                IndexError::BadDigest(_) => StatusCode::BAD_REQUEST,
+                IndexError::NotSeeded(_) => StatusCode::NOT_FOUND,
+                IndexError::Unindexable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+                IndexError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            (status, format!("{e}\n")).into_response()
+        }
+    }
 }
 
 async fn metrics(State(s): State<Arc<Scheduling>>) -> String {

@@ -7,6 +7,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod isolation;
+pub mod layer_index;
 pub mod metrics;
 pub mod scheduler;
 pub mod seed;
@@ -99,6 +100,7 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
         },
         tasks: tasks.clone(),
         tokens: fetcher::source::token::TokenCache::new(source.client().clone()),
+        indexes: layer_index::Indexes::new(&c.data_dir, tasks.clone()),
         seed: Arc::new(SeedContext {
             source,
             store: store.clone(),

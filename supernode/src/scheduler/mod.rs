@@ -38,6 +38,8 @@ pub struct Scheduling {
     pub shutdown: fetcher::Shutdown,
     /// Registry token fetches shared by every peer.
     pub tokens: fetcher::source::token::TokenCache,
+    /// Layer indexes of seeded registry blobs.
+    pub indexes: crate::layer_index::Indexes,
 }
 
 /// The tonic service.
