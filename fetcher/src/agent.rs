@@ -24,21 +24,7 @@ pub async fn serve(
     peer: Peer,
     shutdown: Shutdown,
 ) -> Result<tokio::task::JoinHandle<()>> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::io("cannot create socket directory", dir, e))?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io("cannot remove stale socket", path, e)),
-    }
-    let listener = tokio::net::UnixListener::bind(path)
-        .map_err(|e| Error::io("cannot bind agent socket", path, e))?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660));
-    }
+    let listener = crate::uds::bind(path).map_err(|(what, e)| Error::io(what, path, e))?;
     let svc = AgentServer::new(AgentService { peer });
     let socket = path.to_path_buf();
     Ok(tokio::spawn(async move {

@@ -20,6 +20,7 @@ pub mod rendezvous;
 pub mod shutdown;
 pub mod source;
 pub mod task_id;
+pub mod uds;
 pub mod upload;
 
 pub use download::{BackSource, DownloadRequest, Progress, Summary};

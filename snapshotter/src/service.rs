@@ -179,20 +179,7 @@ pub async fn serve(
     snapshots: Arc<Snapshots>,
     shutdown: fetcher::Shutdown,
 ) -> Result<tokio::task::JoinHandle<()>> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create", dir, e))?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io("cannot remove stale socket", path, e)),
-    }
-    let listener = tokio::net::UnixListener::bind(path)
-        .map_err(|e| Error::io("cannot bind socket", path, e))?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660));
-    }
+    let listener = fetcher::uds::bind(path).map_err(|(what, e)| Error::io(what, path, e))?;
     let svc = SnapshotsServer::new(Service { snapshots });
     let socket = path.to_path_buf();
     Ok(tokio::spawn(async move {

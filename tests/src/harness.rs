@@ -246,6 +246,37 @@ pub struct Daemon {
     pub socket: PathBuf,
 }
 
+impl Daemon {
+    /// The sum of the daemon's `name` samples whose labels contain `labels`.
+    pub async fn metric(&self, name: &str, labels: &str) -> f64 {
+        metric(
+            &get_text(&format!("http://{}/metrics", self.metrics)).await,
+            name,
+            labels,
+        )
+    }
+
+    /// Saves the daemon's proxy CA (`GET /ca.crt`) as `<env>/<name>/ca.crt`, a directory of its
+    /// own as skopeo's `--*-cert-dir` wants; returns the directory.
+    pub async fn save_ca(&self, env: &Env, name: &str) -> PathBuf {
+        let pem = get_text(&format!("http://{}/ca.crt", self.proxy)).await;
+        assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{pem}");
+        let dir = env.path(name);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(dir.join("ca.crt"), pem).expect("write ca");
+        dir
+    }
+
+    /// `damselfly_proxy_requests_total{kind="<kind>"}`.
+    pub async fn proxy_requests(&self, kind: &str) -> f64 {
+        self.metric(
+            "damselfly_proxy_requests_total",
+            &format!("kind=\"{kind}\""),
+        )
+        .await
+    }
+}
+
 /// Runs a process to completion; returns (exit code, combined output).
 pub async fn run(p: &mut Proc) -> (i32, String) {
     let status = p.child.wait().await.expect("wait");

@@ -13,7 +13,7 @@ use crate::harness::{Env, Proc, free_port, random_file};
 use crate::pki::{Pki, REGISTRY_HOST};
 
 /// The external tools these helpers need.
-const TOOLS: [&str; 4] = ["docker-registry", "skopeo", "umoci", "busybox"];
+const TOOLS: [&str; 5] = ["docker-registry", "skopeo", "umoci", "busybox", "htpasswd"];
 
 /// Where `name` is found on `PATH` (an executable regular file), if anywhere.
 fn which(name: &str) -> Option<PathBuf> {
@@ -26,7 +26,7 @@ fn which(name: &str) -> Option<PathBuf> {
         })
 }
 
-/// `None` when docker-registry, skopeo, umoci and busybox are all on `PATH`; otherwise the reason
+/// `None` when docker-registry, skopeo, umoci, busybox and htpasswd are all on `PATH`; otherwise the reason
 /// to skip, e.g. `"docker-registry, skopeo not installed"`.
 pub fn tools_missing() -> Option<String> {
     let missing: Vec<&str> = TOOLS
@@ -368,6 +368,58 @@ pub async fn build_test_image(env: &Env, name: &str, big_layer_bytes: usize) -> 
     )
     .await;
     image
+}
+
+/// The blob files of an OCI layout (`<layout>/blobs/sha256/*`), sorted: two pulls of the same
+/// image have the same list.
+pub fn oci_blobs(layout: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(layout.join("blobs/sha256"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Credentials of the private test registry's user.
+pub const CREDS: &str = "alice:wonderland";
+
+/// A private HTTPS registry (test CA, htpasswd user [`CREDS`]) holding the test image as
+/// `project/app:v1`, and a supernode that trusts the CA.
+pub struct PrivateRegistry {
+    pub pki: Pki,
+    pub proc: Proc,
+    /// `registry.damselfly.test:<port>`
+    pub addr: String,
+    pub layers: Vec<String>,
+    /// The CA file, as a flag value.
+    pub ca: String,
+    pub supernode: Proc,
+    pub grpc: String,
+}
+
+/// Starts a [`PrivateRegistry`] with a test image whose big layer has `big_layer_bytes`.
+pub async fn private_registry(env: &Env, big_layer_bytes: usize) -> PrivateRegistry {
+    let pki = crate::pki::make_pki(env);
+    let (user, pass) = CREDS.split_once(':').unwrap_or(("alice", "wonderland"));
+    let users = vec![(user.to_owned(), pass.to_owned())];
+    let (proc, addr) = start_registry_with(env, Some(&pki), RegistryAuth::Htpasswd(users)).await;
+    let layers =
+        push_test_image_as(env, &addr, "project/app:v1", big_layer_bytes, Some(CREDS)).await;
+    let ca = pki.ca_crt.to_string_lossy().into_owned();
+    let (supernode, grpc, _) = env.supernode("sn", &["--upstream-ca", &ca]).await;
+    PrivateRegistry {
+        pki,
+        proc,
+        addr,
+        layers,
+        ca,
+        supernode,
+        grpc,
+    }
 }
 
 /// Number of successful (2xx) `GET /v2/<name>/blobs/<digest>` requests in the registry's access

@@ -6,11 +6,10 @@ use std::time::Duration;
 
 use base64::Engine;
 use damselfly_tests::docker::{CertsD, dockerd_missing, start_dockerd};
-use damselfly_tests::harness::{Env, get_text, metric};
-use damselfly_tests::pki::{REGISTRY_HOST, ensure_hosts_entry, make_pki};
+use damselfly_tests::harness::{Env, get_text};
+use damselfly_tests::pki::{REGISTRY_HOST, ensure_hosts_entry};
 use damselfly_tests::registry::{
-    RegistryAuth, count_blob_gets, layer_digests, push_test_image_as, skopeo, start_registry_with,
-    tools_missing,
+    CREDS, PrivateRegistry, count_blob_gets, layer_digests, private_registry, skopeo, tools_missing,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -23,20 +22,15 @@ async fn dockerd_pulls_runs_and_pushes_through_the_proxy_and_the_mirror() {
         return;
     }
     let env = Env::new("docker");
-    let pki = make_pki(&env);
-    let users = vec![("alice".to_owned(), "wonderland".to_owned())];
-    let (registry_proc, registry) =
-        start_registry_with(&env, Some(&pki), RegistryAuth::Htpasswd(users)).await;
-    let layers = push_test_image_as(
-        &env,
-        &registry,
-        "project/app:v1",
-        6 << 20,
-        Some("alice:wonderland"),
-    )
-    .await;
-    let ca = pki.ca_crt.to_string_lossy().into_owned();
-    let (_sn, grpc, _) = env.supernode("sn", &["--upstream-ca", &ca]).await;
+    let PrivateRegistry {
+        pki,
+        proc: registry_proc,
+        addr: registry,
+        layers,
+        ca,
+        grpc,
+        supernode: _sn,
+    } = private_registry(&env, 6 << 20).await;
     // One agent does both: HTTPS proxy for the registry's name, mirror for Docker Hub names.
     let (_agent, d) = env
         .dfdaemon(
@@ -104,13 +98,12 @@ async fn dockerd_pulls_runs_and_pushes_through_the_proxy_and_the_mirror() {
             .await,
     );
     assert!(out.contains("hello from damselfly"), "{out}");
-    let m = get_text(&format!("http://{}/metrics", d.metrics)).await;
-    let blobs_after_proxy = metric(&m, "damselfly_proxy_requests_total", "kind=\"blob\"");
+    let blobs_after_proxy = d.proxy_requests("blob").await;
     assert!(
         blobs_after_proxy >= 3.0,
         "docker's layers did not go P2P: {blobs_after_proxy}"
     );
-    assert!(metric(&m, "damselfly_proxy_requests_total", "kind=\"hijack\"") >= 1.0);
+    assert!(d.proxy_requests("hijack").await >= 1.0);
 
     // Push through the proxy: a committed container adds a real new layer.
     must(
@@ -148,7 +141,7 @@ async fn dockerd_pulls_runs_and_pushes_through_the_proxy_and_the_mirror() {
             "--cert-dir",
             &pki.ca_dir.to_string_lossy(),
             "--creds",
-            "alice:wonderland",
+            CREDS,
             &format!("docker://{pushed}"),
         ],
         &[],
@@ -163,7 +156,7 @@ async fn dockerd_pulls_runs_and_pushes_through_the_proxy_and_the_mirror() {
         "docker rmi",
         dockerd.docker(&["rmi", &image, &pushed], None).await,
     );
-    let auth = base64::engine::general_purpose::STANDARD.encode("alice:wonderland");
+    let auth = base64::engine::general_purpose::STANDARD.encode(CREDS);
     std::fs::write(
         dockerd.client_config().join("config.json"),
         serde_json::json!({"auths": {"https://index.docker.io/v1/": {"auth": auth}}}).to_string(),
@@ -187,8 +180,7 @@ async fn dockerd_pulls_runs_and_pushes_through_the_proxy_and_the_mirror() {
         .await,
     );
     assert!(out.contains("hello from damselfly"), "{out}");
-    let m = get_text(&format!("http://{}/metrics", d.metrics)).await;
-    let blobs_after_mirror = metric(&m, "damselfly_proxy_requests_total", "kind=\"blob\"");
+    let blobs_after_mirror = d.proxy_requests("blob").await;
     assert!(
         blobs_after_mirror >= blobs_after_proxy + 3.0,
         "the mirrored pull did not go through dfdaemon: {blobs_after_proxy} -> {blobs_after_mirror}"

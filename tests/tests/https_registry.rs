@@ -1,63 +1,19 @@
 //! dfdaemon in front of a private HTTPS registry (TLS with the test's own CA, htpasswd auth):
 //! mirror mode and proxy mode (`HTTPS_PROXY` + `--hijack`), pulls and pushes with real skopeo.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use damselfly_tests::harness::{Daemon, Env, get_text, metric};
-use damselfly_tests::pki::{REGISTRY_HOST, ensure_hosts_entry, make_pki};
+use damselfly_tests::harness::Env;
+use damselfly_tests::pki::{REGISTRY_HOST, ensure_hosts_entry};
 use damselfly_tests::registry::{
-    RegistryAuth, build_test_image, count_blob_gets, layer_digests, push_test_image_as, skopeo,
-    start_registry_with, tools_missing,
+    CREDS, PrivateRegistry, build_test_image, count_blob_gets, layer_digests, oci_blobs,
+    private_registry, skopeo, tools_missing,
 };
-
-const CREDS: &str = "alice:wonderland";
 
 /// Why this machine cannot run these tests, if it cannot.
 fn skip_reason() -> Option<String> {
-    if let Some(why) = tools_missing() {
-        return Some(why);
-    }
-    if std::process::Command::new("htpasswd")
-        .arg("-h")
-        .output()
-        .is_err()
-    {
-        return Some("htpasswd (apache2-utils) not installed".into());
-    }
-    ensure_hosts_entry().err()
-}
-
-/// The blob files of an OCI layout, sorted.
-fn blobs(layout: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(layout.join("blobs/sha256"))
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
-/// Saves the proxy's CA (`GET /ca.crt`) into a directory of its own, for `--*-cert-dir`.
-async fn proxy_ca_dir(env: &Env, d: &Daemon, name: &str) -> PathBuf {
-    let pem = get_text(&format!("http://{}/ca.crt", d.proxy)).await;
-    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{pem}");
-    let dir = env.path(name);
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    std::fs::write(dir.join("ca.crt"), pem).expect("write ca");
-    dir
-}
-
-async fn proxy_metric(d: &Daemon, kind: &str) -> f64 {
-    let text = get_text(&format!("http://{}/metrics", d.metrics)).await;
-    metric(
-        &text,
-        "damselfly_proxy_requests_total",
-        &format!("kind=\"{kind}\""),
-    )
+    tools_missing().or_else(|| ensure_hosts_entry().err())
 }
 
 fn ok(env: &Env, what: &str, (code, out): (i32, String)) {
@@ -76,13 +32,15 @@ async fn skopeo_through_mirror_and_https_proxy_pulls_the_same_image_and_pushes()
         return;
     }
     let env = Env::new("https-registry");
-    let pki = make_pki(&env);
-    let users = vec![("alice".to_owned(), "wonderland".to_owned())];
-    let (registry_proc, registry) =
-        start_registry_with(&env, Some(&pki), RegistryAuth::Htpasswd(users)).await;
-    let layers = push_test_image_as(&env, &registry, "project/app:v1", 12 << 20, Some(CREDS)).await;
-    let ca = pki.ca_crt.to_string_lossy().into_owned();
-    let (_sn, grpc, _) = env.supernode("sn", &["--upstream-ca", &ca]).await;
+    let PrivateRegistry {
+        pki,
+        proc: registry_proc,
+        addr: registry,
+        layers,
+        ca,
+        grpc,
+        supernode: _sn,
+    } = private_registry(&env, 12 << 20).await;
     let mirror_url = format!("https://{registry}");
     let (_m, mirror) = env
         .dfdaemon(
@@ -98,7 +56,7 @@ async fn skopeo_through_mirror_and_https_proxy_pulls_the_same_image_and_pushes()
             &["--hijack", REGISTRY_HOST, "--upstream-ca", &ca],
         )
         .await;
-    let proxy_ca = proxy_ca_dir(&env, &proxy, "proxy-ca").await;
+    let proxy_ca = proxy.save_ca(&env, "proxy-ca").await;
     let proxy_env = format!("http://{}", proxy.proxy);
     let https_proxy = [("HTTPS_PROXY", proxy_env.as_str()), ("NO_PROXY", "")];
     let src = format!("docker://{registry}/project/app:v1");
@@ -150,7 +108,12 @@ async fn skopeo_through_mirror_and_https_proxy_pulls_the_same_image_and_pushes()
     .await;
     ok(&env, "direct skopeo", direct_pull);
     for dest in [&via_mirror, &via_proxy] {
-        assert_eq!(blobs(dest), blobs(&direct), "{} differs", dest.display());
+        assert_eq!(
+            oci_blobs(dest),
+            oci_blobs(&direct),
+            "{} differs",
+            dest.display()
+        );
         assert_eq!(
             std::fs::read(dest.join("index.json")).expect("index"),
             std::fs::read(direct.join("index.json")).expect("index"),
@@ -165,9 +128,9 @@ async fn skopeo_through_mirror_and_https_proxy_pulls_the_same_image_and_pushes()
     }
     for d in [&mirror, &proxy] {
         // The three layers and the image config (a blob too).
-        assert_eq!(proxy_metric(d, "blob").await, 4.0, "P2P blob requests");
+        assert_eq!(d.proxy_requests("blob").await, 4.0, "P2P blob requests");
     }
-    assert!(proxy_metric(&proxy, "hijack").await >= 1.0);
+    assert!(proxy.proxy_requests("hijack").await >= 1.0);
 
     // Credentials stay checked by the registry: no or wrong credentials get its 401 for a blob
     // both agents hold.
@@ -209,10 +172,10 @@ async fn skopeo_through_mirror_and_https_proxy_pulls_the_same_image_and_pushes()
     )
     .await;
     ok(&env, "skopeo inspect through a tunnel", inspect);
-    assert!(proxy_metric(&mirror, "tunnel").await >= 1.0);
+    assert!(mirror.proxy_requests("tunnel").await >= 1.0);
 
     // Push through the HTTPS proxy: a new image (new layers: real uploads) lands intact.
-    let before = proxy_metric(&proxy, "passthrough").await;
+    let before = proxy.proxy_requests("passthrough").await;
     let image = build_test_image(&env, "image2", 3 << 20).await;
     let pushed = format!("docker://{registry}/project/pushed:v1");
     let push = skopeo(
@@ -231,7 +194,7 @@ async fn skopeo_through_mirror_and_https_proxy_pulls_the_same_image_and_pushes()
     .await;
     ok(&env, "skopeo push through the HTTPS proxy", push);
     assert!(
-        proxy_metric(&proxy, "passthrough").await >= before + 6.0,
+        proxy.proxy_requests("passthrough").await >= before + 6.0,
         "the push did not go through the proxy"
     );
     let (code, raw) = skopeo(

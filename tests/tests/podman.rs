@@ -6,10 +6,10 @@ use std::path::Path;
 use base64::Engine;
 use std::process::Stdio;
 
-use damselfly_tests::harness::{Env, get_text, is_root, metric};
-use damselfly_tests::pki::{ensure_hosts_entry, make_pki};
+use damselfly_tests::harness::{Env, is_root};
+use damselfly_tests::pki::ensure_hosts_entry;
 use damselfly_tests::registry::{
-    RegistryAuth, count_blob_gets, push_test_image_as, start_registry_with, tools_missing,
+    PrivateRegistry, count_blob_gets, private_registry, tools_missing,
 };
 
 fn podman_missing() -> Option<String> {
@@ -30,20 +30,15 @@ async fn podman_pulls_through_a_registries_conf_mirror() {
         return;
     }
     let env = Env::new("podman");
-    let pki = make_pki(&env);
-    let users = vec![("alice".to_owned(), "wonderland".to_owned())];
-    let (registry_proc, registry) =
-        start_registry_with(&env, Some(&pki), RegistryAuth::Htpasswd(users)).await;
-    let layers = push_test_image_as(
-        &env,
-        &registry,
-        "project/app:v1",
-        6 << 20,
-        Some("alice:wonderland"),
-    )
-    .await;
-    let ca = pki.ca_crt.to_string_lossy().into_owned();
-    let (_sn, grpc, _) = env.supernode("sn", &["--upstream-ca", &ca]).await;
+    let PrivateRegistry {
+        proc: registry_proc,
+        addr: registry,
+        layers,
+        ca,
+        grpc,
+        supernode: _sn,
+        ..
+    } = private_registry(&env, 6 << 20).await;
     let (_agent, d) = env
         .dfdaemon(
             "agent",
@@ -90,7 +85,7 @@ async fn podman_pulls_through_a_registries_conf_mirror() {
     // podman looks credentials up by the mirror's address, not the registry's (`podman login
     // 127.0.0.1:65001` on a host): dfdaemon passes them on to the registry.
     let auth_file = env.path("auth.json");
-    let auth = base64::engine::general_purpose::STANDARD.encode("alice:wonderland");
+    let auth = base64::engine::general_purpose::STANDARD.encode(damselfly_tests::registry::CREDS);
     std::fs::write(
         &auth_file,
         serde_json::json!({"auths": {d.proxy.clone(): {"auth": auth}}}).to_string(),
@@ -108,8 +103,7 @@ async fn podman_pulls_through_a_registries_conf_mirror() {
         env.dump_logs();
     }
     assert_eq!(code, 0, "podman pull through the mirror: {out}");
-    let m = get_text(&format!("http://{}/metrics", d.metrics)).await;
-    let blobs = metric(&m, "damselfly_proxy_requests_total", "kind=\"blob\"");
+    let blobs = d.proxy_requests("blob").await;
     assert!(
         blobs >= 3.0,
         "podman's layers did not go through dfdaemon ({blobs}):\n{out}"

@@ -1,11 +1,10 @@
 //! dfdaemon as a registry mirror, against a real `docker-registry` and real `skopeo`.
 
-use std::path::Path;
 use std::time::Duration;
 
 use damselfly_tests::harness::{Env, Proc, free_port};
 use damselfly_tests::registry::{
-    count_blob_gets, push_test_image, skopeo_copy_to_oci, start_registry, tools_missing,
+    count_blob_gets, oci_blobs, push_test_image, skopeo_copy_to_oci, start_registry, tools_missing,
 };
 
 /// Starts a dfdaemon mirroring `registry`; returns it and its proxy address.
@@ -18,19 +17,6 @@ async fn agent(env: &Env, name: &str, supernode: &str, registry: &str) -> (Proc,
         )
         .await;
     (p, d.proxy)
-}
-
-/// The blob files of an OCI layout, sorted.
-fn blobs(layout: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(layout.join("blobs/sha256"))
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,8 +63,8 @@ async fn skopeo_pulls_through_mirrors_with_one_registry_fetch_per_layer() {
     assert_eq!(code, 0, "{output}");
     for (_, dest) in &results {
         assert_eq!(
-            blobs(dest),
-            blobs(&direct),
+            oci_blobs(dest),
+            oci_blobs(&direct),
             "{} differs from the direct pull",
             dest.display()
         );

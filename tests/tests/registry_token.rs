@@ -2,37 +2,17 @@
 //! signs JWTs (as Harbor's core does), a private repository. Clients use `HTTPS_PROXY` with
 //! `--hijack`, so their registry and token traffic goes through their agent.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use damselfly_tests::harness::{Daemon, Env, get_text, metric};
+use damselfly_tests::harness::{Daemon, Env};
 use damselfly_tests::pki::{REGISTRY_HOST, ensure_hosts_entry, make_pki};
 use damselfly_tests::registry::{
-    RegistryAuth, count_blob_gets, push_test_image_as, skopeo, start_registry_with,
-    start_token_server, tokens_issued, tools_missing,
+    CREDS, RegistryAuth, count_blob_gets, oci_blobs, push_test_image_as, skopeo,
+    start_registry_with, start_token_server, tokens_issued, tools_missing,
 };
 
 const AGENTS: usize = 10;
-
-fn blobs(layout: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(layout.join("blobs/sha256"))
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
-async fn save_proxy_ca(env: &Env, d: &Daemon, name: &str) -> PathBuf {
-    let pem = get_text(&format!("http://{}/ca.crt", d.proxy)).await;
-    let dir = env.path(name);
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    std::fs::write(dir.join("ca.crt"), pem).expect("write ca");
-    dir
-}
 
 /// A client that reaches the registry through `d` (HTTPS_PROXY), trusting `d`'s CA.
 fn via(d: &Daemon, ca_dir: &Path) -> reqwest::Client {
@@ -72,7 +52,7 @@ async fn ten_agents_pull_once_per_layer_and_token_and_private_stays_private() {
     let (_ts, realm) = start_token_server(
         &env,
         &pki,
-        &["alice:wonderland", "bob:builder"],
+        &[CREDS, "bob:builder"],
         &["project/private=alice"],
     )
     .await;
@@ -84,14 +64,7 @@ async fn ten_agents_pull_once_per_layer_and_token_and_private_stays_private() {
         },
     )
     .await;
-    let layers = push_test_image_as(
-        &env,
-        &registry,
-        "project/app:v1",
-        8 << 20,
-        Some("alice:wonderland"),
-    )
-    .await;
+    let layers = push_test_image_as(&env, &registry, "project/app:v1", 8 << 20, Some(CREDS)).await;
     let (code, out) = skopeo(
         &[
             "--insecure-policy",
@@ -99,9 +72,9 @@ async fn ten_agents_pull_once_per_layer_and_token_and_private_stays_private() {
             "--src-tls-verify=false",
             "--dest-tls-verify=false",
             "--src-creds",
-            "alice:wonderland",
+            CREDS,
             "--dest-creds",
-            "alice:wonderland",
+            CREDS,
             &format!("docker://{registry}/project/app:v1"),
             &format!("docker://{registry}/project/private:v1"),
         ],
@@ -135,7 +108,7 @@ async fn ten_agents_pull_once_per_layer_and_token_and_private_stays_private() {
                 ],
             )
             .await;
-        let ca_dir = save_proxy_ca(&env, &d, &format!("{name}-ca")).await;
+        let ca_dir = d.save_ca(&env, &format!("{name}-ca")).await;
         agents.push((p, d, ca_dir));
     }
     let src = format!("docker://{registry}/project/app:v1");
@@ -153,7 +126,7 @@ async fn ten_agents_pull_once_per_layer_and_token_and_private_stays_private() {
                 "--src-cert-dir",
                 &ca_dir,
                 "--src-creds",
-                "alice:wonderland",
+                CREDS,
                 &src,
                 &oci,
             ];
@@ -169,7 +142,12 @@ async fn ten_agents_pull_once_per_layer_and_token_and_private_stays_private() {
         assert_eq!(*code, 0, "skopeo through its agent failed: {out}");
     }
     for (_, dest) in &results[1..] {
-        assert_eq!(blobs(dest), blobs(&results[0].1), "{}", dest.display());
+        assert_eq!(
+            oci_blobs(dest),
+            oci_blobs(&results[0].1),
+            "{}",
+            dest.display()
+        );
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let log = registry_proc.output();
@@ -192,9 +170,8 @@ async fn ten_agents_pull_once_per_layer_and_token_and_private_stays_private() {
     }
     assert!(asked >= 1, "no token was requested at all: {after:?}");
     for (_, d, _) in &agents {
-        let m = get_text(&format!("http://{}/metrics", d.metrics)).await;
         assert!(
-            metric(&m, "damselfly_proxy_requests_total", "kind=\"token\"") >= 1.0,
+            d.proxy_requests("token").await >= 1.0,
             "agent {} served no token request",
             d.proxy
         );
@@ -202,12 +179,9 @@ async fn ten_agents_pull_once_per_layer_and_token_and_private_stays_private() {
 
     // Mirror mode: the registry's token realm is pointed at the agent, so these token requests
     // are shared through the supernode too.
-    let token_metric = |m: &str| metric(m, "damselfly_proxy_requests_total", "kind=\"token\"");
     let mut tokens_before = Vec::new();
     for (_, d, _) in &agents[..3] {
-        tokens_before.push(token_metric(
-            &get_text(&format!("http://{}/metrics", d.metrics)).await,
-        ));
+        tokens_before.push(d.proxy_requests("token").await);
     }
     let mirror_pulls = agents[..3].iter().enumerate().map(|(i, (_, d, _))| {
         let dest = env.path(&format!("mirrored{i}"));
@@ -221,7 +195,7 @@ async fn ten_agents_pull_once_per_layer_and_token_and_private_stays_private() {
                 "copy",
                 "--src-tls-verify=false",
                 "--src-creds",
-                "alice:wonderland",
+                CREDS,
                 &src,
                 &oci,
             ];
@@ -230,10 +204,10 @@ async fn ten_agents_pull_once_per_layer_and_token_and_private_stays_private() {
     });
     for ((code, out), dest) in futures::future::join_all(mirror_pulls).await {
         assert_eq!(code, 0, "skopeo through the mirror failed: {out}");
-        assert_eq!(blobs(&dest), blobs(&results[0].1));
+        assert_eq!(oci_blobs(&dest), oci_blobs(&results[0].1));
     }
     for (i, (_, d, _)) in agents[..3].iter().enumerate() {
-        let now = token_metric(&get_text(&format!("http://{}/metrics", d.metrics)).await);
+        let now = d.proxy_requests("token").await;
         assert!(
             now > tokens_before[i],
             "mirror-mode token requests did not come to agent {i}"

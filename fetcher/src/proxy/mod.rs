@@ -254,18 +254,22 @@ impl Proxy {
     }
 }
 
-/// The upstream URL of a mirror-mode request: the registry named by `?ns=` (containerd) or the
-/// configured mirror (whose path prefix, if any, is kept), with the request's path and its query
-/// minus `ns`.
-fn mirror_target(mirror: Option<&url::Url>, uri: &http::Uri) -> Result<url::Url, String> {
-    let pairs: Vec<(String, String)> = uri
-        .query()
+/// The decoded query parameters of `uri`, in order.
+pub(crate) fn query_pairs(uri: &http::Uri) -> Vec<(String, String)> {
+    uri.query()
         .map(|q| {
             url::form_urlencoded::parse(q.as_bytes())
                 .into_owned()
                 .collect()
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// The upstream URL of a mirror-mode request: the registry named by `?ns=` (containerd) or the
+/// configured mirror (whose path prefix, if any, is kept), with the request's path and its query
+/// minus `ns`.
+fn mirror_target(mirror: Option<&url::Url>, uri: &http::Uri) -> Result<url::Url, String> {
+    let pairs = query_pairs(uri);
     let ns = pairs
         .iter()
         .find(|(k, _)| k == "ns")

@@ -188,15 +188,7 @@ fn realm_text(challenge: &str) -> Option<&str> {
 /// for realm R (only realms the registry named to us). Other methods (OAuth2 `POST`) go to the
 /// realm unchanged.
 pub(crate) async fn mirror_token(p: &Proxy, req: axum::extract::Request<Body>) -> Response {
-    let pairs: Vec<(String, String)> = req
-        .uri()
-        .query()
-        .map(|q| {
-            url::form_urlencoded::parse(q.as_bytes())
-                .into_owned()
-                .collect()
-        })
-        .unwrap_or_default();
+    let pairs = super::query_pairs(req.uri());
     let realm = pairs
         .iter()
         .find(|(k, _)| k == "realm")
