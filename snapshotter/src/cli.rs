@@ -31,6 +31,9 @@ pub struct Args {
     /// The gRPC socket containerd connects to.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
+    /// Prometheus metrics (`/metrics`) and health (`/healthz`).
+    #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:65004")]
+    pub metrics_addr: std::net::SocketAddr,
     /// Log lines as JSON.
     #[arg(long)]
     pub log_json: bool,
@@ -54,6 +57,18 @@ async fn run_inner(args: &Args) -> crate::Result<()> {
     let shutdown = fetcher::Shutdown::new();
     shutdown.on_signals();
     let server = crate::service::serve(&args.socket, snapshots, shutdown.clone()).await?;
+    let metrics = crate::metrics::Metrics::new();
+    let router = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || std::future::ready(metrics.render())),
+        )
+        .route("/healthz", axum::routing::get(|| std::future::ready("ok")));
+    fetcher::upload::serve(args.metrics_addr, router, shutdown.clone())
+        .await
+        .map_err(|e| {
+            crate::Error::io("cannot bind metrics on", args.metrics_addr.to_string(), e)
+        })?;
     tracing::info!(socket = %args.socket.display(), root = %args.root.display(), "dfsnapshotter ready");
     shutdown.wait().await;
     let _ = tokio::time::timeout(Duration::from_secs(10), server).await;

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod error;
 pub mod layerfs;
 pub mod metastore;
+pub mod metrics;
 pub mod service;
 pub mod snapshots;
 

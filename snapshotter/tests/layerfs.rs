@@ -82,7 +82,13 @@ fn a_fuse_layer_reads_back_exactly_and_stacks_under_overlayfs() {
     std::fs::write(&blob_path, &blob).expect("write blob");
     let index = LayerIndex::build_gzip(blob.as_slice(), 1 << 20).expect("index");
     let file = std::fs::File::open(&blob_path).expect("open blob");
-    let fs = LayerFs::new("sha256:test", Arc::new(index), Arc::new(FileBlob(file)));
+    let metrics = snapshotter::metrics::Metrics::new();
+    let fs = LayerFs::new(
+        "sha256:test",
+        Arc::new(index),
+        Arc::new(FileBlob(file)),
+        metrics.clone(),
+    );
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).expect("mkdir");
     let session = mount(fs, &mnt).expect("mount");

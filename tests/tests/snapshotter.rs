@@ -6,10 +6,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use damselfly_tests::containerd::{Containerd, containerd_missing, start_containerd};
-use damselfly_tests::harness::{Env, Proc};
+use damselfly_tests::harness::{Env, Proc, free_port, get_text};
 use damselfly_tests::registry::{push_test_image, start_registry, tools_missing};
 
-async fn start_snapshotter(env: &Env, root: &Path, sock: &Path) -> Proc {
+async fn start_snapshotter(env: &Env, root: &Path, sock: &Path, metrics: &str) -> Proc {
     let _ = std::fs::remove_file(sock);
     let p = env.spawn(
         "dfsnapshotter",
@@ -19,6 +19,8 @@ async fn start_snapshotter(env: &Env, root: &Path, sock: &Path) -> Proc {
             root.to_string_lossy().into_owned(),
             "--socket".into(),
             sock.to_string_lossy().into_owned(),
+            "--metrics-addr".into(),
+            metrics.to_owned(),
         ],
     );
     let start = Instant::now();
@@ -67,7 +69,13 @@ async fn containerd_unpacks_and_runs_images_on_dfsnapshotter_across_restarts() {
     let layers = push_test_image(&env, &registry, "project/app:v1", 4 << 20).await;
     let root = env.path("snapshotter-root");
     let sock = env.path("snapshotter.sock");
-    let mut snap = start_snapshotter(&env, &root, &sock).await;
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut snap = start_snapshotter(&env, &root, &sock, &metrics).await;
+    let m = get_text(&format!("http://{metrics}/metrics")).await;
+    assert!(
+        m.contains("damselfly_snapshotter_fuse_read_bytes_total"),
+        "{m}"
+    );
     let c = start_containerd(&env, Some(&sock)).await;
     let image = format!("{registry}/project/app:v1");
 
@@ -121,7 +129,7 @@ async fn containerd_unpacks_and_runs_images_on_dfsnapshotter_across_restarts() {
 
     // kill -9: the snapshots are still there after a restart, and containers run on them.
     snap.kill9().await;
-    let _snap = start_snapshotter(&env, &root, &sock).await;
+    let _snap = start_snapshotter(&env, &root, &sock, &metrics).await;
     let mut last = String::new();
     let start = Instant::now();
     loop {

@@ -51,7 +51,7 @@ impl StreamTail {
     }
 }
 
-const CHUNK: u64 = 1 << 20;
+const CHUNK: u64 = 256 << 10;
 
 async fn tail(
     store: Arc<TaskStore>,

@@ -49,6 +49,7 @@ pub struct LayerFs {
     tree: Tree,
     index: Arc<LayerIndex>,
     blob: Arc<dyn BlobReader>,
+    metrics: crate::metrics::Metrics,
 }
 
 fn file_type(k: Kind) -> FileType {
@@ -64,13 +65,19 @@ fn file_type(k: Kind) -> FileType {
 
 impl LayerFs {
     /// `name` identifies the layer in logs (its digest).
-    pub fn new(name: impl Into<String>, index: Arc<LayerIndex>, blob: Arc<dyn BlobReader>) -> Self {
+    pub fn new(
+        name: impl Into<String>,
+        index: Arc<LayerIndex>,
+        blob: Arc<dyn BlobReader>,
+        metrics: crate::metrics::Metrics,
+    ) -> Self {
         let tree = Tree::from_toc(&index.toc);
         Self {
             name: name.into(),
             tree,
             index,
             blob,
+            metrics,
         }
     }
 
@@ -111,6 +118,7 @@ impl LayerFs {
             .blob
             .read_at(plan.compressed.clone())
             .map_err(|e| format!("fetching blob bytes {:?}: {e}", plan.compressed))?;
+        self.metrics.fetched_bytes.inc_by(compressed.len() as u64);
         let len = usize::try_from(len).map_err(|e| e.to_string())?;
         self.index
             .read(&plan, &compressed, start, len)
@@ -179,13 +187,19 @@ impl fuser::Filesystem for LayerFs {
         let Some(n) = self.tree.get(ino.0).filter(|n| n.kind == Kind::File) else {
             return reply.error(Errno::EINVAL);
         };
+        let timer = self.metrics.read_seconds.start_timer();
         match self.read_file(n, offset, size) {
-            Ok(data) => reply.data(&data),
+            Ok(data) => {
+                self.metrics.fuse_read_bytes.inc_by(data.len() as u64);
+                reply.data(&data);
+            }
             Err(e) => {
+                self.metrics.read_errors.inc();
                 tracing::error!(layer = %self.name, ino = ino.0, offset, size, error = %e, "layer read failed");
                 reply.error(Errno::EIO);
             }
         }
+        timer.observe_duration();
     }
 
     fn readdir(

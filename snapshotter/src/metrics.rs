@@ -1,0 +1,67 @@
+//! Prometheus metrics of dfsnapshotter (`damselfly_snapshotter_*`), served on `--metrics-addr`.
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, Registry};
+
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    pub registry: Registry,
+    /// `damselfly_snapshotter_fuse_read_bytes_total`: bytes returned to FUSE reads.
+    pub fuse_read_bytes: IntCounter,
+    /// `damselfly_snapshotter_remote_fetched_bytes_total`: compressed blob bytes fetched for them.
+    pub fetched_bytes: IntCounter,
+    /// `damselfly_snapshotter_fuse_read_errors_total`: reads answered EIO.
+    pub read_errors: IntCounter,
+    /// `damselfly_snapshotter_fuse_read_seconds`: latency of FUSE reads.
+    pub read_seconds: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("static metric definition");
+            let _ = registry.register(Box::new(c.clone()));
+            c
+        };
+        let fuse_read_bytes = counter(
+            "damselfly_snapshotter_fuse_read_bytes_total",
+            "Bytes returned to FUSE reads of lazy layers",
+        );
+        let fetched_bytes = counter(
+            "damselfly_snapshotter_remote_fetched_bytes_total",
+            "Compressed blob bytes fetched to serve FUSE reads",
+        );
+        let read_errors = counter(
+            "damselfly_snapshotter_fuse_read_errors_total",
+            "FUSE reads answered EIO (missing or damaged layer data)",
+        );
+        let read_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "damselfly_snapshotter_fuse_read_seconds",
+                "Latency of FUSE reads of lazy layers",
+            )
+            .buckets(vec![
+                0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0,
+            ]),
+        )
+        .expect("static metric definition");
+        let _ = registry.register(Box::new(read_seconds.clone()));
+        Self {
+            registry,
+            fuse_read_bytes,
+            fetched_bytes,
+            read_errors,
+            read_seconds,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        fetcher::metrics::render(&self.registry)
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
