@@ -198,4 +198,34 @@ impl Agent for AgentService {
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+
+    #[tracing::instrument(skip_all, fields(digest = %request.get_ref().digest, offset = request.get_ref().offset, length = request.get_ref().length))]
+    async fn read_range(
+        &self,
+        request: Request<proto::agent::ReadRangeRequest>,
+    ) -> Result<Response<proto::agent::ReadRangeReply>, Status> {
+        /// A reply must fit a gRPC message comfortably.
+        const MAX_RANGE: u64 = 16 << 20;
+        let r = request.into_inner();
+        if r.length > MAX_RANGE {
+            return Err(Status::invalid_argument(format!(
+                "range of {} bytes: at most {MAX_RANGE} per read",
+                r.length
+            )));
+        }
+        let req = crate::range_read::RangeRequest {
+            url: r.url,
+            headers: r.headers.into_iter().map(|h| (h.name, h.value)).collect(),
+            digest: r.digest,
+            offset: r.offset,
+            length: r.length,
+        };
+        match self.peer.read_range(&req).await {
+            Ok(data) => Ok(Response::new(proto::agent::ReadRangeReply {
+                data: data.to_vec(),
+            })),
+            Err(e @ Error::Invalid { .. }) => Err(Status::invalid_argument(e.to_string())),
+            Err(e) => Err(Status::unavailable(e.to_string())),
+        }
+    }
 }

@@ -15,6 +15,7 @@ pub mod peer;
 pub mod piece;
 pub mod piece_store;
 pub mod proxy;
+pub mod range_read;
 pub mod rate;
 pub mod rendezvous;
 pub mod shutdown;

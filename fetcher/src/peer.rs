@@ -111,6 +111,8 @@ pub(crate) struct PeerInner {
     pub(crate) metrics: PeerMetrics,
     pub(crate) upload_addr: SocketAddr,
     pub(crate) shutdown: Shutdown,
+    /// Blobs fetched for range reads (`Peer::read_range`).
+    pub(crate) ranges: crate::range_read::BlobFetches,
     upload_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -179,6 +181,7 @@ impl Peer {
                 metrics,
                 upload_addr,
                 shutdown,
+                ranges: Default::default(),
                 upload_task: Mutex::new(Some(upload_task)),
             }),
         })

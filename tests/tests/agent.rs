@@ -56,3 +56,70 @@ async fn concurrent_agent_downloads_share_the_host_download_limit() {
     let downloaded = metric(&m, "damselfly_peer_download_bytes_total", "");
     assert_eq!(downloaded as usize, 2 * size, "agent metrics: {m}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_serve_blob_ranges_from_one_p2p_fetch() {
+    let env = Env::new("agent-ranges");
+    let (_origin, origin_url) = env.origin(&[]).await;
+    let size = 10usize << 20;
+    let hex = random_file(&env.path("www/tmp"), size);
+    std::fs::rename(env.path("www/tmp"), env.path(&format!("www/blob-{hex}"))).expect("rename");
+    let bytes = std::fs::read(env.path(&format!("www/blob-{hex}"))).expect("read");
+    let (_sn, grpc, _) = env.supernode("sn", &[]).await;
+    let url = format!("{origin_url}/v2/project/app/blobs/sha256:{hex}");
+    let read = |socket: std::path::PathBuf, offset: u64, length: u64| {
+        let url = url.clone();
+        let digest = format!("sha256:{hex}");
+        async move {
+            let mut c = fetcher::agent::connect(&socket).await.expect("agent");
+            c.read_range(proto::agent::ReadRangeRequest {
+                url,
+                headers: Vec::new(),
+                digest,
+                offset,
+                length,
+            })
+            .await
+            .map(|r| r.into_inner().data)
+        }
+    };
+    let mut sockets = Vec::new();
+    let mut agents = Vec::new();
+    for name in ["a", "b"] {
+        let (p, d) = env.dfdaemon(name, &grpc, &[]).await;
+        sockets.push(d.socket.clone());
+        agents.push(p);
+    }
+    // Concurrent reads on one agent: one fetch, every range exact (a piece boundary is at 4 MiB).
+    let ranges = [
+        (0u64, 100u64),
+        ((4 << 20) - 10, 20),
+        (7_000_000, 1_000_000),
+        (size as u64 - 1, 1),
+        (5, 0),
+    ];
+    let got =
+        futures::future::join_all(ranges.iter().map(|(o, l)| read(sockets[0].clone(), *o, *l)))
+            .await;
+    for ((o, l), g) in ranges.iter().zip(got) {
+        let g = g.unwrap_or_else(|e| panic!("range {o}+{l}: {e}"));
+        assert!(
+            g == bytes[*o as usize..(*o + *l) as usize],
+            "range {o}+{l} differs"
+        );
+    }
+    let err = read(sockets[0].clone(), size as u64, 1)
+        .await
+        .expect_err("past the end");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    // The other agent reads from the first, not the registry.
+    let g = read(sockets[1].clone(), 3 << 20, 2 << 20)
+        .await
+        .expect("agent b");
+    assert!(g == bytes[3 << 20..5 << 20]);
+    let served = damselfly_tests::harness::origin_bytes(&origin_url).await;
+    assert!(
+        served < size as u64 + (64 << 10),
+        "the origin served {served} bytes for a {size}-byte blob read by two agents"
+    );
+}

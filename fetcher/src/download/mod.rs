@@ -44,6 +44,10 @@ pub enum Destination {
     /// A channel receiving the content in order as it arrives; the final byte is sent only after the
     /// whole content is verified (an `Err` ends the stream otherwise).
     Stream(mpsc::Sender<Result<Bytes>>),
+    /// Only the piece store: the store is announced on the channel as soon as it is open, so
+    /// readers can use verified pieces while the rest arrives (see `Peer::read_range`); the whole
+    /// is verified against the digest at the end.
+    Store(watch::Sender<Option<Arc<TaskStore>>>),
 }
 
 /// One download as the user asked for it.
@@ -219,6 +223,12 @@ impl Peer {
                     .map_err(|e| Error::Download(format!("delivery task failed: {e}")))??
             }
             (None, Some(stream)) => stream.finish(len, expected).await?,
+            (None, None) if matches!(req.output, Destination::Store(_)) => {
+                let s = store.clone();
+                tokio::task::spawn_blocking(move || verify_store(&s, len, expected.as_deref()))
+                    .await
+                    .map_err(|e| Error::Download(format!("verify task failed: {e}")))??
+            }
             (None, None) => return Err(Error::Download("no destination".into())),
         };
         store.touch();
@@ -235,6 +245,29 @@ impl Peer {
         }
         Ok(summary)
     }
+}
+
+/// Hashes a whole store; with `expected` (hex), a mismatch discards the store and is an error.
+fn verify_store(store: &TaskStore, len: u64, expected: Option<&str>) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(4 << 20);
+        h.update(store.read_range(at, n)?);
+        at += n;
+    }
+    let got = hex::encode(h.finalize());
+    if let Some(want) = expected
+        && !want.eq_ignore_ascii_case(&got)
+    {
+        let _ = store.discard();
+        return Err(Error::DigestMismatch {
+            expected: want.to_owned(),
+            actual: got,
+        });
+    }
+    Ok(format!("sha256:{got}"))
 }
 
 impl Download<'_> {
@@ -263,7 +296,9 @@ impl Download<'_> {
                 Destination::File(path) => {
                     output::preflight(path, self.peer.inner.store.root(), len, 0)?
                 }
-                Destination::Stream(_) => output::check_space(self.peer.inner.store.root(), len)?,
+                Destination::Stream(_) | Destination::Store(_) => {
+                    output::check_space(self.peer.inner.store.root(), len)?
+                }
             }
         }
         let busy = self
@@ -304,6 +339,9 @@ impl Download<'_> {
                 let tail = StreamTail::start(store.clone(), tx.clone());
                 tail.advance(store.contiguous_bytes());
                 self.stream = Some(tail);
+            }
+            Destination::Store(tx) => {
+                tx.send_replace(Some(store.clone()));
             }
         }
         let (_, held) = store.held();
