@@ -58,7 +58,8 @@ pub async fn connect(path: &Path) -> Result<AgentClient<tonic::transport::Channe
         }))
         .await
         .map_err(|e| err(crate::source::error_chain(&e)))?;
-    Ok(AgentClient::new(channel))
+    // Range reads answer up to 16 MiB.
+    Ok(AgentClient::new(channel).max_decoding_message_size(32 << 20))
 }
 
 /// Converts the user's request, with its destination file `output`, to the wire form (the agent

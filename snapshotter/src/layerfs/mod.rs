@@ -41,6 +41,60 @@ impl BlobReader for FileBlob {
     }
 }
 
+/// A blob read through the local agent (`Agent.ReadRange`): pieces from peers and supernodes,
+/// verified, kept in the agent's store. FUSE handlers run on their own threads, so each read
+/// blocks on the runtime `handle`.
+pub struct AgentBlob {
+    pub handle: tokio::runtime::Handle,
+    pub client: proto::agent::agent_client::AgentClient<tonic::transport::Channel>,
+    /// Where the registry serves the blob, and the credentials to ask it with.
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub digest: String,
+}
+
+/// Bytes asked of the agent per call (gRPC messages stay small).
+const AGENT_READ_MAX: u64 = 2 << 20;
+
+impl BlobReader for AgentBlob {
+    fn read_at(&self, range: Range<u64>) -> std::io::Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(usize::try_from(range.end - range.start).unwrap_or(0));
+        let mut at = range.start;
+        while at < range.end {
+            let length = (range.end - at).min(AGENT_READ_MAX);
+            let req = proto::agent::ReadRangeRequest {
+                url: self.url.clone(),
+                headers: self
+                    .headers
+                    .iter()
+                    .map(|(name, value)| proto::agent::Header {
+                        name: name.clone(),
+                        value: value.clone(),
+                    })
+                    .collect(),
+                digest: self.digest.clone(),
+                offset: at,
+                length,
+            };
+            let mut client = self.client.clone();
+            let reply = self
+                .handle
+                .block_on(client.read_range(req))
+                .map_err(|s| std::io::Error::other(format!("agent: {}", s.message())))?;
+            let data = reply.into_inner().data;
+            if data.len() as u64 != length {
+                return Err(std::io::Error::other(format!(
+                    "agent returned {} bytes for {length}",
+                    data.len()
+                )));
+            }
+            out.extend_from_slice(&data);
+            at += length;
+        }
+        Ok(out)
+    }
+}
+
 /// The layer is immutable: the kernel may cache attributes and entries for long.
 const TTL: Duration = Duration::from_secs(3600);
 
@@ -200,6 +254,17 @@ impl fuser::Filesystem for LayerFs {
             }
         }
         timer.observe_duration();
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: fuser::ReplyEmpty,
+    ) {
+        reply.ok();
     }
 
     fn readdir(
