@@ -257,12 +257,14 @@ pub async fn tokens_issued(realm: &str, pki: &Pki) -> std::collections::BTreeMap
     serde_json::from_value(v["issued"].clone()).expect("issued map")
 }
 
-/// Builds a three-layer OCI image under `<dir>/image` with umoci and pushes it with skopeo to
+/// Builds a four-layer OCI image under `<dir>/image` with umoci and pushes it with skopeo to
 /// `<registry>/<reference>` (e.g. `reference = "project/app:v1"`):
 /// 1. static busybox at `/bin/busybox`, symlinks `/bin/sh` and `/bin/cat`, and `/small-file`
 ///    (`"hello from damselfly\n"`);
 /// 2. `/big.bin`, `big_layer_bytes` random bytes;
-/// 3. `/etc/release`.
+/// 3. `/etc/release`, `/etc/old-config`, `/opt/data/{a,b,sub/c}`;
+/// 4. deletes `/etc/old-config` and all of `/opt/data`, then adds `/opt/data/new` and rewrites
+///    `/small-file` (same content): whiteouts and replaced files.
 ///
 /// The config's cmd is `/bin/sh`. Returns the layer digests (`"sha256:..."`) in manifest order,
 /// read back from the pushed manifest. Panics with the failing command's output.
@@ -316,7 +318,7 @@ pub fn layer_digests(raw: &str) -> Vec<String> {
         .collect()
 }
 
-/// Builds the three-layer test image (see [`push_test_image`]) in an OCI layout under
+/// Builds the four-layer test image (see [`push_test_image`]) in an OCI layout under
 /// `<env>/<name>`; returns its umoci/skopeo reference `<layout>:app` (without the `oci:`).
 pub async fn build_test_image(env: &Env, name: &str, big_layer_bytes: usize) -> String {
     let root = env.path(name);
@@ -327,7 +329,7 @@ pub async fn build_test_image(env: &Env, name: &str, big_layer_bytes: usize) -> 
     run_ok("umoci", &["new", "--image", &image]).await;
 
     let busybox = which("busybox").expect("busybox not on PATH");
-    for layer in 1..=3 {
+    for layer in 1..=4 {
         // Each unpack/repack cycle adds one layer holding what changed in the bundle.
         let bundle = root.join(format!("bundle{layer}"));
         let bundle_s = path_str(&bundle);
@@ -352,11 +354,28 @@ pub async fn build_test_image(env: &Env, name: &str, big_layer_bytes: usize) -> 
             2 => {
                 random_file(&rootfs.join("big.bin"), big_layer_bytes);
             }
-            _ => {
+            3 => {
                 let etc = rootfs.join("etc");
                 std::fs::create_dir_all(&etc).expect("mkdir rootfs/etc");
                 std::fs::write(etc.join("release"), "damselfly test image\n")
                     .expect("write /etc/release");
+                std::fs::write(etc.join("old-config"), "to be deleted\n").expect("old-config");
+                let data = rootfs.join("opt/data");
+                std::fs::create_dir_all(data.join("sub")).expect("mkdir /opt/data");
+                for f in ["a", "b", "sub/c"] {
+                    std::fs::write(data.join(f), format!("old {f}\n")).expect("opt file");
+                }
+            }
+            _ => {
+                // Deletes and replaces what layer 3 added: whiteouts (and possibly an opaque
+                // directory) in the layer, as overlayfs must honour them.
+                std::fs::remove_file(rootfs.join("etc/old-config")).expect("rm old-config");
+                let data = rootfs.join("opt/data");
+                std::fs::remove_dir_all(&data).expect("rm /opt/data");
+                std::fs::create_dir_all(&data).expect("mkdir /opt/data");
+                std::fs::write(data.join("new"), "replaced\n").expect("new");
+                std::fs::write(rootfs.join("small-file"), "hello from damselfly\n")
+                    .expect("rewrite /small-file");
             }
         }
         run_ok("umoci", &["repack", "--image", &image, &bundle_s]).await;

@@ -28,7 +28,7 @@ async fn skopeo_pulls_through_mirrors_with_one_registry_fetch_per_layer() {
     let env = Env::new("registry-mirror");
     let (registry_proc, registry) = start_registry(&env).await;
     let layers = push_test_image(&env, &registry, "project/app:v1", 24 << 20).await;
-    assert_eq!(layers.len(), 3);
+    assert_eq!(layers.len(), 4);
     let (_sn, grpc, _) = env.supernode("sn", &[]).await;
     let mut agents = Vec::new();
     for i in 0..3 {

@@ -38,7 +38,7 @@ async fn start_snapshotter(env: &Env, root: &Path, sock: &Path, metrics: &str) -
 /// What a container sees: a listing of the image's files (type, mode, owner, size, link target)
 /// and the hashes of its regular files, from inside a container on `snapshotter`.
 async fn tree(c: &Containerd, image: &str, snapshotter: &str, id: &str) -> String {
-    let script = "cd / && /bin/busybox ls -lanR bin etc small-file big.bin | /bin/busybox sed 's/ [A-Z][a-z][a-z] [ 0-9][0-9] [0-9:]\\{4,5\\} / /' && /bin/busybox sha256sum bin/busybox small-file big.bin etc/release";
+    let script = "cd / && /bin/busybox ls -lanR bin etc opt small-file big.bin | /bin/busybox sed 's/ [A-Z][a-z][a-z] [ 0-9][0-9] [0-9:]\\{4,5\\} / /' && /bin/busybox sha256sum bin/busybox small-file big.bin etc/release opt/data/new";
     let (code, out) = c
         .ctr(&[
             "run",
@@ -124,7 +124,11 @@ async fn containerd_unpacks_and_runs_images_on_dfsnapshotter_across_restarts() {
     assert_eq!(code, 0, "ctr images pull (overlayfs): {out}");
     let ours = tree(&c, &image, "damselfly", "c2").await;
     let theirs = tree(&c, &image, "overlayfs", "c3").await;
-    assert!(ours.contains("big.bin"), "{ours}");
+    assert!(ours.contains("big.bin") && ours.contains("new"), "{ours}");
+    // The last layer's deletions hold: its whiteouts hide what layer 3 added.
+    for gone in ["old-config", " a\n", " b\n", "sub"] {
+        assert!(!ours.contains(gone), "{gone:?} should be deleted:\n{ours}");
+    }
     assert_eq!(ours, theirs, "the rootfs differs from overlayfs's");
 
     // kill -9: the snapshots are still there after a restart, and containers run on them.
