@@ -88,6 +88,15 @@ impl Env {
         self.dir.path().join(rel)
     }
 
+    /// Writes `size` random bytes as the test origin's registry blob (`www/blob-<hex>`, served at
+    /// `/v2/<name>/blobs/sha256:<hex>`); returns the hex digest.
+    pub fn origin_blob(&self, size: usize) -> String {
+        let tmp = self.path("www/blob.tmp");
+        let hex = random_file(&tmp, size);
+        std::fs::rename(&tmp, self.path(&format!("www/blob-{hex}"))).expect("rename blob");
+        hex
+    }
+
     /// Spawns a workspace binary with output to `<dir>/<name>.log`.
     pub fn spawn(&self, name: &str, bin_name: &str, args: &[String]) -> Proc {
         let log = self.path(&format!("{name}.log"));

@@ -62,8 +62,7 @@ async fn agents_serve_blob_ranges_from_one_p2p_fetch() {
     let env = Env::new("agent-ranges");
     let (_origin, origin_url) = env.origin(&[]).await;
     let size = 10usize << 20;
-    let hex = random_file(&env.path("www/tmp"), size);
-    std::fs::rename(env.path("www/tmp"), env.path(&format!("www/blob-{hex}"))).expect("rename");
+    let hex = env.origin_blob(size);
     let bytes = std::fs::read(env.path(&format!("www/blob-{hex}"))).expect("read");
     let (_sn, grpc, _) = env.supernode("sn", &[]).await;
     let url = format!("{origin_url}/v2/project/app/blobs/sha256:{hex}");

@@ -116,8 +116,7 @@ async fn a_blob_that_does_not_match_its_digest_is_refused_and_not_shared() {
     let env = Env::new("registry-lying");
     // The test origin plays a registry whose storage returns wrong bytes for one digest.
     let (_origin, origin_url) = env.origin(&[]).await;
-    let good = damselfly_tests::harness::random_file(&env.path("www/good"), 6 << 20);
-    std::fs::rename(env.path("www/good"), env.path(&format!("www/blob-{good}"))).expect("rename");
+    let good = env.origin_blob(6 << 20);
     let claimed = "b".repeat(64);
     damselfly_tests::harness::random_file(&env.path(&format!("www/blob-{claimed}")), 6 << 20);
     let (_sn, grpc, _) = env.supernode("sn", &[]).await;
@@ -238,8 +237,7 @@ async fn private_blobs_redirected_to_object_storage_are_one_task_per_digest() {
     // a fresh signature on every request).
     let (_origin, origin_url) = env.origin(&["--bearer", "s3cret"]).await;
     let size = 6 << 20;
-    let hex = damselfly_tests::harness::random_file(&env.path("www/tmp"), size);
-    std::fs::rename(env.path("www/tmp"), env.path(&format!("www/blob-{hex}"))).expect("rename");
+    let hex = env.origin_blob(size);
     std::fs::write(env.path(&format!("www/redirect-blob-{hex}")), "").expect("marker");
     let (_sn, grpc, _) = env.supernode("sn", &[]).await;
     let registry = origin_url.trim_start_matches("http://").to_owned();
