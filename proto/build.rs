@@ -6,6 +6,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/agent.proto",
         "proto/containerd/snapshots.proto",
         "proto/containerd/mount.proto",
+        "proto/containerd/descriptor.proto",
+        "proto/containerd/content.proto",
+        "proto/containerd/images.proto",
+        "proto/containerd/leases.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use proto::agent::agent_client::AgentClient;
 use proto::agent::agent_server::{Agent, AgentServer};
 use proto::agent::{DownloadProgress, DownloadRequest as PbRequest};
@@ -43,22 +42,10 @@ pub async fn serve(
 
 /// Connects to the agent at `path`.
 pub async fn connect(path: &Path) -> Result<AgentClient<tonic::transport::Channel>> {
-    let p: PathBuf = path.to_path_buf();
-    let err = |detail: String| Error::Agent {
+    let channel = crate::uds::channel(path).await.map_err(|e| Error::Agent {
         socket: path.to_path_buf(),
-        detail,
-    };
-    let channel = tonic::transport::Endpoint::from_static("http://agent.local")
-        .connect_timeout(Duration::from_secs(3))
-        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
-            let p = p.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
-            }
-        }))
-        .await
-        .map_err(|e| err(crate::source::error_chain(&e)))?;
-    // Range reads answer up to 16 MiB.
+        detail: crate::source::error_chain(&e),
+    })?;
     Ok(AgentClient::new(channel).max_decoding_message_size(32 << 20))
 }
 
@@ -229,4 +216,46 @@ impl Agent for AgentService {
             Err(e) => Err(Status::unavailable(e.to_string())),
         }
     }
+
+    type LayerIndexStream = ReceiverStream<Result<proto::agent::LayerIndexChunk, Status>>;
+
+    #[tracing::instrument(skip_all, fields(digest = %request.get_ref().digest))]
+    async fn layer_index(
+        &self,
+        request: Request<proto::agent::LayerIndexRequest>,
+    ) -> Result<Response<Self::LayerIndexStream>, Status> {
+        let r = request.into_inner();
+        let req = crate::range_read::RangeRequest {
+            url: r.url,
+            headers: r.headers.into_iter().map(|h| (h.name, h.value)).collect(),
+            digest: r.digest,
+            offset: 0,
+            length: 0,
+        };
+        let bytes = match self.peer.layer_index(&req).await {
+            Ok(b) => b,
+            Err(e @ Error::Invalid { .. }) => return Err(Status::invalid_argument(e.to_string())),
+            Err(e) => return Err(Status::unavailable(e.to_string())),
+        };
+        Ok(Response::new(chunked(bytes, |data| {
+            proto::agent::LayerIndexChunk { data }
+        })))
+    }
+}
+
+/// `bytes` as a stream of messages of at most 1 MiB each.
+pub fn chunked<M: Send + 'static>(
+    bytes: Vec<u8>,
+    wrap: impl Fn(Vec<u8>) -> M + Send + 'static,
+) -> ReceiverStream<Result<M, Status>> {
+    const CHUNK: usize = 1 << 20;
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        for c in bytes.chunks(CHUNK) {
+            if tx.send(Ok(wrap(c.to_vec()))).await.is_err() {
+                break;
+            }
+        }
+    });
+    ReceiverStream::new(rx)
 }

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod cli;
 pub mod download;
 pub mod error;
+pub mod layer_index;
 pub mod metrics;
 pub mod output;
 pub mod peer;

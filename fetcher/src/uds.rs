@@ -20,3 +20,19 @@ pub fn bind(path: &Path) -> Result<UnixListener, (&'static str, std::io::Error)>
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660));
     Ok(listener)
 }
+
+/// A gRPC channel to a server on the Unix socket `path` (connects now, reconnects as needed).
+pub async fn channel(path: &Path) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let p = path.to_path_buf();
+    tonic::transport::Endpoint::from_static("http://local.socket")
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let p = p.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(p).await?,
+                ))
+            }
+        }))
+        .await
+}

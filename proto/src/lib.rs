@@ -2,7 +2,8 @@
 //!
 //! - [`scheduler`]: peer ⇄ supernode (registration, piece metadata, parent assignments, results).
 //! - [`agent`]: dfget ⇄ the host agent (dfdaemon) over its local Unix socket.
-//! - [`containerd`]: containerd's snapshotter API, which dfsnapshotter serves as a proxy plugin.
+//! - [`containerd`]: containerd's snapshotter API, which dfsnapshotter serves as a proxy plugin,
+//!   and the content, image and lease APIs `dfsnapshotter pull` calls.
 
 /// Scheduler API (`damselfly.scheduler.v1`).
 pub mod scheduler {
@@ -14,13 +15,31 @@ pub mod agent {
     tonic::include_proto!("damselfly.agent.v1");
 }
 
-/// containerd's API types that dfsnapshotter serves (module paths follow the proto packages).
+/// containerd's API that dfsnapshotter serves and calls (module paths follow the proto packages).
 pub mod containerd {
-    /// `containerd.types` (`Mount`).
+    /// `containerd.types` (`Mount`, `Descriptor`).
     pub mod types {
         tonic::include_proto!("containerd.types");
     }
     pub mod services {
+        pub mod content {
+            /// `containerd.services.content.v1`: the content store.
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.content.v1");
+            }
+        }
+        pub mod images {
+            /// `containerd.services.images.v1`: image names.
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.images.v1");
+            }
+        }
+        pub mod leases {
+            /// `containerd.services.leases.v1`: leases against garbage collection.
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.leases.v1");
+            }
+        }
         pub mod snapshots {
             /// `containerd.services.snapshots.v1`: the `Snapshots` service.
             pub mod v1 {

@@ -21,6 +21,8 @@ pub const DEFAULT_SOCKET: &str = "/run/damselfly/snapshotter.sock";
 #[derive(Debug, Parser)]
 #[command(name = "dfsnapshotter", version)]
 pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// Where snapshots and their metadata live.
     #[arg(
         long,
@@ -35,12 +37,80 @@ pub struct Args {
     #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:65004")]
     pub metrics_addr: std::net::SocketAddr,
     /// Log lines as JSON.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub log_json: bool,
+    /// Mount layers lazily (FUSE, read through the agent) when containerd's labels name the
+    /// registry blob (CRI, `dfsnapshotter pull`); `false`: let containerd unpack every layer.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub lazy: bool,
+    /// The host agent's (dfdaemon's) socket, through which lazy layers are read.
+    #[arg(long, value_name = "PATH", default_value = fetcher::cli::dfget::DEFAULT_AGENT_SOCKET)]
+    pub agent_socket: PathBuf,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// How to reach registries (for indexes, manifests and tokens).
+#[derive(Debug, clap::Args)]
+pub struct RegistryArgs {
+    /// A registry (`host:port` as image references name it) spoken to over plain HTTP; repeatable.
+    #[arg(long, value_name = "HOST[:PORT]", global = true)]
+    pub plain_http: Vec<String>,
+    /// Docker's config.json to take registry credentials from
+    /// [default: $DOCKER_CONFIG/config.json, else ~/.docker/config.json].
+    #[arg(long, value_name = "FILE", global = true)]
+    pub docker_config: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Make an image runnable with `ctr run --snapshotter damselfly` without downloading its
+    /// layers: fetch manifest and config, store them in containerd, and have containerd prepare
+    /// every layer through this snapshotter (which must be running), which mounts it lazily.
+    Pull(PullArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PullArgs {
+    /// The image, e.g. registry.example.com:5000/team/app:v1.
+    pub image: String,
+    /// containerd's socket.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/run/containerd/containerd.sock"
+    )]
+    pub containerd: PathBuf,
+    /// containerd namespace (`default` for ctr, `k8s.io` for Kubernetes).
+    #[arg(long, short = 'n', default_value = "default")]
+    pub namespace: String,
+    /// This snapshotter's name in containerd's config (`proxy_plugins.<name>`).
+    #[arg(long, default_value = "damselfly")]
+    pub snapshotter: String,
+    /// Registry credentials `user:password` (else docker's config.json).
+    #[arg(long, short = 'u', value_name = "USER:PASSWORD")]
+    pub user: Option<String>,
+    /// Platform to pick from a multi-platform image [default: this machine's, e.g. linux/amd64].
+    #[arg(long, value_name = "OS/ARCH")]
+    pub platform: Option<String>,
+}
+
+impl RegistryArgs {
+    fn config(&self, user: Option<String>) -> crate::registry::RegistryConfig {
+        crate::registry::RegistryConfig {
+            plain_http: self.plain_http.clone(),
+            docker_config: self.docker_config.clone(),
+            user,
+        }
+    }
 }
 
 /// Runs until SIGINT/SIGTERM; returns the exit code.
 pub async fn run(args: Args) -> i32 {
+    if let Some(Command::Pull(p)) = &args.command {
+        fetcher::cli::init_logging("warn", args.log_json);
+        return pull(&args.registry, p).await;
+    }
     fetcher::cli::init_logging("info", args.log_json);
     match run_inner(&args).await {
         Ok(()) => 0,
@@ -52,12 +122,64 @@ pub async fn run(args: Args) -> i32 {
     }
 }
 
+async fn pull(registry: &RegistryArgs, p: &PullArgs) -> i32 {
+    let started = std::time::Instant::now();
+    let opts = crate::pull::PullOptions {
+        image: p.image.clone(),
+        containerd: p.containerd.clone(),
+        namespace: p.namespace.clone(),
+        snapshotter: p.snapshotter.clone(),
+        platform: p
+            .platform
+            .clone()
+            .unwrap_or_else(crate::pull::host_platform),
+    };
+    let result = match crate::registry::Registry::new(registry.config(p.user.clone())) {
+        Ok(r) => crate::pull::pull(&r, &opts).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(s) => {
+            println!(
+                "{}: {} layers ({:.1} MiB) mounted lazily, manifest {} ({:.2}s)",
+                s.name,
+                s.layers,
+                s.layer_bytes as f64 / f64::from(1u32 << 20),
+                s.manifest,
+                started.elapsed().as_secs_f64()
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("dfsnapshotter pull {}: error: {e}", p.image);
+            1
+        }
+    }
+}
+
 async fn run_inner(args: &Args) -> crate::Result<()> {
-    let snapshots = Arc::new(Snapshots::open(&args.root)?);
+    let metrics = crate::metrics::Metrics::new();
+    let mut snapshots = Snapshots::open(&args.root)?;
+    let remote = if args.lazy {
+        let registry = Arc::new(crate::registry::Registry::new(args.registry.config(None))?);
+        let remote = Arc::new(crate::remote::RemoteLayers::new(
+            args.agent_socket.clone(),
+            registry,
+            metrics.clone(),
+        ));
+        snapshots = snapshots.with_remote(remote.clone());
+        Some(remote)
+    } else {
+        None
+    };
+    let snapshots = Arc::new(snapshots);
+    let remounted = snapshots.remount().await;
+    if remounted > 0 {
+        tracing::info!(layers = remounted, "remote layers mounted again");
+    }
     let shutdown = fetcher::Shutdown::new();
     shutdown.on_signals();
     let server = crate::service::serve(&args.socket, snapshots, shutdown.clone()).await?;
-    let metrics = crate::metrics::Metrics::new();
     let router = axum::Router::new()
         .route(
             "/metrics",
@@ -72,6 +194,9 @@ async fn run_inner(args: &Args) -> crate::Result<()> {
     tracing::info!(socket = %args.socket.display(), root = %args.root.display(), "dfsnapshotter ready");
     shutdown.wait().await;
     let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+    if let Some(r) = remote {
+        r.unmount_all();
+    }
     tracing::info!("dfsnapshotter stopped");
     Ok(())
 }

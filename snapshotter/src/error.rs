@@ -23,6 +23,15 @@ pub enum Error {
     },
     #[error("metadata store {}: {detail}", path.display())]
     Metadata { path: PathBuf, detail: String },
+    /// A registry refused or could not be reached (manifests, configs, tokens).
+    #[error("registry: {0}")]
+    Registry(String),
+    /// The local agent (dfdaemon) refused or could not be reached.
+    #[error("agent: {0}")]
+    Agent(String),
+    /// containerd (for `dfsnapshotter pull`) refused or could not be reached.
+    #[error("containerd: {0}")]
+    Containerd(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -46,6 +55,9 @@ impl From<Error> for tonic::Status {
             Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
             Error::Invalid(_) => tonic::Status::invalid_argument(msg),
             Error::Io { .. } | Error::Metadata { .. } => tonic::Status::internal(msg),
+            Error::Registry(_) | Error::Agent(_) | Error::Containerd(_) => {
+                tonic::Status::unavailable(msg)
+            }
         }
     }
 }

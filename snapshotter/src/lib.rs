@@ -15,6 +15,9 @@ pub mod error;
 pub mod layerfs;
 pub mod metastore;
 pub mod metrics;
+pub mod pull;
+pub mod registry;
+pub mod remote;
 pub mod service;
 pub mod snapshots;
 

@@ -38,6 +38,19 @@ pub struct Record {
     pub size: u64,
     #[serde(default)]
     pub inodes: u64,
+    /// Set for a layer mounted lazily from its index (FUSE) instead of unpacked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteRef>,
+}
+
+/// Which registry blob a remote layer is, and the image it was pulled for (its registry and
+/// repository serve the blob).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteRef {
+    /// `sha256:<hex>` of the compressed layer blob.
+    pub digest: String,
+    /// The image reference (`host/repository:tag`).
+    pub image: String,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -162,6 +175,7 @@ mod tests {
             updated: SystemTime::now(),
             size: 0,
             inodes: 0,
+            remote: None,
         }
     }
 

@@ -5,13 +5,15 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use proto::containerd::types::Mount;
 use tokio::sync::Mutex;
 
 use crate::error::{Error, Result};
-use crate::metastore::{Kind, MetaStore, Record};
+use crate::metastore::{Kind, MetaStore, Record, RemoteRef};
+use crate::remote::RemoteLayers;
 
 /// Parent chains deeper than this are refused (overlayfs stacks at most ~500 lowers, and the
 /// mount options must fit in a page).
@@ -38,6 +40,8 @@ pub struct Usage {
 pub struct Snapshots {
     root: PathBuf,
     meta: Mutex<MetaStore>,
+    /// Lazy layers (FUSE over the index, bytes through the agent); `None`: unpack everything.
+    remote: Option<Arc<RemoteLayers>>,
 }
 
 fn info(name: &str, r: &Record) -> Info {
@@ -59,7 +63,106 @@ impl Snapshots {
         Ok(Self {
             root: root.to_path_buf(),
             meta: Mutex::new(MetaStore::open(root)?),
+            remote: None,
         })
+    }
+
+    /// Mounts layers lazily when containerd's labels name a registry blob.
+    pub fn with_remote(mut self, remote: Arc<RemoteLayers>) -> Self {
+        self.remote = Some(remote);
+        self
+    }
+
+    /// Mounts again every remote layer the metadata holds (after a restart). A layer that cannot
+    /// be mounted is logged and left for a later restart; the others are served.
+    pub async fn remount(&self) -> usize {
+        let Some(remote) = &self.remote else {
+            return 0;
+        };
+        let layers: Vec<(String, u64, RemoteRef)> = {
+            let m = self.meta.lock().await;
+            m.iter()
+                .filter_map(|(k, r)| r.remote.clone().map(|l| (k.clone(), r.id, l)))
+                .collect()
+        };
+        let mut mounted = 0;
+        for (key, id, layer) in layers {
+            match remote.mount(id, &self.dir(id), &layer).await {
+                Ok(_) => mounted += 1,
+                Err(e) => {
+                    tracing::error!(snapshot = %key, layer = %layer.digest, error = %e, "cannot remount remote layer")
+                }
+            }
+        }
+        mounted
+    }
+
+    /// Commits the layer `layer` under `key` as a remote (FUSE) snapshot on `parent`; the caller
+    /// reports "already exists" so containerd skips the download.
+    async fn create_remote(
+        &self,
+        remote: &RemoteLayers,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+        layer: RemoteRef,
+    ) -> Result<()> {
+        let id = {
+            let mut m = self.meta.lock().await;
+            if m.get(key).is_some() {
+                return Err(Error::AlreadyExists(key.to_owned()));
+            }
+            self.check_parent(&m, parent)?;
+            m.allocate_id()
+        };
+        let dir = self.dir(id);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io("cannot create", &dir, e))?;
+        let size = match remote.mount(id, &dir, &layer).await {
+            Ok(size) => size,
+            Err(e) => {
+                remote.unmount(id, &dir);
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        let now = SystemTime::now();
+        let rec = Record {
+            id,
+            kind: Kind::Committed,
+            parent: parent.to_owned(),
+            labels,
+            created: now,
+            updated: now,
+            size,
+            inodes: 0,
+            remote: Some(layer),
+        };
+        let mut m = self.meta.lock().await;
+        let put = if m.get(key).is_some() {
+            Err(Error::AlreadyExists(key.to_owned()))
+        } else {
+            self.check_parent(&m, parent).and_then(|()| m.put(key, rec))
+        };
+        drop(m);
+        if put.is_err() {
+            remote.unmount(id, &dir);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        put
+    }
+
+    /// `parent` is "" or a committed snapshot.
+    fn check_parent(&self, m: &MetaStore, parent: &str) -> Result<()> {
+        if parent.is_empty() {
+            return Ok(());
+        }
+        match m.get(parent) {
+            None => Err(Error::NotFound(parent.to_owned())),
+            Some(p) if p.kind != Kind::Committed => Err(Error::FailedPrecondition(format!(
+                "parent {parent:?} is not committed"
+            ))),
+            Some(_) => Ok(()),
+        }
     }
 
     fn dir(&self, id: u64) -> PathBuf {
@@ -89,21 +192,36 @@ impl Snapshots {
         if key.is_empty() {
             return Err(Error::Invalid("empty snapshot key".into()));
         }
+        if kind == Kind::Active
+            && let Some(remote) = &self.remote
+            && let Some(layer) = crate::remote::wanted(&labels)
+        {
+            let target = labels
+                .get(crate::remote::LABEL_TARGET)
+                .cloned()
+                .unwrap_or_default();
+            let digest = layer.digest.clone();
+            match self
+                .create_remote(remote, key, parent, labels.clone(), layer)
+                .await
+            {
+                Ok(()) => {
+                    return Err(Error::AlreadyExists(format!(
+                        "{target} (layer {digest} mounted lazily)"
+                    )));
+                }
+                Err(e @ (Error::AlreadyExists(_) | Error::NotFound(_))) => return Err(e),
+                Err(e) => tracing::warn!(
+                    layer = %digest, error = %e,
+                    "cannot mount the layer lazily: containerd will download and unpack it"
+                ),
+            }
+        }
         let mut m = self.meta.lock().await;
         if m.get(key).is_some() {
             return Err(Error::AlreadyExists(key.to_owned()));
         }
-        if !parent.is_empty() {
-            match m.get(parent) {
-                None => return Err(Error::NotFound(parent.to_owned())),
-                Some(p) if p.kind != Kind::Committed => {
-                    return Err(Error::FailedPrecondition(format!(
-                        "parent {parent:?} is not committed"
-                    )));
-                }
-                Some(_) => {}
-            }
-        }
+        self.check_parent(&m, parent)?;
         let id = m.allocate_id();
         let dir = self.dir(id);
         let mkdir =
@@ -122,6 +240,7 @@ impl Snapshots {
             updated: now,
             size: 0,
             inodes: 0,
+            remote: None,
         };
         if let Err(e) = m.put(key, rec.clone()) {
             let _ = std::fs::remove_dir_all(&dir);
@@ -246,6 +365,11 @@ impl Snapshots {
         let rec = m.remove(key)?;
         let dir = self.dir(rec.id);
         drop(m);
+        if rec.remote.is_some()
+            && let Some(remote) = &self.remote
+        {
+            remote.unmount(rec.id, &dir);
+        }
         remove_tree(dir).await;
         Ok(())
     }

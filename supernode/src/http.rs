@@ -48,6 +48,7 @@ pub fn router(s: Arc<Scheduling>, upload_rate: u64, max_uploads: usize) -> Route
         .route("/metrics", get(metrics))
         .route("/api/v1/preheat", post(preheat))
         .route("/api/v1/index/{digest}", get(layer_index))
+        .route("/api/v1/index", post(build_index))
         .with_state(s);
     pieces.merge(api)
 }
@@ -57,7 +58,6 @@ async fn layer_index(
     State(s): State<Arc<Scheduling>>,
     axum::extract::Path(digest): axum::extract::Path<String>,
 ) -> axum::response::Response {
-    use crate::layer_index::IndexError;
     match s.indexes.get(&digest).await {
         Ok(bytes) => (
             [(
@@ -67,15 +67,57 @@ async fn layer_index(
             bytes.as_ref().clone(),
         )
             .into_response(),
-        Err(e) => {
-            let status = match e {
-                IndexError::BadDigest(_) => StatusCode::BAD_REQUEST,
-                IndexError::NotSeeded(_) => StatusCode::NOT_FOUND,
-                IndexError::Unindexable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-                IndexError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            };
-            (status, format!("{e}\n")).into_response()
-        }
+        Err(e) => (index_status(&e), format!("{e}\n")).into_response(),
+    }
+}
+
+/// `POST /api/v1/index` body: seed a registry blob (if not yet) and build its layer index ahead
+/// of the first lazy start that needs it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildIndexRequest {
+    /// Where the registry serves the blob (`https://<registry>/v2/<name>/blobs/sha256:<hex>`).
+    pub url: String,
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// `sha256:<hex>` of the blob.
+    pub digest: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BuildIndexResponse {
+    pub digest: String,
+    pub index_bytes: usize,
+}
+
+/// `POST /api/v1/index`: answers once the index exists, with its size.
+async fn build_index(
+    State(s): State<Arc<Scheduling>>,
+    Json(req): Json<BuildIndexRequest>,
+) -> axum::response::Response {
+    let req = crate::scheduler::index::IndexRequest {
+        url: req.url,
+        headers: req.headers.into_iter().collect(),
+        digest: req.digest,
+    };
+    match crate::scheduler::index::seeded_index(&s, &req).await {
+        Ok(bytes) => Json(BuildIndexResponse {
+            digest: req.digest,
+            index_bytes: bytes.len(),
+        })
+        .into_response(),
+        Err(e) => (index_status(&e), format!("{e}\n")).into_response(),
+    }
+}
+
+fn index_status(e: &crate::layer_index::IndexError) -> StatusCode {
+    use crate::layer_index::IndexError;
+    match e {
+        IndexError::BadDigest(_) => StatusCode::BAD_REQUEST,
+        IndexError::NotSeeded(_) => StatusCode::NOT_FOUND,
+        IndexError::Seed { .. } => StatusCode::BAD_GATEWAY,
+        IndexError::Unindexable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+        IndexError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 

@@ -23,6 +23,8 @@ pub enum IndexError {
     NotSeeded(String),
     #[error("blob {digest} cannot be indexed: {detail}")]
     Unindexable { digest: String, detail: String },
+    #[error("seeding blob {digest} failed: {detail}")]
+    Seed { digest: String, detail: String },
     #[error("index storage: {0}")]
     Io(String),
 }

@@ -31,7 +31,16 @@ pub struct Containerd {
 /// Starts containerd under `<env>/containerd`; with `snapshotter`, registers that socket as the
 /// `damselfly` proxy snapshotter.
 pub async fn start_containerd(env: &Env, snapshotter: Option<&Path>) -> Containerd {
-    let dir = env.path("containerd");
+    start_containerd_named(env, "containerd", snapshotter).await
+}
+
+/// [`start_containerd`] under `<env>/<name>` (one per emulated host).
+pub async fn start_containerd_named(
+    env: &Env,
+    name: &str,
+    snapshotter: Option<&Path>,
+) -> Containerd {
+    let dir = env.path(name);
     std::fs::create_dir_all(&dir).expect("mkdir");
     let sock = dir.join("containerd.sock");
     let mut config = format!(
@@ -46,7 +55,7 @@ pub async fn start_containerd(env: &Env, snapshotter: Option<&Path>) -> Containe
         ));
     }
     std::fs::write(dir.join("config.toml"), config).expect("config");
-    let log = env.path("containerd.log");
+    let log = env.path(&format!("{name}.log"));
     let log_file = std::fs::File::create(&log).expect("log");
     let child = tokio::process::Command::new("containerd")
         .arg("--config")
@@ -57,7 +66,7 @@ pub async fn start_containerd(env: &Env, snapshotter: Option<&Path>) -> Containe
         .spawn()
         .expect("spawn containerd");
     let proc = Proc {
-        name: "containerd".into(),
+        name: name.into(),
         child,
         log,
     };
@@ -71,6 +80,39 @@ pub async fn start_containerd(env: &Env, snapshotter: Option<&Path>) -> Containe
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Containerd { proc, sock }
+}
+
+/// Starts dfsnapshotter (`--root`, `--socket`, `--metrics-addr` and `extra` flags) as process
+/// `name`, and waits for its socket.
+pub async fn start_snapshotter(
+    env: &Env,
+    name: &str,
+    root: &Path,
+    sock: &Path,
+    metrics: &str,
+    extra: &[String],
+) -> Proc {
+    let _ = std::fs::remove_file(sock);
+    let mut args = vec![
+        "--root".into(),
+        root.to_string_lossy().into_owned(),
+        "--socket".into(),
+        sock.to_string_lossy().into_owned(),
+        "--metrics-addr".into(),
+        metrics.to_owned(),
+    ];
+    args.extend_from_slice(extra);
+    let p = env.spawn(name, "dfsnapshotter", &args);
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "dfsnapshotter did not start:\n{}",
+            p.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    p
 }
 
 impl Containerd {

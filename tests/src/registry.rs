@@ -352,7 +352,8 @@ pub async fn build_test_image(env: &Env, name: &str, big_layer_bytes: usize) -> 
                     .expect("write /small-file");
             }
             2 => {
-                random_file(&rootfs.join("big.bin"), big_layer_bytes);
+                let sum = random_file(&rootfs.join("big.bin"), big_layer_bytes);
+                std::fs::write(root.join("big.bin.sha256"), sum).expect("write big.bin's hash");
             }
             3 => {
                 let etc = rootfs.join("etc");
@@ -387,6 +388,11 @@ pub async fn build_test_image(env: &Env, name: &str, big_layer_bytes: usize) -> 
     )
     .await;
     image
+}
+
+/// sha256 (hex) of `/big.bin` of the test image built by [`push_test_image`] in `env`.
+pub fn big_file_sha256(env: &Env) -> String {
+    std::fs::read_to_string(env.path("image").join("big.bin.sha256")).expect("big.bin's hash")
 }
 
 /// The blob files of an OCI layout (`<layout>/blobs/sha256/*`), sorted: two pulls of the same

@@ -88,7 +88,7 @@ async fn a_layer_mounted_from_its_index_reads_through_the_agent() {
                 handle: tokio::runtime::Handle::current(),
                 client: agent.clone(),
                 url,
-                headers: Vec::new(),
+                headers: Arc::new(Vec::new()),
                 digest: digest.clone(),
             }),
             snapshotter::metrics::Metrics::new(),

@@ -10,29 +10,8 @@ use damselfly_tests::harness::{Env, Proc, free_port, get_text};
 use damselfly_tests::registry::{push_test_image, start_registry, tools_missing};
 
 async fn start_snapshotter(env: &Env, root: &Path, sock: &Path, metrics: &str) -> Proc {
-    let _ = std::fs::remove_file(sock);
-    let p = env.spawn(
-        "dfsnapshotter",
-        "dfsnapshotter",
-        &[
-            "--root".into(),
-            root.to_string_lossy().into_owned(),
-            "--socket".into(),
-            sock.to_string_lossy().into_owned(),
-            "--metrics-addr".into(),
-            metrics.to_owned(),
-        ],
-    );
-    let start = Instant::now();
-    while !sock.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "dfsnapshotter did not start:\n{}",
-            p.output()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    p
+    damselfly_tests::containerd::start_snapshotter(env, "dfsnapshotter", root, sock, metrics, &[])
+        .await
 }
 
 /// What a container sees: a listing of the image's files (type, mode, owner, size, link target)

@@ -41,6 +41,19 @@ impl BlobReader for FileBlob {
     }
 }
 
+/// The headers (registry credentials) to ask for a blob with, asked for on each call so that
+/// expiring tokens are renewed.
+pub trait Credentials: Send + Sync + 'static {
+    fn headers(&self) -> Vec<(String, String)>;
+}
+
+/// Fixed headers (none, for public registries).
+impl Credentials for Vec<(String, String)> {
+    fn headers(&self) -> Vec<(String, String)> {
+        self.clone()
+    }
+}
+
 /// A blob read through the local agent (`Agent.ReadRange`): pieces from peers and supernodes,
 /// verified, kept in the agent's store. FUSE handlers run on their own threads, so each read
 /// blocks on the runtime `handle`.
@@ -49,7 +62,7 @@ pub struct AgentBlob {
     pub client: proto::agent::agent_client::AgentClient<tonic::transport::Channel>,
     /// Where the registry serves the blob, and the credentials to ask it with.
     pub url: String,
-    pub headers: Vec<(String, String)>,
+    pub headers: Arc<dyn Credentials>,
     pub digest: String,
 }
 
@@ -60,18 +73,17 @@ impl BlobReader for AgentBlob {
     fn read_at(&self, range: Range<u64>) -> std::io::Result<Vec<u8>> {
         let mut out = Vec::with_capacity(usize::try_from(range.end - range.start).unwrap_or(0));
         let mut at = range.start;
+        let headers: Vec<proto::agent::Header> = self
+            .headers
+            .headers()
+            .into_iter()
+            .map(|(name, value)| proto::agent::Header { name, value })
+            .collect();
         while at < range.end {
             let length = (range.end - at).min(AGENT_READ_MAX);
             let req = proto::agent::ReadRangeRequest {
                 url: self.url.clone(),
-                headers: self
-                    .headers
-                    .iter()
-                    .map(|(name, value)| proto::agent::Header {
-                        name: name.clone(),
-                        value: value.clone(),
-                    })
-                    .collect(),
+                headers: headers.clone(),
                 digest: self.digest.clone(),
                 offset: at,
                 length,

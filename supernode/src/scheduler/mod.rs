@@ -1,6 +1,7 @@
 //! The scheduler gRPC service: one session per (peer, task) stream.
 
 pub mod assign;
+pub mod index;
 mod register;
 mod session;
 
@@ -106,6 +107,28 @@ impl Scheduler for SchedulerService {
             www_authenticate: answer.www_authenticate,
             body: answer.body.to_vec(),
         }))
+    }
+
+    type LayerIndexStream =
+        tokio_stream::wrappers::ReceiverStream<Result<proto::scheduler::LayerIndexChunk, Status>>;
+
+    async fn layer_index(
+        &self,
+        request: Request<proto::scheduler::LayerIndexRequest>,
+    ) -> Result<Response<Self::LayerIndexStream>, Status> {
+        let r = request.into_inner();
+        let req = index::IndexRequest {
+            url: r.url,
+            headers: r.headers.into_iter().map(|h| (h.name, h.value)).collect(),
+            digest: r.digest,
+        };
+        let bytes = index::seeded_index(&self.inner, &req)
+            .await
+            .map_err(|e| index::status(&e))?;
+        Ok(Response::new(fetcher::agent::chunked(
+            bytes.as_ref().clone(),
+            |data| proto::scheduler::LayerIndexChunk { data },
+        )))
     }
 }
 

@@ -1,0 +1,237 @@
+//! Remote layers: a layer containerd asks to unpack is instead mounted read-only over FUSE from
+//! its index (tar TOC + gzip checkpoints), and its bytes are read lazily through the local agent,
+//! piece by piece from peers and supernodes. containerd learns the layer "already exists" and
+//! downloads nothing.
+//!
+//! containerd marks such a prepare with labels (CRI sets them on every layer; `dfsnapshotter pull`
+//! does the same): the chain id the snapshot will be named (`containerd.io/snapshot.ref`), the
+//! layer blob's digest and the image reference it came from.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use layerindex::LayerIndex;
+use proto::agent::agent_client::AgentClient;
+use tonic::transport::Channel;
+
+use crate::error::{Error, Result};
+use crate::layerfs::{AgentBlob, Credentials, LayerFs};
+use crate::metastore::RemoteRef;
+use crate::metrics::Metrics;
+use crate::registry::{Reference, Registry};
+
+/// The chain id containerd will know the committed layer by.
+pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
+/// The layer blob's digest (CRI's label name, which `dfsnapshotter pull` also uses).
+pub const LABEL_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+/// The image reference the layer was pulled for.
+pub const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+
+/// The index kept next to a remote layer's mount point, so a restart remounts without a network.
+const INDEX_FILE: &str = "layer.idx";
+
+/// The remote layer a prepare asks for, if its labels say so.
+pub fn wanted(labels: &BTreeMap<String, String>) -> Option<RemoteRef> {
+    labels.get(LABEL_TARGET)?;
+    let digest = labels.get(LABEL_LAYER_DIGEST)?;
+    let image = labels.get(LABEL_IMAGE_REF)?;
+    fetcher::task_id::parse_digest(digest).ok()?;
+    Some(RemoteRef {
+        digest: digest.clone(),
+        image: image.clone(),
+    })
+}
+
+/// Fresh registry credentials for a blob, asked for on each agent call (tokens expire).
+struct RegistryCredentials {
+    handle: tokio::runtime::Handle,
+    registry: Arc<Registry>,
+    image: Reference,
+}
+
+impl Credentials for RegistryCredentials {
+    fn headers(&self) -> Vec<(String, String)> {
+        let r = &self.image;
+        match self
+            .handle
+            .block_on(self.registry.auth_headers(&r.registry, &r.repository))
+        {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(image = %r.name(), error = %e, "no registry credentials for a layer read");
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// The remote layers mounted by this process, by snapshot id.
+pub struct RemoteLayers {
+    agent_socket: PathBuf,
+    agent: tokio::sync::OnceCell<AgentClient<Channel>>,
+    registry: Arc<Registry>,
+    metrics: Metrics,
+    sessions: Mutex<HashMap<u64, fuser::BackgroundSession>>,
+}
+
+impl RemoteLayers {
+    pub fn new(agent_socket: PathBuf, registry: Arc<Registry>, metrics: Metrics) -> Self {
+        Self {
+            agent_socket,
+            agent: tokio::sync::OnceCell::new(),
+            registry,
+            metrics,
+            sessions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn agent(&self) -> Result<AgentClient<Channel>> {
+        self.agent
+            .get_or_try_init(|| async {
+                fetcher::agent::connect(&self.agent_socket)
+                    .await
+                    .map_err(|e| Error::Agent(e.to_string()))
+            })
+            .await
+            .cloned()
+    }
+
+    /// Mounts the layer at `<dir>/fs`, fetching its index first unless `<dir>` keeps one.
+    /// Returns the layer's uncompressed size.
+    #[tracing::instrument(skip_all, fields(layer = %layer.digest, id))]
+    pub async fn mount(&self, id: u64, dir: &Path, layer: &RemoteRef) -> Result<u64> {
+        let image = Reference::parse(&layer.image)?;
+        let url = self.registry.blob_url(&image, &layer.digest);
+        let index_path = dir.join(INDEX_FILE);
+        let index = match read_index(&index_path) {
+            Some(i) => i,
+            None => {
+                let started = std::time::Instant::now();
+                let headers = self
+                    .registry
+                    .auth_headers(&image.registry, &image.repository)
+                    .await?;
+                let bytes = self.fetch_index(&url, headers, &layer.digest).await?;
+                let index = LayerIndex::from_bytes(&bytes).map_err(|e| {
+                    Error::Agent(format!("layer index of {} is corrupt: {e}", layer.digest))
+                })?;
+                write_atomic(&index_path, &bytes)?;
+                tracing::info!(
+                    bytes = bytes.len(),
+                    entries = index.toc.entries.len(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "layer index fetched"
+                );
+                index
+            }
+        };
+        let size = index.toc.entries.iter().map(|e| e.size).sum();
+        let blob = AgentBlob {
+            handle: tokio::runtime::Handle::current(),
+            client: self.agent().await?,
+            url,
+            headers: Arc::new(RegistryCredentials {
+                handle: tokio::runtime::Handle::current(),
+                registry: self.registry.clone(),
+                image,
+            }),
+            digest: layer.digest.clone(),
+        };
+        let fs = LayerFs::new(
+            layer.digest.clone(),
+            Arc::new(index),
+            Arc::new(blob),
+            self.metrics.clone(),
+        );
+        let mountpoint = dir.join("fs");
+        let session = tokio::task::spawn_blocking(move || {
+            detach_stale(&mountpoint);
+            std::fs::create_dir_all(&mountpoint)?;
+            crate::layerfs::mount(fs, &mountpoint)
+        })
+        .await
+        .map_err(|e| Error::FailedPrecondition(format!("mount task failed: {e}")))?
+        .map_err(|e| Error::io("cannot mount FUSE layer at", dir.join("fs"), e))?;
+        if let Ok(mut m) = self.sessions.lock() {
+            m.insert(id, session);
+        }
+        tracing::info!("remote layer mounted");
+        Ok(size)
+    }
+
+    async fn fetch_index(
+        &self,
+        url: &str,
+        headers: Vec<(String, String)>,
+        digest: &str,
+    ) -> Result<Vec<u8>> {
+        let mut client = self.agent().await?;
+        let req = proto::agent::LayerIndexRequest {
+            url: url.to_owned(),
+            headers: headers
+                .into_iter()
+                .map(|(name, value)| proto::agent::Header { name, value })
+                .collect(),
+            digest: digest.to_owned(),
+        };
+        let err =
+            |s: tonic::Status| Error::Agent(format!("layer index of {digest}: {}", s.message()));
+        let mut stream = client.layer_index(req).await.map_err(err)?.into_inner();
+        let mut bytes = Vec::new();
+        while let Some(c) = stream.message().await.map_err(err)? {
+            if bytes.len() + c.data.len() > fetcher::layer_index::MAX_INDEX {
+                return Err(Error::Agent(format!(
+                    "layer index of {digest} is too large"
+                )));
+            }
+            bytes.extend_from_slice(&c.data);
+        }
+        Ok(bytes)
+    }
+
+    /// Unmounts the layer of snapshot `id` (before its directory is removed).
+    pub fn unmount(&self, id: u64, dir: &Path) {
+        let session = self.sessions.lock().ok().and_then(|mut m| m.remove(&id));
+        drop(session);
+        detach_stale(&dir.join("fs"));
+    }
+
+    /// Unmounts everything (shutdown).
+    pub fn unmount_all(&self) {
+        let all: Vec<_> = self
+            .sessions
+            .lock()
+            .map(|mut m| m.drain().collect())
+            .unwrap_or_default();
+        drop(all);
+    }
+}
+
+/// A kept index, if it is there and sound.
+fn read_index(path: &Path) -> Option<LayerIndex> {
+    let bytes = std::fs::read(path).ok()?;
+    match LayerIndex::from_bytes(&bytes) {
+        Ok(i) => Some(i),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "kept layer index is corrupt: fetching it again");
+            None
+        }
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io("cannot write", &tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io("cannot replace", path, e))
+}
+
+/// Lazily unmounts whatever is mounted at `path` (a FUSE mount left by a killed process answers
+/// every access with ENOTCONN). Nothing mounted: nothing to do.
+fn detach_stale(path: &Path) {
+    match rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH) {
+        Ok(()) => tracing::info!(path = %path.display(), "detached a stale mount"),
+        Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOENT) => {}
+        Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot detach"),
+    }
+}

@@ -1,0 +1,90 @@
+//! Layer indexes on request: seed the blob from the registry if this supernode has not (the one
+//! pull for the cluster), wait for the seed, then build (or load) its index.
+
+use std::sync::Arc;
+
+use proto::scheduler::{Header, Register};
+use tonic::Status;
+
+use super::{Scheduling, register};
+use crate::layer_index::IndexError;
+use crate::task::Status as TaskStatus;
+
+/// What to index: a registry blob, where it is served and with which credentials.
+#[derive(Clone, Debug)]
+pub struct IndexRequest {
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    /// `sha256:<hex>`.
+    pub digest: String,
+}
+
+/// The serialized index of the blob, seeding it first when needed.
+#[tracing::instrument(skip_all, fields(digest = %req.digest))]
+pub async fn seeded_index(s: &Scheduling, req: &IndexRequest) -> Result<Arc<Vec<u8>>, IndexError> {
+    match s.indexes.get(&req.digest).await {
+        Err(IndexError::NotSeeded(_)) => {}
+        other => return other,
+    }
+    seed(s, req).await?;
+    s.indexes.get(&req.digest).await
+}
+
+/// Joins (or starts) the content-keyed task of the blob and waits until its seed completes.
+async fn seed(s: &Scheduling, req: &IndexRequest) -> Result<(), IndexError> {
+    let failed = |detail: String| IndexError::Seed {
+        digest: req.digest.clone(),
+        detail,
+    };
+    let url = url::Url::parse(&req.url)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https"))
+        .ok_or_else(|| failed(format!("bad blob URL {:?}", req.url)))?;
+    let task_id = fetcher::task_id::content_task_id(&req.digest)
+        .map_err(|_| IndexError::BadDigest(req.digest.clone()))?;
+    let reg = Register {
+        url: url.to_string(),
+        task_id,
+        headers: req
+            .headers
+            .iter()
+            .map(|(name, value)| Header {
+                name: name.clone(),
+                value: value.clone(),
+            })
+            .collect(),
+        digest: req.digest.clone(),
+        content_key: req.digest.clone(),
+        ..Default::default()
+    };
+    let version = register::join(s, &reg)
+        .await
+        .map_err(|e| failed(e.message))?;
+    let mut changed = version.subscribe();
+    loop {
+        match &version.lock().status {
+            TaskStatus::Complete { .. } => return Ok(()),
+            TaskStatus::Failed(e) => return Err(failed(e.message.clone())),
+            TaskStatus::Seeding => {}
+        }
+        tokio::select! {
+            r = changed.changed() => {
+                if r.is_err() {
+                    return Err(failed("the seed went away".into()));
+                }
+            }
+            _ = s.shutdown.wait() => return Err(failed("the supernode is shutting down".into())),
+        }
+    }
+}
+
+/// The gRPC status for an index failure.
+pub fn status(e: &IndexError) -> Status {
+    match e {
+        IndexError::BadDigest(_) => Status::invalid_argument(e.to_string()),
+        IndexError::NotSeeded(_) | IndexError::Seed { .. } | IndexError::Unindexable { .. } => {
+            Status::failed_precondition(e.to_string())
+        }
+        IndexError::Io(_) => Status::internal(e.to_string()),
+    }
+}

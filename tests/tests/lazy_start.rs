@@ -1,0 +1,206 @@
+//! Lazy container starts end to end: `dfsnapshotter pull` makes an image runnable on a real
+//! containerd without downloading its layers; `ctr run --snapshotter damselfly` starts at once and
+//! every byte read comes through the host's agent (pieces from the supernode or the other host),
+//! exactly the layer's bytes. Two hosts, each with its own agent, dfsnapshotter and containerd;
+//! the registry serves each layer once (to the supernode). After kill -9, dfsnapshotter remounts
+//! its layers and new containers start.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use damselfly_tests::containerd::{
+    Containerd, containerd_missing, start_containerd_named, start_snapshotter,
+};
+use damselfly_tests::harness::{Daemon, Env, Proc, bin, free_port, is_root};
+use damselfly_tests::registry::{
+    big_file_sha256, count_blob_gets, push_test_image, start_registry, tools_missing,
+};
+
+struct Host {
+    daemon: Daemon,
+    _agent: Proc,
+    snapshotter: Proc,
+    containerd: Containerd,
+    root: std::path::PathBuf,
+    sock: std::path::PathBuf,
+    metrics: String,
+}
+
+async fn snapshotter(
+    env: &Env,
+    name: &str,
+    h: (&Path, &Path, &str),
+    agent: &Path,
+    registry: &str,
+) -> Proc {
+    start_snapshotter(
+        env,
+        name,
+        h.0,
+        h.1,
+        h.2,
+        &[
+            "--agent-socket".into(),
+            agent.to_string_lossy().into_owned(),
+            "--plain-http".into(),
+            registry.to_owned(),
+        ],
+    )
+    .await
+}
+
+async fn host(env: &Env, name: &str, supernode: &str, registry: &str) -> Host {
+    let (agent, daemon) = env.dfdaemon(&format!("{name}-agent"), supernode, &[]).await;
+    let root = env.path(&format!("{name}-snapshots"));
+    let sock = env.path(&format!("{name}-snapshotter.sock"));
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let snap = snapshotter(
+        env,
+        &format!("{name}-dfsnapshotter"),
+        (&root, &sock, &metrics),
+        &daemon.socket,
+        registry,
+    )
+    .await;
+    let containerd = start_containerd_named(env, &format!("{name}-containerd"), Some(&sock)).await;
+    Host {
+        daemon,
+        _agent: agent,
+        snapshotter: snap,
+        containerd,
+        root,
+        sock,
+        metrics,
+    }
+}
+
+/// `dfsnapshotter pull IMAGE` into the host's containerd.
+async fn pull(h: &Host, image: &str, registry: &str) -> String {
+    let out = tokio::process::Command::new(bin("dfsnapshotter"))
+        .arg("pull")
+        .arg("--containerd")
+        .arg(&h.containerd.sock)
+        .args(["-n", "damselfly-test", "--plain-http", registry, image])
+        .output()
+        .await
+        .expect("run dfsnapshotter pull");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "dfsnapshotter pull: {text}");
+    text
+}
+
+async fn run(h: &Host, image: &str, id: &str, cmd: &[&str]) -> String {
+    let mut args = vec!["run", "--rm", "--snapshotter", "damselfly", image, id];
+    args.extend_from_slice(cmd);
+    let (code, out) = h.containerd.ctr(&args).await;
+    assert_eq!(code, 0, "ctr run {cmd:?}: {out}");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dfsnapshotter_pull_starts_containers_lazily_on_two_hosts() {
+    let skip = tools_missing()
+        .or_else(containerd_missing)
+        .or_else(|| (!is_root()).then(|| "FUSE mounts need root".to_owned()))
+        .or_else(|| (!Path::new("/dev/fuse").exists()).then(|| "no /dev/fuse".to_owned()));
+    if let Some(why) = skip {
+        eprintln!("SKIP dfsnapshotter_pull_starts_containers_lazily_on_two_hosts: {why}");
+        return;
+    }
+    let env = Env::new("lazy-start");
+    let (registry_proc, registry) = start_registry(&env).await;
+    let layers = push_test_image(&env, &registry, "project/app:v1", 200 << 20).await;
+    let big_sha = big_file_sha256(&env);
+    let (_sn, grpc, _http) = env.supernode("sn", &[]).await;
+    let image = format!("{registry}/project/app:v1");
+
+    // Host A: pull (manifest and config only), then run.
+    let mut a = host(&env, "a", &grpc, &registry).await;
+    let out = pull(&a, &image, &registry).await;
+    assert!(out.contains("4 layers"), "{out}");
+    let (code, out) = a.containerd.ctr(&["images", "ls"]).await;
+    assert!(
+        code == 0 && out.contains(&image),
+        "image not in containerd: {out}"
+    );
+    let out = run(&a, &image, "a1", &["/bin/cat", "/small-file"]).await;
+    assert!(out.contains("hello from damselfly"), "{out}");
+    let out = run(&a, &image, "a2", &["/bin/busybox", "sha256sum", "/big.bin"]).await;
+    assert!(
+        out.contains(&big_sha),
+        "big.bin read through FUSE differs: {out}"
+    );
+
+    // Host B: the same, with the layers already in the cluster.
+    let b = host(&env, "b", &grpc, &registry).await;
+    pull(&b, &image, &registry).await;
+    let out = run(&b, &image, "b1", &["/bin/busybox", "sha256sum", "/big.bin"]).await;
+    assert!(out.contains(&big_sha), "big.bin on host B differs: {out}");
+    let peers = b
+        .daemon
+        .metric("damselfly_peer_download_bytes_total", "from=\"peer\"")
+        .await;
+    let origin = b
+        .daemon
+        .metric("damselfly_peer_download_bytes_total", "from=\"origin\"")
+        .await;
+    assert_eq!(origin, 0.0, "host B went to the registry");
+    assert!(peers > 0.0, "host B took nothing from host A");
+    // The registry served each layer once: to the supernode.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = registry_proc.output();
+    for d in &layers {
+        assert_eq!(
+            count_blob_gets(&log, d),
+            1,
+            "layer {d} fetched more than once"
+        );
+    }
+    let m = damselfly_tests::harness::get_text(&format!("http://{}/metrics", a.metrics)).await;
+    let fuse =
+        damselfly_tests::harness::metric(&m, "damselfly_snapshotter_fuse_read_bytes_total", "");
+    assert!(
+        fuse >= f64::from(200u32 << 20),
+        "FUSE reads not counted: {fuse}\n{m}"
+    );
+
+    // kill -9: the layers are mounted again, new containers start and read them.
+    a.snapshotter.kill9().await;
+    a.snapshotter = snapshotter(
+        &env,
+        "a-dfsnapshotter-2",
+        (&a.root, &a.sock, &a.metrics),
+        &a.daemon.socket,
+        &registry,
+    )
+    .await;
+    let start = Instant::now();
+    loop {
+        let (code, out) = a
+            .containerd
+            .ctr(&[
+                "run",
+                "--rm",
+                "--snapshotter",
+                "damselfly",
+                &image,
+                "a3",
+                "/bin/cat",
+                "/etc/release",
+            ])
+            .await;
+        if code == 0 {
+            assert!(out.contains("damselfly test image"), "{out}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no container after the restart: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
