@@ -5,10 +5,14 @@
 //! - [`metastore`]: its metadata, embedded and persistent across restarts.
 //! - [`service`]: containerd's `Snapshots` gRPC API on a Unix socket.
 //! - [`layerfs`]: a layer as a read-only FUSE filesystem over its index (lazy reads).
+//! - [`remote`]: layers containerd's labels name (CRI, `dfsnapshotter pull`) mounted lazily:
+//!   index from the supernode through the agent, bytes through the agent.
+//! - [`registry`]: image references, blob URLs and registry credentials.
+//! - [`pull`]: `dfsnapshotter pull`, which makes containerd prepare an image's layers that way.
 //! - [`cli`]: the `dfsnapshotter` command.
 //!
-//! Layers are unpacked by containerd into overlayfs snapshots, so every image runs. Lazy remote
-//! layers (FUSE, read piece by piece from peers) come next: see `DESIGN.md`, flow 3.
+//! Layers without the labels are unpacked by containerd into overlayfs snapshots, so every image
+//! runs. See `DESIGN.md`, flow 3.
 
 pub mod cli;
 pub mod error;

@@ -1,5 +1,10 @@
 //! containerd's `Snapshots` gRPC service over [`Snapshots`], served on a Unix socket that
 //! containerd's `proxy_plugins` entry names.
+//!
+//! Not the `containerd-snapshots` crate: its latest release (0.3) is built on tonic 0.9 / prost
+//! 0.11 (a second gRPC stack beside our tonic 0.14) and, like `containerd-client`, generates its
+//! code with a system `protoc` at build time. The contract is small, so `proto/containerd/` states
+//! it (package, methods, field numbers as containerd's) and protox compiles it with the rest.
 
 use std::collections::BTreeMap;
 use std::path::Path;
