@@ -116,6 +116,23 @@ pub async fn start_snapshotter(
 }
 
 impl Containerd {
+    /// `ctr ARGS` again every half second until it succeeds (containerd reconnects to a restarted
+    /// proxy snapshotter on its own, after a moment); its output. Panics after `timeout`.
+    pub async fn ctr_until_ok(&self, args: &[&str], timeout: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let (code, out) = self.ctr(args).await;
+            if code == 0 {
+                return out;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "ctr {args:?} still failing after {timeout:?}: {out}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
     /// `ctr -a <sock> -n damselfly-test ARGS`; returns the exit code and stdout + stderr.
     pub async fn ctr(&self, args: &[&str]) -> (i32, String) {
         let out = tokio::process::Command::new("ctr")
@@ -131,4 +148,27 @@ impl Containerd {
         text.push_str(&String::from_utf8_lossy(&out.stderr));
         (out.status.code().unwrap_or(-1), text)
     }
+}
+
+/// What a container sees of the test image (see `registry::push_test_image`): a listing of its
+/// files (type, mode, links, owner, size, link target) and the hashes of its regular files, from
+/// inside a container `id` on `snapshotter`. Two snapshotters that give the same rootfs give the
+/// same text. Directory sizes and block totals belong to the filesystem, not the image: left out.
+pub async fn rootfs_listing(c: &Containerd, image: &str, snapshotter: &str, id: &str) -> String {
+    let script = "cd / && /bin/busybox ls -lanR bin etc opt small-file big.bin | /bin/busybox sed -e 's/ [A-Z][a-z][a-z] [ 0-9][0-9] [0-9:]\\{4,5\\} / /' -e '/^total /d' -e '/^d/s/^\\(d[^ ]*  *[0-9]*  *[0-9]*  *[0-9]*\\)  *[0-9]* /\\1 - /' && /bin/busybox sha256sum bin/busybox small-file big.bin etc/release opt/data/new";
+    let (code, out) = c
+        .ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            snapshotter,
+            image,
+            id,
+            "/bin/sh",
+            "-c",
+            script,
+        ])
+        .await;
+    assert_eq!(code, 0, "listing on {snapshotter} failed: {out}");
+    out
 }

@@ -3,36 +3,15 @@
 //! snapshotter gives; snapshots survive kill -9 and a restart.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use damselfly_tests::containerd::{Containerd, containerd_missing, start_containerd};
+use damselfly_tests::containerd::{containerd_missing, rootfs_listing, start_containerd};
 use damselfly_tests::harness::{Env, Proc, free_port, get_text};
 use damselfly_tests::registry::{push_test_image, start_registry, tools_missing};
 
 async fn start_snapshotter(env: &Env, root: &Path, sock: &Path, metrics: &str) -> Proc {
     damselfly_tests::containerd::start_snapshotter(env, "dfsnapshotter", root, sock, metrics, &[])
         .await
-}
-
-/// What a container sees: a listing of the image's files (type, mode, owner, size, link target)
-/// and the hashes of its regular files, from inside a container on `snapshotter`.
-async fn tree(c: &Containerd, image: &str, snapshotter: &str, id: &str) -> String {
-    let script = "cd / && /bin/busybox ls -lanR bin etc opt small-file big.bin | /bin/busybox sed 's/ [A-Z][a-z][a-z] [ 0-9][0-9] [0-9:]\\{4,5\\} / /' && /bin/busybox sha256sum bin/busybox small-file big.bin etc/release opt/data/new";
-    let (code, out) = c
-        .ctr(&[
-            "run",
-            "--rm",
-            "--snapshotter",
-            snapshotter,
-            image,
-            id,
-            "/bin/sh",
-            "-c",
-            script,
-        ])
-        .await;
-    assert_eq!(code, 0, "listing on {snapshotter} failed: {out}");
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,8 +80,8 @@ async fn containerd_unpacks_and_runs_images_on_dfsnapshotter_across_restarts() {
     // The same image unpacked by containerd's own overlayfs snapshotter looks the same.
     let (code, out) = c.ctr(&["images", "pull", "--plain-http", &image]).await;
     assert_eq!(code, 0, "ctr images pull (overlayfs): {out}");
-    let ours = tree(&c, &image, "damselfly", "c2").await;
-    let theirs = tree(&c, &image, "overlayfs", "c3").await;
+    let ours = rootfs_listing(&c, &image, "damselfly", "c2").await;
+    let theirs = rootfs_listing(&c, &image, "overlayfs", "c3").await;
     assert!(ours.contains("big.bin") && ours.contains("new"), "{ours}");
     // The last layer's deletions hold: its whiteouts hide what layer 3 added.
     for gone in ["old-config", " a\n", " b\n", "sub"] {
@@ -113,12 +92,9 @@ async fn containerd_unpacks_and_runs_images_on_dfsnapshotter_across_restarts() {
     // kill -9: the snapshots are still there after a restart, and containers run on them.
     snap.kill9().await;
     let _snap = start_snapshotter(&env, &root, &sock, &metrics).await;
-    let mut last = String::new();
-    let start = Instant::now();
-    loop {
-        // containerd reconnects to the proxy plugin on its own; give it a moment.
-        let (code, out) = c
-            .ctr(&[
+    let out = c
+        .ctr_until_ok(
+            &[
                 "run",
                 "--rm",
                 "--snapshotter",
@@ -127,18 +103,9 @@ async fn containerd_unpacks_and_runs_images_on_dfsnapshotter_across_restarts() {
                 "c4",
                 "/bin/cat",
                 "/etc/release",
-            ])
-            .await;
-        if code == 0 {
-            assert!(out.contains("damselfly test image"), "{out}");
-            break;
-        }
-        last = out;
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "no container after the restart: {last}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let _ = last;
+            ],
+            Duration::from_secs(20),
+        )
+        .await;
+    assert!(out.contains("damselfly test image"), "{out}");
 }

@@ -139,6 +139,24 @@ impl Tree {
                 _ => t.put(parent, name, n),
             }
         }
+        // A directory's link count is 2 + its subdirectories, as on disk filesystems.
+        let links: Vec<u32> = t
+            .nodes
+            .iter()
+            .map(|n| {
+                let subdirs = n
+                    .children
+                    .values()
+                    .filter(|c| t.node(**c).kind == Kind::Dir)
+                    .count();
+                u32::try_from(subdirs).unwrap_or(u32::MAX).saturating_add(2)
+            })
+            .collect();
+        for (n, l) in t.nodes.iter_mut().zip(links) {
+            if n.kind == Kind::Dir {
+                n.nlink = l;
+            }
+        }
         t
     }
 
