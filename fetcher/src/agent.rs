@@ -207,6 +207,7 @@ impl Agent for AgentService {
             digest: r.digest,
             offset: r.offset,
             length: r.length,
+            only_range: r.only_range,
         };
         match self.peer.read_range(&req).await {
             Ok(data) => Ok(Response::new(proto::agent::ReadRangeReply {
@@ -231,6 +232,7 @@ impl Agent for AgentService {
             digest: r.digest,
             offset: 0,
             length: 0,
+            only_range: false,
         };
         let bytes = match self.peer.layer_index(&req).await {
             Ok(b) => b,

@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::watch;
 
-use crate::download::{BackSource, Destination, DownloadRequest, Progress};
+use crate::download::{BackSource, Destination, DownloadRequest, Progress, Wants};
 use crate::error::{Error, Result};
 use crate::peer::Peer;
 use crate::piece_store::TaskStore;
@@ -28,11 +28,15 @@ pub struct RangeRequest {
     pub digest: String,
     pub offset: u64,
     pub length: u64,
+    /// Fetch only the pieces reads ask for (else the rest follows in the background).
+    pub only_range: bool,
 }
 
 /// One blob being (or done being) fetched.
 struct Fetch {
     store: watch::Receiver<Option<Arc<TaskStore>>>,
+    /// The pieces reads wait on (fetched before any other), and whether to fetch the rest.
+    wants: watch::Sender<Wants>,
     /// `None` while running; the outcome once done.
     result: watch::Receiver<Option<Result<(), String>>>,
 }
@@ -80,6 +84,20 @@ impl Peer {
         let ps = u64::from(meta.piece_size);
         let pieces = u32::try_from(r.offset / ps).unwrap_or(u32::MAX)
             ..=u32::try_from((end - 1) / ps).unwrap_or(u32::MAX);
+        fetch.wants.send_if_modified(|w| {
+            let mut changed = false;
+            for n in pieces.clone() {
+                if store.piece(n).is_none() {
+                    changed |= w.pieces.insert(n);
+                }
+            }
+            // One reader that wants the whole blob fetched is enough.
+            if w.only && !r.only_range {
+                w.only = false;
+                changed = true;
+            }
+            changed
+        });
         loop {
             if pieces.clone().all(|n| store.piece(n).is_some()) {
                 break;
@@ -114,14 +132,22 @@ impl Peer {
         }
         let (store_tx, store_rx) = watch::channel(None);
         let (result_tx, result_rx) = watch::channel(None);
+        let (wants_tx, wants_rx) = watch::channel(Wants {
+            pieces: Default::default(),
+            only: r.only_range,
+        });
         let fetch = Arc::new(Fetch {
             store: store_rx,
+            wants: wants_tx,
             result: result_rx,
         });
         map.insert(task_id.to_owned(), fetch.clone());
         let req = DownloadRequest {
             url: r.url.clone(),
-            output: Destination::Store(store_tx),
+            output: Destination::Store {
+                store: store_tx,
+                wants: wants_rx,
+            },
             headers: r.headers.clone(),
             digest: Some(hex.to_owned()),
             tag: String::new(),

@@ -43,6 +43,10 @@ pub struct Args {
     /// registry blob (CRI, `dfsnapshotter pull`); `false`: let containerd unpack every layer.
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub lazy: bool,
+    /// After mounting a layer lazily, fetch the rest of it in the background (reads go first);
+    /// `false`: fetch only what reads ask for.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub background_fetch: bool,
     /// The host agent's (dfdaemon's) socket, through which lazy layers are read.
     #[arg(long, value_name = "PATH", default_value = fetcher::cli::dfget::DEFAULT_AGENT_SOCKET)]
     pub agent_socket: PathBuf,
@@ -164,6 +168,7 @@ async fn run_inner(args: &Args) -> crate::Result<()> {
         let registry = Arc::new(crate::registry::Registry::new(args.registry.config(None))?);
         let remote = Arc::new(crate::remote::RemoteLayers::new(
             args.agent_socket.clone(),
+            args.background_fetch,
             registry,
             metrics.clone(),
         ));

@@ -69,6 +69,8 @@ impl Credentials for RegistryCredentials {
 /// The remote layers mounted by this process, by snapshot id.
 pub struct RemoteLayers {
     agent_socket: PathBuf,
+    /// Fetch the rest of each layer in the background once it is mounted (reads still go first).
+    background_fetch: bool,
     agent: tokio::sync::OnceCell<AgentClient<Channel>>,
     registry: Arc<Registry>,
     metrics: Metrics,
@@ -76,9 +78,15 @@ pub struct RemoteLayers {
 }
 
 impl RemoteLayers {
-    pub fn new(agent_socket: PathBuf, registry: Arc<Registry>, metrics: Metrics) -> Self {
+    pub fn new(
+        agent_socket: PathBuf,
+        background_fetch: bool,
+        registry: Arc<Registry>,
+        metrics: Metrics,
+    ) -> Self {
         Self {
             agent_socket,
+            background_fetch,
             agent: tokio::sync::OnceCell::new(),
             registry,
             metrics,
@@ -127,16 +135,21 @@ impl RemoteLayers {
             }
         };
         let size = index.toc.entries.iter().map(|e| e.size).sum();
+        let client = self.agent().await?;
+        if self.background_fetch {
+            self.start_background_fetch(client.clone(), &url, &image, &layer.digest);
+        }
         let blob = AgentBlob {
             handle: tokio::runtime::Handle::current(),
-            client: self.agent().await?,
-            url,
+            client,
+            url: url.clone(),
             headers: Arc::new(RegistryCredentials {
                 handle: tokio::runtime::Handle::current(),
                 registry: self.registry.clone(),
                 image,
             }),
             digest: layer.digest.clone(),
+            only_range: !self.background_fetch,
         };
         let fs = LayerFs::new(
             layer.digest.clone(),
@@ -158,6 +171,43 @@ impl RemoteLayers {
         }
         tracing::info!("remote layer mounted");
         Ok(size)
+    }
+
+    /// Has the agent start fetching the whole layer now (a one-byte read in background mode); FUSE
+    /// reads that come meanwhile are served first.
+    fn start_background_fetch(
+        &self,
+        mut client: AgentClient<Channel>,
+        url: &str,
+        image: &Reference,
+        digest: &str,
+    ) {
+        let (registry, image, url, digest) = (
+            self.registry.clone(),
+            image.clone(),
+            url.to_owned(),
+            digest.to_owned(),
+        );
+        tokio::spawn(async move {
+            let headers = registry
+                .auth_headers(&image.registry, &image.repository)
+                .await
+                .unwrap_or_default();
+            let req = proto::agent::ReadRangeRequest {
+                url,
+                headers: headers
+                    .into_iter()
+                    .map(|(name, value)| proto::agent::Header { name, value })
+                    .collect(),
+                digest: digest.clone(),
+                offset: 0,
+                length: 1,
+                only_range: false,
+            };
+            if let Err(s) = client.read_range(req).await {
+                tracing::warn!(layer = %digest, error = %s.message(), "background fetch did not start");
+            }
+        });
     }
 
     async fn fetch_index(

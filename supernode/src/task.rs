@@ -47,6 +47,10 @@ pub struct PeerState {
     pub outstanding: HashMap<u32, String>,
     /// Parents that failed this peer: never assigned to it again for this version.
     pub failed_parents: HashSet<String>,
+    /// Pieces a lazy reader waits on: assigned before any other.
+    pub wanted: HashSet<u32>,
+    /// Assign wanted pieces only (lazy reader, background fetching off).
+    pub only_wanted: bool,
 }
 
 /// Mutable state of a version (under one mutex; never held across an await).

@@ -66,7 +66,7 @@ async fn agents_serve_blob_ranges_from_one_p2p_fetch() {
     let bytes = std::fs::read(env.path(&format!("www/blob-{hex}"))).expect("read");
     let (_sn, grpc, _) = env.supernode("sn", &[]).await;
     let url = format!("{origin_url}/v2/project/app/blobs/sha256:{hex}");
-    let read = |socket: std::path::PathBuf, offset: u64, length: u64| {
+    let read_as = |socket: std::path::PathBuf, offset: u64, length: u64, only_range: bool| {
         let url = url.clone();
         let digest = format!("sha256:{hex}");
         async move {
@@ -77,17 +77,21 @@ async fn agents_serve_blob_ranges_from_one_p2p_fetch() {
                 digest,
                 offset,
                 length,
+                only_range,
             })
             .await
             .map(|r| r.into_inner().data)
         }
     };
+    let read = |socket, offset, length| read_as(socket, offset, length, false);
     let mut sockets = Vec::new();
     let mut agents = Vec::new();
-    for name in ["a", "b"] {
+    let mut daemons = Vec::new();
+    for name in ["a", "b", "c"] {
         let (p, d) = env.dfdaemon(name, &grpc, &[]).await;
         sockets.push(d.socket.clone());
         agents.push(p);
+        daemons.push(d);
     }
     // Concurrent reads on one agent: one fetch, every range exact (a piece boundary is at 4 MiB).
     let ranges = [
@@ -116,6 +120,20 @@ async fn agents_serve_blob_ranges_from_one_p2p_fetch() {
         .await
         .expect("agent b");
     assert!(g == bytes[3 << 20..5 << 20]);
+    // Only-range mode: agent c fetches the one piece a read needs, and nothing more.
+    let g = read_as(sockets[2].clone(), 5 << 20, 100, true)
+        .await
+        .expect("agent c");
+    assert!(g == bytes[5 << 20..(5 << 20) + 100]);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let m =
+        damselfly_tests::harness::get_text(&format!("http://{}/metrics", daemons[2].metrics)).await;
+    let fetched = damselfly_tests::harness::metric(&m, "damselfly_peer_download_bytes_total", "");
+    assert_eq!(
+        fetched,
+        f64::from(4u32 << 20),
+        "agent c fetched more than the read's piece"
+    );
     let served = damselfly_tests::harness::origin_bytes(&origin_url).await;
     assert!(
         served < size as u64 + (64 << 10),

@@ -90,6 +90,7 @@ async fn a_layer_mounted_from_its_index_reads_through_the_agent() {
                 url,
                 headers: Arc::new(Vec::new()),
                 digest: digest.clone(),
+                only_range: false,
             }),
             snapshotter::metrics::Metrics::new(),
         );

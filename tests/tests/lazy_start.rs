@@ -32,6 +32,7 @@ async fn snapshotter(
     h: (&Path, &Path, &str),
     agent: &Path,
     registry: &str,
+    background_fetch: bool,
 ) -> Proc {
     start_snapshotter(
         env,
@@ -44,12 +45,20 @@ async fn snapshotter(
             agent.to_string_lossy().into_owned(),
             "--plain-http".into(),
             registry.to_owned(),
+            "--background-fetch".into(),
+            background_fetch.to_string(),
         ],
     )
     .await
 }
 
-async fn host(env: &Env, name: &str, supernode: &str, registry: &str) -> Host {
+async fn host(
+    env: &Env,
+    name: &str,
+    supernode: &str,
+    registry: &str,
+    background_fetch: bool,
+) -> Host {
     let (agent, daemon) = env.dfdaemon(&format!("{name}-agent"), supernode, &[]).await;
     let root = env.path(&format!("{name}-snapshots"));
     let sock = env.path(&format!("{name}-snapshotter.sock"));
@@ -60,6 +69,7 @@ async fn host(env: &Env, name: &str, supernode: &str, registry: &str) -> Host {
         (&root, &sock, &metrics),
         &daemon.socket,
         registry,
+        background_fetch,
     )
     .await;
     let containerd = start_containerd_named(env, &format!("{name}-containerd"), Some(&sock)).await;
@@ -119,7 +129,7 @@ async fn dfsnapshotter_pull_starts_containers_lazily_on_two_hosts() {
     let image = format!("{registry}/project/app:v1");
 
     // Host A: pull (manifest and config only), then run.
-    let mut a = host(&env, "a", &grpc, &registry).await;
+    let mut a = host(&env, "a", &grpc, &registry, true).await;
     let out = pull(&a, &image, &registry).await;
     assert!(out.contains("4 layers"), "{out}");
     let (code, out) = a.containerd.ctr(&["images", "ls"]).await;
@@ -136,14 +146,34 @@ async fn dfsnapshotter_pull_starts_containers_lazily_on_two_hosts() {
     );
 
     // Host B: the same, with the layers already in the cluster.
-    let b = host(&env, "b", &grpc, &registry).await;
+    // Host B: the same, with the layers already in the cluster and background fetching off, so
+    // the agent fetches only what the container reads.
+    let b = host(&env, "b", &grpc, &registry, false).await;
     let started = Instant::now();
     pull(&b, &image, &registry).await;
     let out = run(&b, &image, "b0", &["/bin/cat", "/small-file"]).await;
     assert!(out.contains("hello from damselfly"), "{out}");
     let lazy = started.elapsed();
+    let fetched = b
+        .daemon
+        .metric("damselfly_peer_download_bytes_total", "")
+        .await;
+    let image_bytes = f64::from(200u32 << 20);
+    assert!(
+        fetched < 0.1 * image_bytes,
+        "starting a container fetched {fetched} bytes of a >200 MiB image"
+    );
+    eprintln!("start fetched {:.2} MiB", fetched / f64::from(1u32 << 20));
     let out = run(&b, &image, "b1", &["/bin/busybox", "sha256sum", "/big.bin"]).await;
     assert!(out.contains(&big_sha), "big.bin on host B differs: {out}");
+    let fetched = b
+        .daemon
+        .metric("damselfly_peer_download_bytes_total", "")
+        .await;
+    assert!(
+        fetched >= image_bytes,
+        "reading big.bin fetched only {fetched} bytes"
+    );
     let peers = b
         .daemon
         .metric("damselfly_peer_download_bytes_total", "from=\"peer\"")
@@ -201,6 +231,7 @@ async fn dfsnapshotter_pull_starts_containers_lazily_on_two_hosts() {
         (&a.root, &a.sock, &a.metrics),
         &a.daemon.socket,
         &registry,
+        true,
     )
     .await;
     let out = a

@@ -44,10 +44,23 @@ pub enum Destination {
     /// A channel receiving the content in order as it arrives; the final byte is sent only after the
     /// whole content is verified (an `Err` ends the stream otherwise).
     Stream(mpsc::Sender<Result<Bytes>>),
-    /// Only the piece store: the store is announced on the channel as soon as it is open, so
-    /// readers can use verified pieces while the rest arrives (see `Peer::read_range`); the whole
-    /// is verified against the digest at the end.
-    Store(watch::Sender<Option<Arc<TaskStore>>>),
+    /// Only the piece store: the store is announced on `store` as soon as it is open, so readers
+    /// can use verified pieces while the rest arrives (see `Peer::read_range`); `wants` says which
+    /// pieces they wait on (fetched first) and whether to fetch anything else. The whole is
+    /// verified against the digest once every piece is there.
+    Store {
+        store: watch::Sender<Option<Arc<TaskStore>>>,
+        wants: watch::Receiver<Wants>,
+    },
+}
+
+/// What lazy readers want of a download into the store.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Wants {
+    /// Pieces reads are waiting on.
+    pub pieces: std::collections::BTreeSet<u32>,
+    /// Fetch nothing but `pieces` (no background fetching of the rest).
+    pub only: bool,
 }
 
 /// One download as the user asked for it.
@@ -223,7 +236,7 @@ impl Peer {
                     .map_err(|e| Error::Download(format!("delivery task failed: {e}")))??
             }
             (None, Some(stream)) => stream.finish(len, expected).await?,
-            (None, None) if matches!(req.output, Destination::Store(_)) => {
+            (None, None) if matches!(req.output, Destination::Store { .. }) => {
                 let s = store.clone();
                 tokio::task::spawn_blocking(move || verify_store(&s, len, expected.as_deref()))
                     .await
@@ -296,7 +309,7 @@ impl Download<'_> {
                 Destination::File(path) => {
                     output::preflight(path, self.peer.inner.store.root(), len, 0)?
                 }
-                Destination::Stream(_) | Destination::Store(_) => {
+                Destination::Stream(_) | Destination::Store { .. } => {
                     output::check_space(self.peer.inner.store.root(), len)?
                 }
             }
@@ -340,7 +353,7 @@ impl Download<'_> {
                 tail.advance(store.contiguous_bytes());
                 self.stream = Some(tail);
             }
-            Destination::Store(tx) => {
+            Destination::Store { store: tx, .. } => {
                 tx.send_replace(Some(store.clone()));
             }
         }

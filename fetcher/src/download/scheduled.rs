@@ -9,12 +9,12 @@ use proto::scheduler::{
     self as pb, ErrorKind, PeerMessage, SchedulerMessage, peer_message,
     scheduler_client::SchedulerClient, scheduler_message,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::piece_fetch::{self, PieceOutcome};
-use super::{Download, SessionError};
+use super::{Destination, Download, SessionError, Wants};
 use crate::error::Error;
 use crate::peer::Peer;
 use crate::piece::PieceMeta;
@@ -51,6 +51,11 @@ impl Download<'_> {
     pub(crate) async fn with_supernode(&mut self, addr: &str) -> Result<Session, SessionError> {
         let mut client = connect(addr).await.map_err(SessionError::Retry)?;
         let (tx, rx) = mpsc::channel::<PeerMessage>(256);
+        // A lazy reader's wishes (which pieces first, and whether anything else).
+        let mut wants = match &self.req.output {
+            Destination::Store { wants, .. } => Some(wants.clone()),
+            _ => None,
+        };
         let peer_id = format!(
             "{}-{}-{:08x}",
             self.peer.inner.host_id,
@@ -81,6 +86,7 @@ impl Download<'_> {
             host_id: self.peer.inner.host_id.clone(),
             upload_addr: self.peer.inner.upload_addr.to_string(),
             content_key: self.req.content_key.clone().unwrap_or_default(),
+            only_wanted: wants.as_ref().is_some_and(|w| w.borrow().only),
         };
         tx.send(msg(peer_message::Msg::Register(register)))
             .await
@@ -120,6 +126,10 @@ impl Download<'_> {
         })))
         .await
         .map_err(send_err)?;
+        if let Some(w) = &mut wants {
+            let want = want_msg(&w.borrow_and_update());
+            tx.send(want).await.map_err(send_err)?;
+        }
 
         let mut inflight: JoinSet<PieceOutcome> = JoinSet::new();
         loop {
@@ -147,6 +157,12 @@ impl Download<'_> {
                         }
                         Some(scheduler_message::Msg::Error(e)) => return Err(self.task_error(addr, e)),
                         Some(scheduler_message::Msg::TaskInfo(_)) | None => {}
+                    }
+                }
+                changed = wants_changed(&mut wants) => {
+                    match changed {
+                        Some(w) => tx.send(want_msg(&w)).await.map_err(send_err)?,
+                        None => wants = None,
                     }
                 }
                 Some(joined) = inflight.join_next() => {
@@ -270,6 +286,24 @@ impl Download<'_> {
 
 fn msg(m: peer_message::Msg) -> PeerMessage {
     PeerMessage { msg: Some(m) }
+}
+
+fn want_msg(w: &Wants) -> PeerMessage {
+    msg(peer_message::Msg::Want(pb::Want {
+        pieces: w.pieces.iter().copied().collect(),
+        only: w.only,
+    }))
+}
+
+/// The readers' new wishes once they change; `None` when nobody can change them any more.
+async fn wants_changed(wants: &mut Option<watch::Receiver<Wants>>) -> Option<Wants> {
+    match wants {
+        Some(w) => match w.changed().await {
+            Ok(()) => Some(w.borrow_and_update().clone()),
+            Err(_) => None,
+        },
+        None => std::future::pending().await,
+    }
 }
 
 impl Peer {

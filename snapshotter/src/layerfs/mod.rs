@@ -64,6 +64,8 @@ pub struct AgentBlob {
     pub url: String,
     pub headers: Arc<dyn Credentials>,
     pub digest: String,
+    /// Have the agent fetch only what reads ask for (no background fetch of the rest).
+    pub only_range: bool,
 }
 
 /// Bytes asked of the agent per call (gRPC messages stay small).
@@ -87,6 +89,7 @@ impl BlobReader for AgentBlob {
                 digest: self.digest.clone(),
                 offset: at,
                 length,
+                only_range: self.only_range,
             };
             let mut client = self.client.clone();
             let reply = self

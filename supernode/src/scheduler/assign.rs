@@ -41,6 +41,19 @@ pub fn next(
             .map(|p| p.num)
             .filter(|n| !me.have.contains(n) && !me.outstanding.contains_key(n))
             .collect();
+        // A lazy reader's wanted pieces go first; in want-only mode nothing else goes.
+        let urgent: Vec<u32> = needed
+            .iter()
+            .copied()
+            .filter(|n| me.wanted.contains(n))
+            .collect();
+        let needed = if !urgent.is_empty() {
+            urgent
+        } else if me.only_wanted {
+            break;
+        } else {
+            needed
+        };
         if needed.is_empty() {
             break;
         }
@@ -149,6 +162,8 @@ mod tests {
             have: have.iter().copied().collect(),
             outstanding: Default::default(),
             failed_parents: Default::default(),
+            wanted: Default::default(),
+            only_wanted: false,
         }
     }
 
@@ -231,5 +246,37 @@ mod tests {
         st.peers.insert("me".into(), peer(&[]));
         let got = next(&mut st, "me", LIMITS, &|h| h != "h");
         assert_eq!(got, vec![(0, SUPERNODE_ID.to_owned())]);
+    }
+
+    #[test]
+    fn wanted_pieces_go_first_and_want_only_peers_get_nothing_else() {
+        let v = state_with(8);
+        let mut st = v.lock();
+        st.peers
+            .insert("seed".into(), peer(&[0, 1, 2, 3, 4, 5, 6, 7]));
+        let mut me = peer(&[]);
+        me.wanted = [6, 7].into_iter().collect();
+        me.only_wanted = true;
+        st.peers.insert("me".into(), me);
+        let got = next(&mut st, "me", LIMITS, &|_| true);
+        let mut pieces: Vec<u32> = got.iter().map(|(n, _)| *n).collect();
+        pieces.sort();
+        assert_eq!(
+            pieces,
+            vec![6, 7],
+            "want-only: the wanted pieces and nothing else"
+        );
+        // Background mode: wanted first, then the rest within the window.
+        for (n, p) in &got {
+            release(&mut st, *n, p);
+        }
+        if let Some(me) = st.peers.get_mut("me") {
+            me.outstanding.clear();
+            me.wanted = [5].into_iter().collect();
+            me.only_wanted = false;
+        }
+        let got = next(&mut st, "me", LIMITS, &|_| true);
+        assert_eq!(got.first().map(|(n, _)| *n), Some(5), "{got:?}");
+        assert!(got.len() > 1, "the rest follows in the background: {got:?}");
     }
 }

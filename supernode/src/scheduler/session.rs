@@ -133,6 +133,8 @@ async fn run_registered(
             have: have.into_iter().collect(),
             outstanding: Default::default(),
             failed_parents: Default::default(),
+            wanted: Default::default(),
+            only_wanted: reg.only_wanted,
         },
     );
     s.metrics.peers.inc();
@@ -173,6 +175,12 @@ async fn run_registered(
                         p.have.extend(h.pieces);
                     }
                     version.notify();
+                }
+                Ok(Some(PeerMessage { msg: Some(peer_message::Msg::Want(w)) })) => {
+                    if let Some(p) = version.lock().peers.get_mut(&peer_id) {
+                        p.wanted = w.pieces.into_iter().collect();
+                        p.only_wanted = w.only;
+                    }
                 }
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => break,
