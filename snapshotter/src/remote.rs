@@ -285,3 +285,66 @@ fn detach_stale(path: &Path) {
         Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot detach"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_corrupt_kept_index_is_not_used() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(INDEX_FILE);
+        assert!(read_index(&path).is_none(), "absent");
+        let tar = {
+            let mut b = tar::Builder::new(Vec::new());
+            let mut h = tar::Header::new_gnu();
+            h.set_size(3);
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            b.append_data(&mut h, "f", b"abc".as_slice())
+                .expect("append");
+            b.into_inner().expect("tar")
+        };
+        let bytes = LayerIndex::build_tar(tar.as_slice())
+            .and_then(|i| i.to_bytes())
+            .expect("index");
+        write_atomic(&path, &bytes).expect("write");
+        assert!(read_index(&path).is_some(), "sound");
+        let mut bad = bytes.clone();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0xff;
+        bad.truncate(bad.len() - 3);
+        write_atomic(&path, &bad).expect("write");
+        assert!(
+            read_index(&path).is_none(),
+            "corrupt: fetched again instead"
+        );
+    }
+
+    #[test]
+    fn remote_layers_need_all_three_labels() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        let full = BTreeMap::from([
+            (LABEL_TARGET.to_owned(), "sha256:chain".to_owned()),
+            (LABEL_LAYER_DIGEST.to_owned(), d.clone()),
+            (LABEL_IMAGE_REF.to_owned(), "reg:5000/app:v1".to_owned()),
+        ]);
+        assert_eq!(
+            wanted(&full),
+            Some(RemoteRef {
+                digest: d,
+                image: "reg:5000/app:v1".into()
+            })
+        );
+        for missing in [LABEL_TARGET, LABEL_LAYER_DIGEST, LABEL_IMAGE_REF] {
+            let mut l = full.clone();
+            l.remove(missing);
+            assert_eq!(wanted(&l), None, "without {missing}");
+        }
+        let mut l = full;
+        l.insert(LABEL_LAYER_DIGEST.to_owned(), "md5:x".into());
+        assert_eq!(wanted(&l), None, "bad digest");
+    }
+}
