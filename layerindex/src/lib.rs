@@ -31,6 +31,11 @@ pub const DEFAULT_SPAN: u64 = 2 << 20;
 /// Compressed bytes fetched past a range's last deflate block (the inflater's bit lookahead).
 const LOOKAHEAD: u64 = 64;
 
+/// Chunk size of uncompressed (tar) layers for [`LayerIndex::chunk_of`].
+pub const RAW_CHUNK: u64 = 1 << 20;
+
+/// What a lazy reader needs of a layer blob: its table of contents and, for gzip, the inflate
+/// checkpoints.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerIndex {
     pub compression: Compression,
@@ -145,6 +150,28 @@ impl LayerIndex {
             compressed_size: counted.n,
             uncompressed_size: counted.n,
         })
+    }
+
+    /// The uncompressed range of the chunk holding `offset`: from the checkpoint at or before it
+    /// to the next one (gzip), or the aligned [`RAW_CHUNK`] (uncompressed tar). A reader that
+    /// inflates and keeps whole chunks never inflates the same bytes twice.
+    pub fn chunk_of(&self, offset: u64) -> std::ops::Range<u64> {
+        let size = self.uncompressed_size;
+        match self.compression {
+            Compression::Gzip if !self.checkpoints.is_empty() => {
+                let i = self
+                    .checkpoints
+                    .partition_point(|c| c.out <= offset)
+                    .saturating_sub(1);
+                let start = self.checkpoints[i].out;
+                let end = self.checkpoints.get(i + 1).map_or(size, |c| c.out);
+                start..end.max(start)
+            }
+            _ => {
+                let start = offset - offset % RAW_CHUNK;
+                start..(start + RAW_CHUNK).min(size)
+            }
+        }
     }
 
     /// Which compressed bytes hold uncompressed `[start, start + len)`.

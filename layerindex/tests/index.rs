@@ -250,3 +250,40 @@ fn indexes_round_trip_and_corrupt_ones_are_refused() {
     let err = LayerIndex::from_bytes(&shifted.to_bytes().expect("ser")).expect_err("bounds");
     assert!(err.to_string().contains("outside the layer"), "{err}");
 }
+
+#[test]
+fn chunks_tile_the_stream_and_read_back() {
+    let (tar, _) = layer();
+    let blob = gzip(&tar, 6);
+    for index in [
+        LayerIndex::build_gzip(blob.as_slice(), 256 << 10).expect("gzip index"),
+        LayerIndex::build_tar(tar.as_slice()).expect("tar index"),
+    ] {
+        let source: &[u8] = match index.compression {
+            Compression::Gzip => &blob,
+            Compression::None => &tar,
+        };
+        let mut at = 0;
+        let mut chunks = 0;
+        while at < index.uncompressed_size {
+            let c = index.chunk_of(at);
+            assert_eq!(c.start, at, "chunks are contiguous");
+            assert!(c.end > c.start, "chunks are not empty");
+            assert_eq!(
+                index.chunk_of(c.end - 1),
+                c,
+                "the chunk's last byte is in it"
+            );
+            let len = usize::try_from(c.end - c.start).expect("len");
+            let got = read(&index, source, c.start, len).expect("chunk");
+            assert!(
+                got == tar[c.start as usize..c.end as usize],
+                "chunk {c:?} differs"
+            );
+            at = c.end;
+            chunks += 1;
+        }
+        assert_eq!(at, tar.len() as u64);
+        assert!(chunks > 1, "{chunks} chunks");
+    }
+}

@@ -47,6 +47,10 @@ pub struct Args {
     /// `false`: fetch only what reads ask for.
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub background_fetch: bool,
+    /// Memory for inflated chunks of lazy layers, shared by all of them (MiB); every chunk is also
+    /// kept on disk next to its layer.
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    pub cache_mib: usize,
     /// The host agent's (dfdaemon's) socket, through which lazy layers are read.
     #[arg(long, value_name = "PATH", default_value = fetcher::cli::dfget::DEFAULT_AGENT_SOCKET)]
     pub agent_socket: PathBuf,
@@ -169,6 +173,7 @@ async fn run_inner(args: &Args) -> crate::Result<()> {
         let remote = Arc::new(crate::remote::RemoteLayers::new(
             args.agent_socket.clone(),
             args.background_fetch,
+            args.cache_mib << 20,
             registry,
             metrics.clone(),
         ));

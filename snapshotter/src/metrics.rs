@@ -1,6 +1,6 @@
 //! Prometheus metrics of dfsnapshotter (`damselfly_snapshotter_*`), served on `--metrics-addr`.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
 
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -13,6 +13,9 @@ pub struct Metrics {
     pub read_errors: IntCounter,
     /// `damselfly_snapshotter_fuse_read_seconds`: latency of FUSE reads.
     pub read_seconds: Histogram,
+    /// `damselfly_snapshotter_chunk_reads_total{from="memory|disk|inflate"}`: where the
+    /// uncompressed chunks FUSE reads touched came from.
+    pub chunk_reads: IntCounterVec,
 }
 
 impl Metrics {
@@ -46,7 +49,17 @@ impl Metrics {
         )
         .expect("static metric definition");
         let _ = registry.register(Box::new(read_seconds.clone()));
+        let chunk_reads = IntCounterVec::new(
+            Opts::new(
+                "damselfly_snapshotter_chunk_reads_total",
+                "Uncompressed chunks used by FUSE reads, by where they came from",
+            ),
+            &["from"],
+        )
+        .expect("static metric definition");
+        let _ = registry.register(Box::new(chunk_reads.clone()));
         Self {
+            chunk_reads,
             registry,
             fuse_read_bytes,
             fetched_bytes,

@@ -16,6 +16,7 @@ use proto::agent::agent_client::AgentClient;
 use tonic::transport::Channel;
 
 use crate::error::{Error, Result};
+use crate::layerfs::cache::ChunkCache;
 use crate::layerfs::{AgentBlob, Credentials, LayerFs};
 use crate::metastore::RemoteRef;
 use crate::metrics::Metrics;
@@ -74,19 +75,26 @@ pub struct RemoteLayers {
     agent: tokio::sync::OnceCell<AgentClient<Channel>>,
     registry: Arc<Registry>,
     metrics: Metrics,
+    /// Inflated chunks of every mounted layer, in memory.
+    chunks: Arc<ChunkCache>,
     sessions: Mutex<HashMap<u64, fuser::BackgroundSession>>,
 }
+
+/// Where a remote layer keeps its inflated chunks, next to its mount point.
+const CHUNKS_FILE: &str = "chunks";
 
 impl RemoteLayers {
     pub fn new(
         agent_socket: PathBuf,
         background_fetch: bool,
+        cache_bytes: usize,
         registry: Arc<Registry>,
         metrics: Metrics,
     ) -> Self {
         Self {
             agent_socket,
             background_fetch,
+            chunks: Arc::new(ChunkCache::new(cache_bytes)),
             agent: tokio::sync::OnceCell::new(),
             registry,
             metrics,
@@ -156,7 +164,9 @@ impl RemoteLayers {
             Arc::new(index),
             Arc::new(blob),
             self.metrics.clone(),
-        );
+        )
+        .with_cache(self.chunks.clone(), Some(&dir.join(CHUNKS_FILE)))
+        .map_err(|e| Error::io("cannot create the chunk cache in", dir, e))?;
         let mountpoint = dir.join("fs");
         let session = tokio::task::spawn_blocking(move || {
             detach_stale(&mountpoint);

@@ -95,6 +95,11 @@ fn a_fuse_layer_reads_back_exactly_and_stacks_under_overlayfs() {
 
     let got = std::fs::read(mnt.join("lower/big.bin")).expect("read big");
     assert!(got == big, "big.bin differs through FUSE");
+    // Each chunk (1 MiB apart here) was fetched and inflated once; the other reads hit memory.
+    let inflates = metrics.chunk_reads.with_label_values(&["inflate"]).get();
+    let hits = metrics.chunk_reads.with_label_values(&["memory"]).get();
+    assert!(inflates <= 12, "{inflates} chunk inflates for a 9 MiB file");
+    assert!(hits > inflates, "{hits} memory hits");
     let md = std::fs::symlink_metadata(mnt.join("lower/big.bin")).expect("stat");
     assert_eq!(
         (md.mode() & 0o7777, md.uid(), md.gid(), md.nlink()),

@@ -3,6 +3,7 @@
 //! ([`BlobReader`]), and an inflate from the nearest checkpoint. A read that cannot be served
 //! (missing or damaged data) is `EIO`, never wrong bytes; the error is logged with the layer.
 
+pub mod cache;
 pub mod tree;
 
 use std::ffi::OsStr;
@@ -18,6 +19,7 @@ use fuser::{
 };
 use layerindex::{Kind, LayerIndex};
 
+use cache::{ChunkCache, DiskChunks};
 use tree::{Node, Tree};
 
 /// Where a layer blob's compressed bytes come from (the local agent's piece store and peers in
@@ -114,12 +116,17 @@ impl BlobReader for AgentBlob {
 const TTL: Duration = Duration::from_secs(3600);
 
 pub struct LayerFs {
-    name: String,
+    name: Arc<str>,
     tree: Tree,
     index: Arc<LayerIndex>,
     blob: Arc<dyn BlobReader>,
     metrics: crate::metrics::Metrics,
+    chunks: Arc<ChunkCache>,
+    disk: Option<DiskChunks>,
 }
+
+/// Memory for inflated chunks of a layer that was given no shared cache.
+const OWN_CACHE_BYTES: usize = 32 << 20;
 
 fn file_type(k: Kind) -> FileType {
     match k {
@@ -141,13 +148,62 @@ impl LayerFs {
         metrics: crate::metrics::Metrics,
     ) -> Self {
         let tree = Tree::from_toc(&index.toc);
+        let name: String = name.into();
         Self {
-            name: name.into(),
+            name: Arc::from(name),
             tree,
             index,
             blob,
             metrics,
+            chunks: Arc::new(ChunkCache::new(OWN_CACHE_BYTES)),
+            disk: None,
         }
+    }
+
+    /// Shares `chunks` with other layers, and keeps inflated chunks in the file `disk`.
+    pub fn with_cache(
+        mut self,
+        chunks: Arc<ChunkCache>,
+        disk: Option<&Path>,
+    ) -> std::io::Result<Self> {
+        self.chunks = chunks;
+        self.disk = disk.map(DiskChunks::create).transpose()?;
+        Ok(self)
+    }
+
+    /// The uncompressed chunk `c` of the layer: from memory, else fetched and inflated (and kept).
+    fn chunk(&self, c: &Range<u64>) -> Result<Arc<Vec<u8>>, String> {
+        if let Some(data) = self.chunks.get(&self.name, c.start) {
+            self.metrics
+                .chunk_reads
+                .with_label_values(&["memory"])
+                .inc();
+            return Ok(data);
+        }
+        let plan = self
+            .index
+            .plan(c.start, c.end - c.start)
+            .map_err(|e| e.to_string())?;
+        let compressed = self
+            .blob
+            .read_at(plan.compressed.clone())
+            .map_err(|e| format!("fetching blob bytes {:?}: {e}", plan.compressed))?;
+        self.metrics.fetched_bytes.inc_by(compressed.len() as u64);
+        let len = usize::try_from(c.end - c.start).map_err(|e| e.to_string())?;
+        let data = Arc::new(
+            self.index
+                .read(&plan, &compressed, c.start, len)
+                .map_err(|e| e.to_string())?,
+        );
+        self.metrics
+            .chunk_reads
+            .with_label_values(&["inflate"])
+            .inc();
+        if let Some(d) = &self.disk {
+            d.write(c.start, &data);
+        }
+        self.chunks.put(&self.name, c.start, data.clone());
+        Ok(data)
     }
 
     fn attr(&self, ino: u64, n: &Node) -> FileAttr {
@@ -175,23 +231,42 @@ impl LayerFs {
         }
     }
 
-    /// File bytes `[offset, offset + size)` (clamped to the file).
+    /// File bytes `[offset, offset + size)` (clamped to the file), chunk by chunk.
     fn read_file(&self, n: &Node, offset: u64, size: u32) -> Result<Vec<u8>, String> {
         if offset >= n.size {
             return Ok(Vec::new());
         }
         let len = u64::from(size).min(n.size - offset);
-        let start = n.offset + offset;
-        let plan = self.index.plan(start, len).map_err(|e| e.to_string())?;
-        let compressed = self
-            .blob
-            .read_at(plan.compressed.clone())
-            .map_err(|e| format!("fetching blob bytes {:?}: {e}", plan.compressed))?;
-        self.metrics.fetched_bytes.inc_by(compressed.len() as u64);
-        let len = usize::try_from(len).map_err(|e| e.to_string())?;
-        self.index
-            .read(&plan, &compressed, start, len)
-            .map_err(|e| e.to_string())
+        let (start, end) = (n.offset + offset, n.offset + offset + len);
+        let mut out = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+        let mut at = start;
+        while at < end {
+            let c = self.index.chunk_of(at);
+            if c.end <= at {
+                return Err(format!("index has no chunk at {at}"));
+            }
+            let upto = end.min(c.end);
+            let want = usize::try_from(upto - at).map_err(|e| e.to_string())?;
+            match &self.disk {
+                Some(d) if d.has(c.start) => {
+                    let data = d
+                        .read(at, want)
+                        .map_err(|e| format!("reading the chunk cache: {e}"))?;
+                    self.metrics.chunk_reads.with_label_values(&["disk"]).inc();
+                    out.extend_from_slice(&data);
+                }
+                _ => {
+                    let data = self.chunk(&c)?;
+                    let from = usize::try_from(at - c.start).map_err(|e| e.to_string())?;
+                    let part = data
+                        .get(from..from + want)
+                        .ok_or_else(|| format!("chunk {c:?} is short"))?;
+                    out.extend_from_slice(part);
+                }
+            }
+            at = upto;
+        }
+        Ok(out)
     }
 }
 
