@@ -77,7 +77,8 @@ pub struct RemoteLayers {
     metrics: Metrics,
     /// Inflated chunks of every mounted layer, in memory.
     chunks: Arc<ChunkCache>,
-    sessions: Mutex<HashMap<u64, fuser::BackgroundSession>>,
+    /// Mounted layers by snapshot id, with their mount points.
+    sessions: Mutex<HashMap<u64, (fuser::BackgroundSession, PathBuf)>>,
 }
 
 /// Where a remote layer keeps its inflated chunks, next to its mount point.
@@ -177,7 +178,7 @@ impl RemoteLayers {
         .map_err(|e| Error::FailedPrecondition(format!("mount task failed: {e}")))?
         .map_err(|e| Error::io("cannot mount FUSE layer at", dir.join("fs"), e))?;
         if let Ok(mut m) = self.sessions.lock() {
-            m.insert(id, session);
+            m.insert(id, (session, dir.join("fs")));
         }
         tracing::info!("remote layer mounted");
         Ok(size)
@@ -252,19 +253,30 @@ impl RemoteLayers {
 
     /// Unmounts the layer of snapshot `id` (before its directory is removed).
     pub fn unmount(&self, id: u64, dir: &Path) {
-        let session = self.sessions.lock().ok().and_then(|mut m| m.remove(&id));
-        drop(session);
-        detach_stale(&dir.join("fs"));
+        match self.sessions.lock().ok().and_then(|mut m| m.remove(&id)) {
+            Some((session, mountpoint)) => unmount_session(session, &mountpoint),
+            None => detach_stale(&dir.join("fs")),
+        }
     }
 
-    /// Unmounts everything (shutdown).
+    /// Unmounts everything (shutdown): a FUSE mount whose daemon is gone only answers ENOTCONN.
     pub fn unmount_all(&self) {
         let all: Vec<_> = self
             .sessions
             .lock()
-            .map(|mut m| m.drain().collect())
+            .map(|mut m| m.drain().map(|(_, s)| s).collect())
             .unwrap_or_default();
-        drop(all);
+        for (session, mountpoint) in all {
+            unmount_session(session, &mountpoint);
+        }
+    }
+}
+
+/// Unmounts a layer and waits for its FUSE threads; still busy (an overlay on it): detached.
+fn unmount_session(session: fuser::BackgroundSession, mountpoint: &Path) {
+    if let Err(e) = session.umount_and_join() {
+        tracing::warn!(path = %mountpoint.display(), error = %e, "cannot unmount: detaching");
+        detach_stale(mountpoint);
     }
 }
 

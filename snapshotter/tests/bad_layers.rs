@@ -105,7 +105,7 @@ fn hostile_and_damaged_layers_stay_contained() {
     );
     raw_entry(&mut b, tar::EntryType::Regular, "ok", "", b"fine\n");
     let hostile = gzip(&b.into_inner().expect("tar"));
-    let _h = mount_blob(dir.path(), "hostile", &hostile, &hostile);
+    let hostile_mount = mount_blob(dir.path(), "hostile", &hostile, &hostile);
     let mnt = dir.path().join("hostile");
     let mut names: Vec<String> = std::fs::read_dir(&mnt)
         .expect("readdir")
@@ -142,7 +142,7 @@ fn hostile_and_damaged_layers_stay_contained() {
     let mut b = tar::Builder::new(Vec::new());
     raw_entry(&mut b, tar::EntryType::Regular, "big.bin", "", &big);
     let whole = gzip(&b.into_inner().expect("tar"));
-    let _t = mount_blob(dir.path(), "truncated", &whole, &whole[..whole.len() / 2]);
+    let truncated_mount = mount_blob(dir.path(), "truncated", &whole, &whole[..whole.len() / 2]);
     let f = std::fs::File::open(dir.path().join("truncated/big.bin")).expect("open");
     let mut head = vec![0u8; 100_000];
     f.read_exact_at(&mut head, 0).expect("intact start");
@@ -155,6 +155,9 @@ fn hostile_and_damaged_layers_stay_contained() {
 
     // The other layers of the process still serve.
     assert_eq!(std::fs::read(mnt.join("ok")).expect("ok"), b"fine\n");
+    drop(f);
+    truncated_mount.umount_and_join().expect("unmount");
+    hostile_mount.umount_and_join().expect("unmount");
 }
 
 /// EIO's number on Linux.

@@ -170,5 +170,6 @@ fn a_fuse_layer_reads_back_exactly_and_stacks_under_overlayfs() {
         "whiteout hides gone, opaque dir hides old"
     );
     assert!(matches!(result.4, Ok(true)));
-    drop(session);
+    drop(f);
+    session.umount_and_join().expect("unmount");
 }

@@ -70,6 +70,29 @@ pub struct Env {
     pub dir: tempfile::TempDir,
 }
 
+impl Drop for Env {
+    /// Detaches what is still mounted below the directory (FUSE layers of a killed dfsnapshotter,
+    /// overlays) so that the directory can be removed.
+    fn drop(&mut self) {
+        let root = self.dir.path().to_string_lossy().into_owned();
+        let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+            return;
+        };
+        let mut points: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter(|p| p.starts_with(root.as_str()))
+            .collect();
+        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        for p in points {
+            let _ = std::process::Command::new("umount")
+                .args(["-l", p])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
 impl Env {
     /// A fresh directory (under `$DAMSELFLY_TEST_TMP` or the system temp dir).
     pub fn new(name: &str) -> Self {

@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# Benchmark: starting a container from a ~1 GiB image whose command reads a few MiB, on real
+# containerd, lazily (dfsnapshotter pull + ctr run --snapshotter damselfly) vs the baseline in the
+# same run (ctr images pull + ctr run on containerd's overlayfs snapshotter), with the registry's
+# upload (through damselfly-throttle), the supernode's and the agents' capped at RATE_MIB.
+#   cold: the first lazy start in the cluster (the supernode seeds and indexes each layer first);
+#   warm: a lazy start on another host once the indexes exist;
+#   full: the baseline pull + start on a third host.
+# Also: fetched_over_image (bytes the warm host's agent fetched for its start / image bytes;
+# background fetching off) and fuse_read_over_native (sequential read of a 200 MiB file with the
+# page cache dropped, once its chunks are local: lazy layer through FUSE vs overlayfs on disk,
+# as speed ratio). Prints one line:
+#   lazy image=..MiB cold_start_s=.. warm_start_s=.. full_start_s=.. full_over_lazy=.. fetched_over_image=.. fuse_read_over_native=..
+# Needs root (containerd, FUSE). Env: IMAGE_MIB (1024), RATE_MIB (40).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+. scripts/lib.sh
+IMAGE_MIB=${IMAGE_MIB:-1024}
+RATE_MIB=${RATE_MIB:-40}
+[ "$(id -u)" = 0 ] || { echo "bench: lazy.sh needs root (containerd, FUSE)" >&2; exit 1; }
+need_tools curl docker-registry skopeo umoci busybox containerd ctr runc
+
+cargo build --release --locked --workspace --bins -q
+BIN=$PWD/target/release
+WORK=$(mktemp -d /tmp/damselfly-lazy.XXXXXX)
+cleanup() {
+  for s in "$WORK"/*/containerd/containerd.sock; do
+    [ -S "$s" ] && ctr -a "$s" -n bench tasks ls -q 2>/dev/null | xargs -r -n1 ctr -a "$s" -n bench tasks kill -s 9 2>/dev/null
+  done
+  kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true
+  grep -o "$WORK[^ ]*" /proc/mounts 2>/dev/null | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+  [ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"
+}
+trap cleanup EXIT
+mkdir -p "$WORK/logs" "$WORK/registry"
+RATE="${RATE_MIB}MiB"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# The image: busybox and /small-file, then a 200 MiB file, then the rest of IMAGE_MIB in
+# random (incompressible) files over three more layers.
+umoci init --layout "$WORK/oci" >/dev/null
+umoci new --image "$WORK/oci:app" >/dev/null
+layer() { # layer N: adds what $1 writes into the rootfs
+  umoci unpack --rootless --image "$WORK/oci:app" "$WORK/bundle" >/dev/null
+  "$@" "$WORK/bundle/rootfs"
+  umoci repack --image "$WORK/oci:app" "$WORK/bundle" >/dev/null
+  rm -rf "$WORK/bundle"
+}
+base() { mkdir -p "$1/bin"; cp "$(command -v busybox)" "$1/bin/busybox"; ln -s busybox "$1/bin/sh"; echo "hello from damselfly" > "$1/small-file"; }
+big() { head -c $((200 << 20)) /dev/urandom > "$1/big.bin"; }
+REST=$(( (IMAGE_MIB - 200) / 3 ))
+rest() { mkdir -p "$1/data"; head -c $((REST << 20)) /dev/urandom > "$1/data/$(date +%s%N).bin"; }
+layer base; layer big; layer rest; layer rest; layer rest
+umoci config --image "$WORK/oci:app" --config.cmd /bin/sh >/dev/null
+
+# The registry on loopback behind a front capping what it sends.
+REG_PORT=$(free_port)
+cat > "$WORK/registry/config.yml" <<YML
+version: 0.1
+log:
+  level: warn
+storage:
+  filesystem:
+    rootdirectory: $WORK/registry/data
+http:
+  addr: 127.0.0.1:$REG_PORT
+YML
+docker-registry serve "$WORK/registry/config.yml" > "$WORK/logs/registry.log" 2>&1 &
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$REG_PORT/v2/" >/dev/null && break; sleep 0.1; done
+skopeo --insecure-policy copy -q --dest-tls-verify=false "oci:$WORK/oci:app" \
+  "docker://127.0.0.1:$REG_PORT/bench/app:v1" >/dev/null
+"$BIN/damselfly-throttle" --upstream "127.0.0.1:$REG_PORT" --rate "$RATE" > "$WORK/throttle.addr" &
+for _ in $(seq 100); do grep -q "stats on" "$WORK/throttle.addr" 2>/dev/null && break; sleep 0.1; done
+REGISTRY=$(sed -n 's/^listening on //p' "$WORK/throttle.addr")
+IMAGE="$REGISTRY/bench/app:v1"
+S=$(skopeo inspect --raw --tls-verify=false "docker://$IMAGE" \
+  | grep -o '"size":[0-9]*' | cut -d: -f2 | awk '{ s += $1 } END { printf "%d\n", s }')
+
+start_supernode --upload-rate "$RATE"
+
+# start_host NAME LAZY(true|false): an agent, (if LAZY) a dfsnapshotter with background fetching
+# off, and a containerd; sets CTR_<NAME> and AGENT_METRICS_<NAME>.
+start_host() {
+  local n=$1 lazy=$2 d="$WORK/$1"
+  mkdir -p "$d/containerd"
+  "$BIN/dfdaemon" --supernode "$GRPC" --data-dir "$d/agent" --agent-socket "$d/agent.sock" \
+    --proxy-addr 127.0.0.1:0 --upload-addr 127.0.0.1:0 --metrics-addr 127.0.0.1:0 \
+    --upload-rate "$RATE" 2> "$WORK/logs/$n-agent.log" &
+  for _ in $(seq 100); do grep -q "dfdaemon ready" "$WORK/logs/$n-agent.log" 2>/dev/null && break; sleep 0.1; done
+  printf -v "AGENT_METRICS_$n" '%s' "$(sed -n 's/.*dfdaemon ready.* metrics=\([0-9.:]*\).*/\1/p' "$WORK/logs/$n-agent.log" | head -1)"
+  local cfg="version = 2
+root = \"$d/containerd/root\"
+state = \"$d/containerd/state\"
+disabled_plugins = [\"io.containerd.grpc.v1.cri\"]
+[grpc]
+  address = \"$d/containerd/containerd.sock\""
+  if [ "$lazy" = true ]; then
+    "$BIN/dfsnapshotter" --root "$d/snapshots" --socket "$d/snapshotter.sock" \
+      --metrics-addr "127.0.0.1:$(free_port)" --agent-socket "$d/agent.sock" \
+      --plain-http "$REGISTRY" --background-fetch false 2> "$WORK/logs/$n-snapshotter.log" &
+    for _ in $(seq 100); do [ -S "$d/snapshotter.sock" ] && break; sleep 0.1; done
+    cfg="$cfg
+[proxy_plugins]
+  [proxy_plugins.damselfly]
+    type = \"snapshot\"
+    address = \"$d/snapshotter.sock\""
+  fi
+  echo "$cfg" > "$d/containerd/config.toml"
+  containerd --config "$d/containerd/config.toml" > "$WORK/logs/$n-containerd.log" 2>&1 &
+  for _ in $(seq 200); do [ -S "$d/containerd/containerd.sock" ] && break; sleep 0.1; done
+  printf -v "CTR_$n" '%s' "$d/containerd/containerd.sock"
+}
+ctr_() { local sock=$1; shift; ctr -a "$sock" -n bench "$@"; }
+# The command: print /small-file and read 4 MiB of /big.bin.
+CMD=(/bin/sh -c '/bin/busybox cat /small-file && /bin/busybox head -c 4194304 /big.bin | /bin/busybox md5sum')
+lazy_start() { # host
+  local sock=CTR_$1
+  "$BIN/dfsnapshotter" pull --containerd "${!sock}" -n bench --plain-http "$REGISTRY" "$IMAGE" > "$WORK/logs/$1-pull.log"
+  ctr_ "${!sock}" run --rm --snapshotter damselfly "$IMAGE" "start-$1" "${CMD[@]}" > "$WORK/logs/$1-run.log"
+  grep -q "hello from damselfly" "$WORK/logs/$1-run.log"
+}
+fetched() { # host: bytes its agent downloaded
+  local m=AGENT_METRICS_$1
+  curl -s "http://${!m}/metrics" | awk '/^damselfly_peer_download_bytes_total/ { s += $2 } END { printf "%d\n", s }'
+}
+# read_s SOCK SNAPSHOTTER ID: seconds to read /big.bin inside a container, page cache dropped.
+read_s() {
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  ctr_ "$1" run --rm --snapshotter "$2" "$IMAGE" "$3" /bin/busybox time -f %e /bin/busybox cat /big.bin 2>&1 >/dev/null | tail -1
+}
+
+start_host a true
+t0=$(now); lazy_start a; t1=$(now)
+start_host b true
+t2=$(now); lazy_start b; t3=$(now)
+FETCHED=$(fetched b)
+start_host c false
+t4=$(now)
+ctr_ "$CTR_c" images pull --plain-http "$IMAGE" > "$WORK/logs/c-pull.log"
+ctr_ "$CTR_c" run --rm "$IMAGE" start-c "${CMD[@]}" > "$WORK/logs/c-run.log"
+t5=$(now)
+grep -q "hello from damselfly" "$WORK/logs/c-run.log"
+
+# Sequential reads once local: host b reads big.bin once (fetching it), then again cold-cached.
+ctr_ "$CTR_b" run --rm --snapshotter damselfly "$IMAGE" warm-b /bin/busybox cat /big.bin > /dev/null
+FUSE_S=$(read_s "$CTR_b" damselfly read-b)
+NATIVE_S=$(read_s "$CTR_c" overlayfs read-c)
+
+cold=$(calc %.2f "$t1 - $t0")
+warm=$(calc %.2f "$t3 - $t2")
+full=$(calc %.2f "$t5 - $t4")
+echo "lazy image=$((S >> 20))MiB rate=${RATE_MIB}MiB/s cold_start_s=$cold warm_start_s=$warm full_start_s=$full" \
+  "full_over_lazy=$(calc %.2f "$full / $warm") fetched_over_image=$(calc %.3f "$FETCHED / $S")" \
+  "fuse_read_over_native=$(calc %.2f "($NATIVE_S + 0.005) / ($FUSE_S + 0.005)") (fuse_read_s=$FUSE_S native_read_s=$NATIVE_S)"
