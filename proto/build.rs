@@ -4,6 +4,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/scheduler.proto",
         "proto/agent.proto",
+        "proto/fusemanager.proto",
         "proto/containerd/snapshots.proto",
         "proto/containerd/mount.proto",
         "proto/containerd/descriptor.proto",

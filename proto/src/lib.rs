@@ -2,6 +2,7 @@
 //!
 //! - [`scheduler`]: peer ⇄ supernode (registration, piece metadata, parent assignments, results).
 //! - [`agent`]: dfget ⇄ the host agent (dfdaemon) over its local Unix socket.
+//! - [`fusemanager`]: dfsnapshotter ⇄ its FUSE manager (the process serving lazy layers).
 //! - [`containerd`]: containerd's snapshotter API, which dfsnapshotter serves as a proxy plugin,
 //!   and the content, image and lease APIs `dfsnapshotter pull` calls.
 
@@ -13,6 +14,11 @@ pub mod scheduler {
 /// Local agent API (`damselfly.agent.v1`).
 pub mod agent {
     tonic::include_proto!("damselfly.agent.v1");
+}
+
+/// dfsnapshotter's FUSE manager (`damselfly.fusemanager.v1`).
+pub mod fusemanager {
+    tonic::include_proto!("damselfly.fusemanager.v1");
 }
 
 /// containerd's API that dfsnapshotter serves and calls (module paths follow the proto packages).

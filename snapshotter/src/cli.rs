@@ -27,7 +27,8 @@ pub struct Args {
     #[arg(
         long,
         value_name = "DIR",
-        default_value = "/var/lib/damselfly/snapshotter"
+        default_value = "/var/lib/damselfly/snapshotter",
+        global = true
     )]
     pub root: PathBuf,
     /// The gRPC socket containerd connects to.
@@ -45,14 +46,14 @@ pub struct Args {
     pub lazy: bool,
     /// After mounting a layer lazily, fetch the rest of it in the background (reads go first);
     /// `false`: fetch only what reads ask for.
-    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set, global = true)]
     pub background_fetch: bool,
     /// Memory for inflated chunks of lazy layers, shared by all of them (MiB); every chunk is also
     /// kept on disk next to its layer.
-    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    #[arg(long, value_name = "MIB", default_value_t = 256, global = true)]
     pub cache_mib: usize,
     /// The host agent's (dfdaemon's) socket, through which lazy layers are read.
-    #[arg(long, value_name = "PATH", default_value = fetcher::cli::dfget::DEFAULT_AGENT_SOCKET)]
+    #[arg(long, value_name = "PATH", default_value = fetcher::cli::dfget::DEFAULT_AGENT_SOCKET, global = true)]
     pub agent_socket: PathBuf,
     #[command(flatten)]
     pub registry: RegistryArgs,
@@ -76,6 +77,10 @@ pub enum Command {
     /// layers: fetch manifest and config, store them in containerd, and have containerd prepare
     /// every layer through this snapshotter (which must be running), which mounts it lazily.
     Pull(PullArgs),
+    /// Serve the lazy layers' FUSE mounts of `--root` (dfsnapshotter starts this process when
+    /// none runs, so that its own restarts leave running containers' layers served; a systemd
+    /// unit can run it instead).
+    FuseManager,
 }
 
 #[derive(Debug, clap::Args)]
@@ -118,6 +123,17 @@ pub async fn run(args: Args) -> i32 {
     if let Some(Command::Pull(p)) = &args.command {
         fetcher::cli::init_logging("warn", args.log_json);
         return pull(&args.registry, p).await;
+    }
+    if let Some(Command::FuseManager) = &args.command {
+        fetcher::cli::init_logging("info", args.log_json);
+        return match crate::fusemanager::serve(manager_config(&args)).await {
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::error!(error = %e, "fuse manager failed");
+                eprintln!("dfsnapshotter fuse-manager: error: {e}");
+                1
+            }
+        };
     }
     fetcher::cli::init_logging("info", args.log_json);
     match run_inner(&args).await {
@@ -165,23 +181,29 @@ async fn pull(registry: &RegistryArgs, p: &PullArgs) -> i32 {
     }
 }
 
+fn manager_config(args: &Args) -> crate::fusemanager::ManagerConfig {
+    crate::fusemanager::ManagerConfig {
+        root: args.root.clone(),
+        agent_socket: args.agent_socket.clone(),
+        background_fetch: args.background_fetch,
+        cache_mib: args.cache_mib,
+        registry: args.registry.config(None),
+    }
+}
+
 async fn run_inner(args: &Args) -> crate::Result<()> {
-    let metrics = crate::metrics::Metrics::new();
     let mut snapshots = Snapshots::open(&args.root)?;
-    let remote = if args.lazy {
-        let registry = Arc::new(crate::registry::Registry::new(args.registry.config(None))?);
-        let remote = Arc::new(crate::remote::RemoteLayers::new(
-            args.agent_socket.clone(),
-            args.background_fetch,
-            args.cache_mib << 20,
-            registry,
-            metrics.clone(),
-        ));
-        snapshots = snapshots.with_remote(remote.clone());
-        Some(remote)
+    // Lazy layers are mounted and served by the FUSE manager; its metrics are the FUSE ones.
+    let manager = if args.lazy {
+        let m = Arc::new(
+            crate::fusemanager::ManagerClient::connect_or_start(&manager_config(args)).await?,
+        );
+        snapshots = snapshots.with_remote(m.clone());
+        Some(m)
     } else {
         None
     };
+    let own_metrics = crate::metrics::Metrics::new();
     let snapshots = Arc::new(snapshots);
     let remounted = snapshots.remount().await;
     if remounted > 0 {
@@ -193,7 +215,15 @@ async fn run_inner(args: &Args) -> crate::Result<()> {
     let router = axum::Router::new()
         .route(
             "/metrics",
-            axum::routing::get(move || std::future::ready(metrics.render())),
+            axum::routing::get(move || {
+                let (manager, own) = (manager.clone(), own_metrics.clone());
+                async move {
+                    match manager {
+                        Some(m) => m.metrics().await,
+                        None => own.render(),
+                    }
+                }
+            }),
         )
         .route("/healthz", axum::routing::get(|| std::future::ready("ok")));
     fetcher::upload::serve(args.metrics_addr, router, shutdown.clone())
@@ -204,9 +234,6 @@ async fn run_inner(args: &Args) -> crate::Result<()> {
     tracing::info!(socket = %args.socket.display(), root = %args.root.display(), "dfsnapshotter ready");
     shutdown.wait().await;
     let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
-    if let Some(r) = remote {
-        r.unmount_all();
-    }
     tracing::info!("dfsnapshotter stopped");
     Ok(())
 }

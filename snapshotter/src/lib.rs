@@ -7,6 +7,8 @@
 //! - [`layerfs`]: a layer as a read-only FUSE filesystem over its index (lazy reads).
 //! - [`remote`]: layers containerd's labels name (CRI, `dfsnapshotter pull`) mounted lazily:
 //!   index from the supernode through the agent, bytes through the agent.
+//! - [`fusemanager`]: the process that mounts and serves lazy layers, apart from this one, so that
+//!   dfsnapshotter's restarts leave running containers' layers served.
 //! - [`registry`]: image references, blob URLs and registry credentials.
 //! - [`pull`]: `dfsnapshotter pull`, which makes containerd prepare an image's layers that way.
 //! - [`cli`]: the `dfsnapshotter` command.
@@ -16,6 +18,7 @@
 
 pub mod cli;
 pub mod error;
+pub mod fusemanager;
 pub mod layerfs;
 pub mod metastore;
 pub mod metrics;

@@ -77,14 +77,47 @@ pub struct RemoteLayers {
     metrics: Metrics,
     /// Inflated chunks of every mounted layer, in memory.
     chunks: Arc<ChunkCache>,
-    /// Mounted layers by snapshot id, with their mount points.
-    sessions: Mutex<HashMap<u64, (fuser::BackgroundSession, PathBuf)>>,
+    /// Mounted layers by snapshot id.
+    sessions: Mutex<HashMap<u64, Mounted>>,
+}
+
+struct Mounted {
+    session: fuser::BackgroundSession,
+    mountpoint: PathBuf,
+    size: u64,
+}
+
+/// Mounts and unmounts lazy layers: [`RemoteLayers`] in this process, or the FUSE manager
+/// process that serves them (`crate::fusemanager`).
+#[tonic::async_trait]
+pub trait Mounter: Send + Sync {
+    /// Mounts `layer` at `<dir>/fs` (at once if it is already mounted under `id`); its size.
+    async fn mount(&self, id: u64, dir: &Path, layer: &RemoteRef) -> Result<u64>;
+    async fn unmount(&self, id: u64, dir: &Path);
+}
+
+#[tonic::async_trait]
+impl Mounter for RemoteLayers {
+    async fn mount(&self, id: u64, dir: &Path, layer: &RemoteRef) -> Result<u64> {
+        RemoteLayers::mount(self, id, dir, layer).await
+    }
+
+    async fn unmount(&self, id: u64, dir: &Path) {
+        let (this_id, dir) = (id, dir.to_path_buf());
+        // Unmounting waits for the FUSE threads: not on the runtime's.
+        tokio::task::block_in_place(|| RemoteLayers::unmount(self, this_id, &dir));
+    }
 }
 
 /// Where a remote layer keeps its inflated chunks, next to its mount point.
 const CHUNKS_FILE: &str = "chunks";
 
 impl RemoteLayers {
+    /// Metrics of the FUSE reads it serves.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     pub fn new(
         agent_socket: PathBuf,
         background_fetch: bool,
@@ -118,6 +151,14 @@ impl RemoteLayers {
     /// Returns the layer's uncompressed size.
     #[tracing::instrument(skip_all, fields(layer = %layer.digest, id))]
     pub async fn mount(&self, id: u64, dir: &Path, layer: &RemoteRef) -> Result<u64> {
+        if let Some(size) = self
+            .sessions
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&id).map(|s| s.size))
+        {
+            return Ok(size);
+        }
         let image = Reference::parse(&layer.image)?;
         let url = self.registry.blob_url(&image, &layer.digest);
         let index_path = dir.join(INDEX_FILE);
@@ -178,7 +219,14 @@ impl RemoteLayers {
         .map_err(|e| Error::FailedPrecondition(format!("mount task failed: {e}")))?
         .map_err(|e| Error::io("cannot mount FUSE layer at", dir.join("fs"), e))?;
         if let Ok(mut m) = self.sessions.lock() {
-            m.insert(id, (session, dir.join("fs")));
+            m.insert(
+                id,
+                Mounted {
+                    session,
+                    mountpoint: dir.join("fs"),
+                    size,
+                },
+            );
         }
         tracing::info!("remote layer mounted");
         Ok(size)
@@ -254,7 +302,7 @@ impl RemoteLayers {
     /// Unmounts the layer of snapshot `id` (before its directory is removed).
     pub fn unmount(&self, id: u64, dir: &Path) {
         match self.sessions.lock().ok().and_then(|mut m| m.remove(&id)) {
-            Some((session, mountpoint)) => unmount_session(session, &mountpoint),
+            Some(m) => unmount_session(m.session, &m.mountpoint),
             None => detach_stale(&dir.join("fs")),
         }
     }
@@ -264,10 +312,10 @@ impl RemoteLayers {
         let all: Vec<_> = self
             .sessions
             .lock()
-            .map(|mut m| m.drain().map(|(_, s)| s).collect())
+            .map(|mut m| m.drain().map(|(_, s)| s).collect::<Vec<_>>())
             .unwrap_or_default();
-        for (session, mountpoint) in all {
-            unmount_session(session, &mountpoint);
+        for m in all {
+            unmount_session(m.session, &m.mountpoint);
         }
     }
 }

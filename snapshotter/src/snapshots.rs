@@ -13,7 +13,7 @@ use tokio::sync::Mutex;
 
 use crate::error::{Error, Result};
 use crate::metastore::{Kind, MetaStore, Record, RemoteRef};
-use crate::remote::RemoteLayers;
+use crate::remote::Mounter;
 
 /// Parent chains deeper than this are refused (overlayfs stacks at most ~500 lowers, and the
 /// mount options must fit in a page).
@@ -41,7 +41,7 @@ pub struct Snapshots {
     root: PathBuf,
     meta: Mutex<MetaStore>,
     /// Lazy layers (FUSE over the index, bytes through the agent); `None`: unpack everything.
-    remote: Option<Arc<RemoteLayers>>,
+    remote: Option<Arc<dyn Mounter>>,
 }
 
 fn info(name: &str, r: &Record) -> Info {
@@ -68,7 +68,7 @@ impl Snapshots {
     }
 
     /// Mounts layers lazily when containerd's labels name a registry blob.
-    pub fn with_remote(mut self, remote: Arc<RemoteLayers>) -> Self {
+    pub fn with_remote(mut self, remote: Arc<dyn Mounter>) -> Self {
         self.remote = Some(remote);
         self
     }
@@ -101,7 +101,7 @@ impl Snapshots {
     /// reports "already exists" so containerd skips the download.
     async fn create_remote(
         &self,
-        remote: &RemoteLayers,
+        remote: &dyn Mounter,
         key: &str,
         parent: &str,
         labels: BTreeMap<String, String>,
@@ -120,7 +120,7 @@ impl Snapshots {
         let size = match remote.mount(id, &dir, &layer).await {
             Ok(size) => size,
             Err(e) => {
-                remote.unmount(id, &dir);
+                remote.unmount(id, &dir).await;
                 let _ = std::fs::remove_dir_all(&dir);
                 return Err(e);
             }
@@ -145,7 +145,7 @@ impl Snapshots {
         };
         drop(m);
         if put.is_err() {
-            remote.unmount(id, &dir);
+            remote.unmount(id, &dir).await;
             let _ = std::fs::remove_dir_all(&dir);
         }
         put
@@ -202,7 +202,7 @@ impl Snapshots {
                 .unwrap_or_default();
             let digest = layer.digest.clone();
             match self
-                .create_remote(remote, key, parent, labels.clone(), layer)
+                .create_remote(remote.as_ref(), key, parent, labels.clone(), layer)
                 .await
             {
                 Ok(()) => {
@@ -368,7 +368,7 @@ impl Snapshots {
         if rec.remote.is_some()
             && let Some(remote) = &self.remote
         {
-            remote.unmount(rec.id, &dir);
+            remote.unmount(rec.id, &dir).await;
         }
         remove_tree(dir).await;
         Ok(())

@@ -223,8 +223,46 @@ async fn dfsnapshotter_pull_starts_containers_lazily_on_two_hosts() {
         "FUSE reads not counted: {fuse}\n{m}"
     );
 
-    // kill -9: the layers are mounted again, new containers start and read them.
+    // kill -9 of dfsnapshotter while a container runs: its layers stay mounted and served (by the
+    // FUSE manager), so the running container reads a file it never read before; after the
+    // restart, new containers start and read them too.
+    let (code, out) = a
+        .containerd
+        .ctr(&[
+            "run",
+            "-d",
+            "--snapshotter",
+            "damselfly",
+            &image,
+            "long",
+            "/bin/busybox",
+            "sleep",
+            "600",
+        ])
+        .await;
+    assert_eq!(code, 0, "ctr run -d: {out}");
     a.snapshotter.kill9().await;
+    let (code, out) = a
+        .containerd
+        .ctr(&[
+            "tasks",
+            "exec",
+            "--exec-id",
+            "e1",
+            "long",
+            "/bin/cat",
+            "/opt/data/new",
+        ])
+        .await;
+    let _ = a
+        .containerd
+        .ctr(&["tasks", "kill", "-s", "SIGKILL", "long"])
+        .await;
+    assert_eq!(
+        code, 0,
+        "a running container could not read after kill -9: {out}"
+    );
+    assert!(out.contains("replaced"), "{out}");
     a.snapshotter = snapshotter(
         &env,
         "a-dfsnapshotter-2",
@@ -251,4 +289,6 @@ async fn dfsnapshotter_pull_starts_containers_lazily_on_two_hosts() {
         )
         .await;
     assert!(out.contains("damselfly test image"), "{out}");
+    let _ = a.containerd.ctr(&["tasks", "rm", "-f", "long"]).await;
+    let _ = a.containerd.ctr(&["containers", "rm", "long"]).await;
 }

@@ -1,0 +1,244 @@
+//! The FUSE manager: a process of its own (`dfsnapshotter fuse-manager`, started by dfsnapshotter
+//! when none runs) that mounts and serves the lazy layers, so that restarting, upgrading or a
+//! kill -9 of dfsnapshotter leaves running containers' layers mounted and served. dfsnapshotter
+//! asks it over `<root>/fusemanager.sock` ([`ManagerClient`], a [`Mounter`]); a restarted
+//! dfsnapshotter finds the layers still mounted. The manager stops on SIGTERM/SIGINT (unmounting
+//! its layers) or when the snapshotter's root is gone.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::fusemanager::fuse_manager_client::FuseManagerClient;
+use proto::fusemanager::fuse_manager_server::{FuseManager, FuseManagerServer};
+use proto::fusemanager::{
+    MetricsReply, MetricsRequest, MountReply, MountRequest, UnmountReply, UnmountRequest,
+};
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::error::{Error, Result};
+use crate::metastore::RemoteRef;
+use crate::registry::{Registry, RegistryConfig};
+use crate::remote::{Mounter, RemoteLayers};
+
+/// The manager's socket under the snapshotter's root.
+pub fn socket_path(root: &Path) -> PathBuf {
+    root.join("fusemanager.sock")
+}
+
+/// How the manager serves layers (dfsnapshotter passes its own settings).
+#[derive(Clone, Debug)]
+pub struct ManagerConfig {
+    pub root: PathBuf,
+    pub agent_socket: PathBuf,
+    pub background_fetch: bool,
+    pub cache_mib: usize,
+    pub registry: RegistryConfig,
+}
+
+struct Service {
+    layers: Arc<RemoteLayers>,
+}
+
+#[tonic::async_trait]
+impl FuseManager for Service {
+    #[tracing::instrument(skip_all, fields(id = request.get_ref().id, layer = %request.get_ref().digest))]
+    async fn mount(&self, request: Request<MountRequest>) -> Result<Response<MountReply>, Status> {
+        let r = request.into_inner();
+        let layer = RemoteRef {
+            digest: r.digest,
+            image: r.image,
+        };
+        let size = self
+            .layers
+            .mount(r.id, Path::new(&r.dir), &layer)
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(MountReply { size }))
+    }
+
+    async fn unmount(
+        &self,
+        request: Request<UnmountRequest>,
+    ) -> Result<Response<UnmountReply>, Status> {
+        let r = request.into_inner();
+        let layers = self.layers.clone();
+        tokio::task::spawn_blocking(move || layers.unmount(r.id, Path::new(&r.dir)))
+            .await
+            .map_err(|e| Status::internal(format!("unmount task failed: {e}")))?;
+        Ok(Response::new(UnmountReply {}))
+    }
+
+    async fn metrics(
+        &self,
+        _request: Request<MetricsRequest>,
+    ) -> Result<Response<MetricsReply>, Status> {
+        Ok(Response::new(MetricsReply {
+            text: self.layers.metrics().render(),
+        }))
+    }
+}
+
+/// Runs the manager until SIGTERM/SIGINT or until `cfg.root` is removed.
+pub async fn serve(cfg: ManagerConfig) -> Result<()> {
+    let registry = Arc::new(Registry::new(cfg.registry.clone())?);
+    let layers = Arc::new(RemoteLayers::new(
+        cfg.agent_socket.clone(),
+        cfg.background_fetch,
+        cfg.cache_mib << 20,
+        registry,
+        crate::metrics::Metrics::new(),
+    ));
+    std::fs::create_dir_all(&cfg.root).map_err(|e| Error::io("cannot create", &cfg.root, e))?;
+    let path = socket_path(&cfg.root);
+    let listener = fetcher::uds::bind(&path).map_err(|(what, e)| Error::io(what, &path, e))?;
+    let shutdown = fetcher::Shutdown::new();
+    shutdown.on_signals();
+    let (watch, root) = (shutdown.clone(), cfg.root.clone());
+    tokio::spawn(async move {
+        while !watch.is_triggered() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if !root.exists() {
+                tracing::info!(root = %root.display(), "snapshotter root is gone: stopping");
+                watch.trigger();
+            }
+        }
+    });
+    tracing::info!(socket = %path.display(), "fuse manager ready");
+    let wait = shutdown.clone();
+    let r = tonic::transport::Server::builder()
+        .add_service(FuseManagerServer::new(Service {
+            layers: layers.clone(),
+        }))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+            wait.wait().await
+        })
+        .await;
+    let _ = std::fs::remove_file(&path);
+    tokio::task::spawn_blocking(move || layers.unmount_all())
+        .await
+        .map_err(|e| Error::FailedPrecondition(format!("unmount task failed: {e}")))?;
+    tracing::info!("fuse manager stopped");
+    r.map_err(|e| Error::FailedPrecondition(format!("fuse manager API: {e}")))
+}
+
+/// dfsnapshotter's side: mounts through the manager.
+pub struct ManagerClient {
+    client: FuseManagerClient<Channel>,
+}
+
+impl ManagerClient {
+    /// Connects to the manager of `cfg.root`, starting one (`<this executable> fuse-manager`, in
+    /// its own process group, logging to `<root>/fusemanager.log`) when none answers.
+    pub async fn connect_or_start(cfg: &ManagerConfig) -> Result<Self> {
+        let path = socket_path(&cfg.root);
+        if let Ok(c) = fetcher::uds::channel(&path).await {
+            tracing::info!(socket = %path.display(), "using the running fuse manager");
+            return Ok(Self::new(c));
+        }
+        start(cfg)?;
+        let started = std::time::Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if let Ok(c) = fetcher::uds::channel(&path).await {
+                tracing::info!(socket = %path.display(), "fuse manager started");
+                return Ok(Self::new(c));
+            }
+            if started.elapsed() > Duration::from_secs(15) {
+                return Err(Error::FailedPrecondition(format!(
+                    "the fuse manager did not start (see {})",
+                    cfg.root.join("fusemanager.log").display()
+                )));
+            }
+        }
+    }
+
+    fn new(channel: Channel) -> Self {
+        Self {
+            client: FuseManagerClient::new(channel),
+        }
+    }
+
+    /// The manager's metrics text (empty if it does not answer).
+    pub async fn metrics(&self) -> String {
+        let mut c = self.client.clone();
+        match c.metrics(MetricsRequest {}).await {
+            Ok(r) => r.into_inner().text,
+            Err(_) => String::new(),
+        }
+    }
+}
+
+/// Starts `dfsnapshotter fuse-manager` for `cfg`, detached from this process's group (so that a
+/// signal to dfsnapshotter's group does not reach it).
+fn start(cfg: &ManagerConfig) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().map_err(|e| Error::io("cannot find", "/proc/self/exe", e))?;
+    let log_path = cfg.root.join("fusemanager.log");
+    std::fs::create_dir_all(&cfg.root).map_err(|e| Error::io("cannot create", &cfg.root, e))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| Error::io("cannot open", &log_path, e))?;
+    let log2 = log
+        .try_clone()
+        .map_err(|e| Error::io("cannot open", &log_path, e))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("fuse-manager")
+        .arg("--root")
+        .arg(&cfg.root)
+        .arg("--agent-socket")
+        .arg(&cfg.agent_socket)
+        .arg("--background-fetch")
+        .arg(cfg.background_fetch.to_string())
+        .arg("--cache-mib")
+        .arg(cfg.cache_mib.to_string());
+    for h in &cfg.registry.plain_http {
+        cmd.arg("--plain-http").arg(h);
+    }
+    if let Some(d) = &cfg.registry.docker_config {
+        cmd.arg("--docker-config").arg(d);
+    }
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .process_group(0);
+    let child = cmd
+        .spawn()
+        .map_err(|e| Error::io("cannot start the fuse manager", &log_path, e))?;
+    tracing::info!(pid = child.id(), "fuse manager starting");
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl Mounter for ManagerClient {
+    async fn mount(&self, id: u64, dir: &Path, layer: &RemoteRef) -> Result<u64> {
+        let mut c = self.client.clone();
+        let r = c
+            .mount(MountRequest {
+                id,
+                dir: dir.to_string_lossy().into_owned(),
+                digest: layer.digest.clone(),
+                image: layer.image.clone(),
+            })
+            .await
+            .map_err(|s| Error::FailedPrecondition(format!("fuse manager: {}", s.message())))?;
+        Ok(r.into_inner().size)
+    }
+
+    async fn unmount(&self, id: u64, dir: &Path) {
+        let mut c = self.client.clone();
+        if let Err(s) = c
+            .unmount(UnmountRequest {
+                id,
+                dir: dir.to_string_lossy().into_owned(),
+            })
+            .await
+        {
+            tracing::warn!(id, error = %s.message(), "fuse manager did not unmount");
+        }
+    }
+}
