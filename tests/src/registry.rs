@@ -262,7 +262,7 @@ pub async fn tokens_issued(realm: &str, pki: &Pki) -> std::collections::BTreeMap
 /// 1. static busybox at `/bin/busybox`, symlinks `/bin/sh` and `/bin/cat`, and `/small-file`
 ///    (`"hello from damselfly\n"`);
 /// 2. `/big.bin`, `big_layer_bytes` random bytes;
-/// 3. `/etc/release`, `/etc/old-config`, `/opt/data/{a,b,sub/c}`;
+/// 3. `/etc/release` (and its hard link `/etc/release-hardlink`), `/etc/old-config`, `/opt/data/{a,b,sub/c}`;
 /// 4. deletes `/etc/old-config` and all of `/opt/data`, then adds `/opt/data/new` and rewrites
 ///    `/small-file` (same content): whiteouts and replaced files.
 ///
@@ -360,6 +360,8 @@ pub async fn build_test_image(env: &Env, name: &str, big_layer_bytes: usize) -> 
                 std::fs::create_dir_all(&etc).expect("mkdir rootfs/etc");
                 std::fs::write(etc.join("release"), "damselfly test image\n")
                     .expect("write /etc/release");
+                std::fs::hard_link(etc.join("release"), etc.join("release-hardlink"))
+                    .expect("hard link /etc/release-hardlink");
                 std::fs::write(etc.join("old-config"), "to be deleted\n").expect("old-config");
                 let data = rootfs.join("opt/data");
                 std::fs::create_dir_all(data.join("sub")).expect("mkdir /opt/data");

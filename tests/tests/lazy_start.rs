@@ -213,6 +213,11 @@ async fn dfsnapshotter_pull_starts_containers_lazily_on_two_hosts() {
     for gone in ["old-config", " a\n", " b\n", "sub"] {
         assert!(!ours.contains(gone), "{gone:?} should be deleted:\n{ours}");
     }
+    assert!(
+        ours.lines()
+            .any(|l| l.contains("release-hardlink") && l.split_whitespace().nth(1) == Some("2")),
+        "the hard link shows two links:\n{ours}"
+    );
     assert_eq!(ours, theirs, "the lazy rootfs differs from overlayfs's");
 
     let m = damselfly_tests::harness::get_text(&format!("http://{}/metrics", a.metrics)).await;
