@@ -5,10 +5,12 @@
 //! - [`toc`]: the tar table of contents (entries, metadata, uncompressed data offsets).
 //! - [`gzip`]: inflate checkpoints (bit offset + 32 KiB window every `span` bytes) and resuming
 //!   from one.
+//! - [`zstd`]: zstd layers, indexed (TOC) but read whole.
 
 pub mod error;
 pub mod gzip;
 pub mod toc;
+pub mod zstd;
 
 use std::io::Read;
 
@@ -24,6 +26,8 @@ pub enum Compression {
     /// A plain tar: uncompressed offsets are blob offsets.
     None,
     Gzip,
+    /// zstd: TOC only; readers decompress the whole blob ([`LayerIndex::decompress_all`]).
+    Zstd,
 }
 
 /// Default distance between gzip checkpoints: a read inflates at most this much extra.
@@ -135,6 +139,61 @@ impl LayerIndex {
         })
     }
 
+    /// Indexes a zstd-compressed tar stream (TOC only, see [`zstd`]).
+    pub fn build_zstd(mut blob: impl Read) -> Result<Self> {
+        let mut compressed = Counted {
+            inner: &mut blob,
+            n: 0,
+        };
+        let mut decoder = zstd::Decoder::new(&mut compressed);
+        let mut uncompressed = Counted {
+            inner: &mut decoder,
+            n: 0,
+        };
+        let toc = toc::build(&mut uncompressed)?;
+        std::io::copy(&mut uncompressed, &mut std::io::sink()).map_err(|e| Error::Corrupt {
+            offset: 0,
+            detail: format!("zstd: {e}"),
+        })?;
+        let uncompressed_size = uncompressed.n;
+        drop(decoder);
+        Ok(Self {
+            compression: Compression::Zstd,
+            toc,
+            checkpoints: Vec::new(),
+            compressed_size: compressed.n,
+            uncompressed_size,
+        })
+    }
+
+    /// The whole uncompressed tar stream of a blob read from `blob` (any compression), written to
+    /// `out`; returns its length, which must be the index's.
+    pub fn decompress_all(&self, blob: impl Read, out: &mut impl std::io::Write) -> Result<u64> {
+        let n = match self.compression {
+            Compression::None => std::io::copy(&mut blob.take(self.compressed_size), out)?,
+            Compression::Gzip => {
+                std::io::copy(&mut gzip::CheckpointingReader::new(blob, u64::MAX), out)
+                    .map_err(gzip_error)?
+            }
+            Compression::Zstd => {
+                std::io::copy(&mut zstd::Decoder::new(blob), out).map_err(|e| Error::Corrupt {
+                    offset: 0,
+                    detail: format!("zstd: {e}"),
+                })?
+            }
+        };
+        if n != self.uncompressed_size {
+            return Err(Error::Corrupt {
+                offset: self.compressed_size,
+                detail: format!(
+                    "{n} bytes decompressed, the index says {}",
+                    self.uncompressed_size
+                ),
+            });
+        }
+        Ok(n)
+    }
+
     /// Indexes an uncompressed tar stream.
     pub fn build_tar(mut blob: impl Read) -> Result<Self> {
         let mut counted = Counted {
@@ -153,11 +212,12 @@ impl LayerIndex {
     }
 
     /// The uncompressed range of the chunk holding `offset`: from the checkpoint at or before it
-    /// to the next one (gzip), or the aligned [`RAW_CHUNK`] (uncompressed tar). A reader that
-    /// inflates and keeps whole chunks never inflates the same bytes twice.
+    /// to the next one (gzip), the aligned [`RAW_CHUNK`] (uncompressed tar), or the whole layer
+    /// (zstd). A reader that inflates and keeps whole chunks never inflates the same bytes twice.
     pub fn chunk_of(&self, offset: u64) -> std::ops::Range<u64> {
         let size = self.uncompressed_size;
         match self.compression {
+            Compression::Zstd => 0..size,
             Compression::Gzip if !self.checkpoints.is_empty() => {
                 let i = self
                     .checkpoints
@@ -189,6 +249,11 @@ impl LayerIndex {
             Compression::None => Ok(ReadPlan {
                 checkpoint: None,
                 compressed: start..end,
+            }),
+            // No way into the middle of a frame: the whole blob.
+            Compression::Zstd => Ok(ReadPlan {
+                checkpoint: None,
+                compressed: 0..self.compressed_size,
             }),
             Compression::Gzip => {
                 let i = self
@@ -277,6 +342,15 @@ impl LayerIndex {
                 }
             }
             (Compression::Gzip, None) => Err(Error::Invalid("gzip plan without checkpoint".into())),
+            (Compression::Zstd, _) => {
+                let mut all = Vec::new();
+                self.decompress_all(compressed, &mut all)?;
+                let from =
+                    usize::try_from(start).map_err(|_| Error::Invalid("range too large".into()))?;
+                all.get(from..from + len)
+                    .map(<[u8]>::to_vec)
+                    .ok_or_else(|| Error::Invalid("range outside the layer".into()))
+            }
         }
     }
 }

@@ -261,7 +261,7 @@ fn chunks_tile_the_stream_and_read_back() {
     ] {
         let source: &[u8] = match index.compression {
             Compression::Gzip => &blob,
-            Compression::None => &tar,
+            Compression::None | Compression::Zstd => &tar,
         };
         let mut at = 0;
         let mut chunks = 0;
@@ -286,4 +286,45 @@ fn chunks_tile_the_stream_and_read_back() {
         assert_eq!(at, tar.len() as u64);
         assert!(chunks > 1, "{chunks} chunks");
     }
+}
+
+#[test]
+fn zstd_layers_are_indexed_and_read_whole() {
+    let (tar, files) = layer();
+    let blob = ruzstd::encoding::compress_to_vec(
+        tar.as_slice(),
+        ruzstd::encoding::CompressionLevel::Fastest,
+    );
+    let index = LayerIndex::build_zstd(blob.as_slice()).expect("index");
+    assert_eq!(index.compression, Compression::Zstd);
+    assert_eq!(index.uncompressed_size, tar.len() as u64);
+    assert_eq!(index.compressed_size, blob.len() as u64);
+    assert_eq!(
+        index.chunk_of(12_345),
+        0..tar.len() as u64,
+        "one chunk: the layer"
+    );
+    let gz = LayerIndex::build_tar(tar.as_slice()).expect("tar index");
+    assert_eq!(index.toc, gz.toc, "same table of contents as the plain tar");
+    for (name, data) in &files {
+        let e = index
+            .toc
+            .entries
+            .iter()
+            .find(|e| &e.path == name)
+            .unwrap_or_else(|| panic!("{name} not in the TOC"));
+        let got = read(&index, &blob, e.offset, data.len()).expect("read");
+        assert!(got == *data, "{name} differs");
+    }
+    let mut whole = Vec::new();
+    assert_eq!(
+        index
+            .decompress_all(blob.as_slice(), &mut whole)
+            .expect("whole"),
+        tar.len() as u64
+    );
+    assert!(whole == tar);
+    let cut = &blob[..blob.len() / 2];
+    assert!(LayerIndex::build_zstd(cut).is_err(), "truncated zstd");
+    assert!(index.decompress_all(cut, &mut Vec::new()).is_err());
 }

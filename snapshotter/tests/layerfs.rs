@@ -173,3 +173,71 @@ fn a_fuse_layer_reads_back_exactly_and_stacks_under_overlayfs() {
     drop(f);
     session.umount_and_join().expect("unmount");
 }
+
+#[test]
+fn a_zstd_layer_is_read_whole_once_then_served_locally() {
+    if let Some(why) = skip_reason() {
+        eprintln!("SKIP a_zstd_layer_is_read_whole_once_then_served_locally: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut big = vec![0u8; 3 << 20];
+    for (i, b) in big.iter_mut().enumerate() {
+        *b = (i.wrapping_mul(2_654_435_761) >> 13) as u8;
+    }
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = header(tar::EntryType::Regular, big.len() as u64, 0o644, 0);
+    b.append_data(&mut h, "big.bin", big.as_slice())
+        .expect("big");
+    let mut h = header(tar::EntryType::Regular, 6, 0o644, 0);
+    b.append_data(&mut h, "etc/small", b"small\n".as_slice())
+        .expect("small");
+    let tar = b.into_inner().expect("tar");
+    let blob = ruzstd::encoding::compress_to_vec(
+        tar.as_slice(),
+        ruzstd::encoding::CompressionLevel::Fastest,
+    );
+    let blob_path = dir.path().join("layer.tar.zst");
+    std::fs::write(&blob_path, &blob).expect("write blob");
+    let index = Arc::new(LayerIndex::build_zstd(blob.as_slice()).expect("index"));
+    let mount_it = |name: &str, disk: bool| {
+        let metrics = snapshotter::metrics::Metrics::new();
+        let mut fs = LayerFs::new(
+            "sha256:zstd",
+            index.clone(),
+            Arc::new(FileBlob(std::fs::File::open(&blob_path).expect("open"))),
+            metrics.clone(),
+        );
+        if disk {
+            fs = fs
+                .with_cache(
+                    Arc::new(snapshotter::layerfs::cache::ChunkCache::new(1 << 20)),
+                    Some(&dir.path().join(format!("{name}.chunks"))),
+                )
+                .expect("cache");
+        }
+        let mnt = dir.path().join(name);
+        std::fs::create_dir(&mnt).expect("mkdir");
+        (mount(fs, &mnt).expect("mount"), mnt, metrics)
+    };
+    let (session, mnt, metrics) = mount_it("with-disk", true);
+    assert_eq!(
+        std::fs::read(mnt.join("etc/small")).expect("small"),
+        b"small\n"
+    );
+    assert!(std::fs::read(mnt.join("big.bin")).expect("big") == big);
+    assert_eq!(
+        metrics.chunk_reads.with_label_values(&["inflate"]).get(),
+        1,
+        "decompressed once"
+    );
+    session.umount_and_join().expect("unmount");
+    // Without a local copy to serve from, reads fail cleanly (EIO), never with wrong bytes.
+    let (session, mnt, _) = mount_it("without-disk", false);
+    let err = std::fs::read(mnt.join("etc/small")).expect_err("no local copy");
+    assert_eq!(
+        err.raw_os_error(),
+        Some(rustix::io::Errno::IO.raw_os_error())
+    );
+    session.umount_and_join().expect("unmount");
+}

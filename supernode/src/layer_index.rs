@@ -156,9 +156,7 @@ fn build(store: Arc<TaskStore>, len: u64, digest: &str) -> Result<Vec<u8>, Index
     let reader = StoreReader { store, pos: 0, len };
     let index = match head.as_ref() {
         [0x1f, 0x8b, ..] => LayerIndex::build_gzip(reader, SPAN),
-        [0x28, 0xb5, 0x2f, 0xfd] => {
-            return Err(unindexable("zstd layers are not indexed yet".into()));
-        }
+        [0x28, 0xb5, 0x2f, 0xfd] => LayerIndex::build_zstd(reader),
         _ => LayerIndex::build_tar(reader),
     }
     .map_err(|e| unindexable(e.to_string()))?;

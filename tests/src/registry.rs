@@ -550,3 +550,53 @@ mod tests {
         assert_eq!(count_blob_gets(&log, "sha256:00"), 0);
     }
 }
+
+/// Recompresses the layers of at most `max_size` bytes of the OCI layout's only image as zstd
+/// (`application/vnd.oci.image.layer.v1.tar+zstd`), rewriting manifest and index; larger layers
+/// stay gzip (a mixed image).
+pub fn zstd_layers(layout: &Path, max_size: u64) {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let blob = |d: &str| {
+        layout
+            .join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"))
+    };
+    let put = |bytes: &[u8]| -> (String, u64) {
+        let hex = hex::encode(Sha256::digest(bytes));
+        std::fs::write(layout.join("blobs/sha256").join(&hex), bytes).expect("write blob");
+        (format!("sha256:{hex}"), bytes.len() as u64)
+    };
+    let index_path = layout.join("index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index_path).expect("index.json")).expect("index");
+    let mdigest = index["manifests"][0]["digest"]
+        .as_str()
+        .expect("manifest digest")
+        .to_owned();
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(blob(&mdigest)).expect("manifest")).expect("json");
+    let layers = manifest["layers"].as_array_mut().expect("layers");
+    for l in layers.iter_mut() {
+        if l["size"].as_u64().unwrap_or(u64::MAX) > max_size {
+            continue;
+        }
+        let gz = std::fs::read(blob(l["digest"].as_str().expect("digest"))).expect("layer");
+        let mut tar = Vec::new();
+        flate2::read::GzDecoder::new(gz.as_slice())
+            .read_to_end(&mut tar)
+            .expect("gunzip");
+        let zst = ruzstd::encoding::compress_to_vec(
+            tar.as_slice(),
+            ruzstd::encoding::CompressionLevel::Fastest,
+        );
+        let (digest, size) = put(&zst);
+        l["digest"] = digest.into();
+        l["size"] = size.into();
+        l["mediaType"] = "application/vnd.oci.image.layer.v1.tar+zstd".into();
+    }
+    let (digest, size) = put(&serde_json::to_vec(&manifest).expect("manifest"));
+    index["manifests"][0]["digest"] = digest.into();
+    index["manifests"][0]["size"] = size.into();
+    std::fs::write(&index_path, serde_json::to_vec(&index).expect("index")).expect("index.json");
+}

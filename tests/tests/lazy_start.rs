@@ -13,7 +13,7 @@ use damselfly_tests::containerd::{
 };
 use damselfly_tests::harness::{Daemon, Env, Proc, bin, free_port, is_root};
 use damselfly_tests::registry::{
-    big_file_sha256, count_blob_gets, push_test_image, start_registry, tools_missing,
+    big_file_sha256, count_blob_gets, push_test_image, skopeo, start_registry, tools_missing,
 };
 
 struct Host {
@@ -219,6 +219,41 @@ async fn dfsnapshotter_pull_starts_containers_lazily_on_two_hosts() {
         "the hard link shows two links:\n{ours}"
     );
     assert_eq!(ours, theirs, "the lazy rootfs differs from overlayfs's");
+
+    // The same image with its small layers as zstd (no checkpoints: such a layer is fetched and
+    // decompressed whole on its first read, then served locally).
+    let zstd_image = format!("{registry}/project/app-zstd:v1");
+    let layout = env.path("image").join("oci");
+    damselfly_tests::registry::zstd_layers(&layout, 16 << 20);
+    let (code, out) = skopeo(
+        &[
+            "--insecure-policy",
+            "copy",
+            "--dest-tls-verify=false",
+            &format!("oci:{}:app", layout.display()),
+            &format!("docker://{zstd_image}"),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "push zstd: {out}");
+    let (code, raw) = skopeo(
+        &[
+            "inspect",
+            "--tls-verify=false",
+            "--raw",
+            &format!("docker://{zstd_image}"),
+        ],
+        &[],
+    )
+    .await;
+    assert!(
+        code == 0 && raw.contains("tar+zstd"),
+        "not zstd layers: {raw}"
+    );
+    pull(&b, &zstd_image, &registry).await;
+    let out = run(&b, &zstd_image, "z1", &["/bin/cat", "/small-file"]).await;
+    assert!(out.contains("hello from damselfly"), "zstd image: {out}");
 
     let m = damselfly_tests::harness::get_text(&format!("http://{}/metrics", a.metrics)).await;
     let fuse =

@@ -92,6 +92,18 @@ impl DiskChunks {
         Ok(buf)
     }
 
+    /// A handle to write a chunk through (then [`mark`](Self::mark) it).
+    pub fn writer(&self) -> std::io::Result<std::fs::File> {
+        self.file.try_clone()
+    }
+
+    /// Records that the chunk at `start` is on disk.
+    pub fn mark(&self, start: u64) {
+        if let Ok(mut p) = self.present.lock() {
+            p.insert(start);
+        }
+    }
+
     /// Keeps the chunk that starts at `start`; a failure only costs a later inflate.
     pub fn write(&self, start: u64, data: &[u8]) {
         match self.file.write_all_at(data, start) {

@@ -123,6 +123,31 @@ pub struct LayerFs {
     metrics: crate::metrics::Metrics,
     chunks: Arc<ChunkCache>,
     disk: Option<DiskChunks>,
+    /// Held while a zstd layer is decompressed whole (one at a time).
+    whole: std::sync::Mutex<()>,
+}
+
+/// A blob as a stream, read in agent-sized parts.
+struct BlobStream<'a> {
+    blob: &'a dyn BlobReader,
+    pos: u64,
+    len: u64,
+}
+
+impl std::io::Read for BlobStream<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = (buf.len() as u64)
+            .min(self.len - self.pos)
+            .min(AGENT_READ_MAX);
+        if n == 0 {
+            return Ok(0);
+        }
+        let data = self.blob.read_at(self.pos..self.pos + n)?;
+        let got = data.len().min(buf.len());
+        buf[..got].copy_from_slice(&data[..got]);
+        self.pos += got as u64;
+        Ok(got)
+    }
 }
 
 /// Memory for inflated chunks of a layer that was given no shared cache.
@@ -157,7 +182,49 @@ impl LayerFs {
             metrics,
             chunks: Arc::new(ChunkCache::new(OWN_CACHE_BYTES)),
             disk: None,
+            whole: std::sync::Mutex::new(()),
         }
+    }
+
+    /// A zstd layer cannot be entered mid-frame: the whole blob is fetched and decompressed into
+    /// the chunk file once, then served from there.
+    fn ensure_whole(&self) -> Result<(), String> {
+        let Some(d) = &self.disk else {
+            return Err(
+                "a zstd layer is served from a local copy, and this mount keeps none".into(),
+            );
+        };
+        if d.has(0) {
+            return Ok(());
+        }
+        let _one = self
+            .whole
+            .lock()
+            .map_err(|_| "zstd decompression lock poisoned")?;
+        if d.has(0) {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let mut out = d.writer().map_err(|e| format!("chunk file: {e}"))?;
+        let stream = BlobStream {
+            blob: self.blob.as_ref(),
+            pos: 0,
+            len: self.index.compressed_size,
+        };
+        let n = self
+            .index
+            .decompress_all(stream, &mut out)
+            .map_err(|e| format!("decompressing the zstd layer: {e}"))?;
+        d.mark(0);
+        self.metrics
+            .fetched_bytes
+            .inc_by(self.index.compressed_size);
+        self.metrics
+            .chunk_reads
+            .with_label_values(&["inflate"])
+            .inc();
+        tracing::info!(layer = %self.name, bytes = n, ms = started.elapsed().as_millis() as u64, "zstd layer decompressed whole");
+        Ok(())
     }
 
     /// Shares `chunks` with other layers, and keeps inflated chunks in the file `disk`.
@@ -238,6 +305,9 @@ impl LayerFs {
         }
         let len = u64::from(size).min(n.size - offset);
         let (start, end) = (n.offset + offset, n.offset + offset + len);
+        if self.index.compression == layerindex::Compression::Zstd {
+            self.ensure_whole()?;
+        }
         let mut out = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
         let mut at = start;
         while at < end {
