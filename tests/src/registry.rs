@@ -529,28 +529,6 @@ pub async fn skopeo(args: &[&str], envs: &[(&str, &str)]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::count_blob_gets;
-
-    #[test]
-    fn counts_only_successful_blob_gets() {
-        let d = "sha256:0d916836a23c62d86568965a1f39f1448e6c1084ff177475bd945729c900bc1b";
-        let log = format!(
-            "127.0.0.1 - - [26/Nov/2026:17:43:49 +0000] \"HEAD /v2/project/app/blobs/{d} HTTP/1.1\" 404 157 \"\" \"skopeo/1.9.3\"\n\
-             time=\"2026-11-26T17:43:49Z\" level=info msg=\"response completed\" http.request.method=GET http.request.uri=\"/v2/project/app/blobs/{d}\" http.response.status=200\n\
-             127.0.0.1 - - [26/Nov/2026:17:43:49 +0000] \"GET /v2/project/app/blobs/{d} HTTP/1.1\" 200 5244088 \"\" \"skopeo/1.9.3\"\n\
-             127.0.0.1 - - [26/Nov/2026:17:43:49 +0000] \"GET /v2/other/blobs/{d} HTTP/1.1\" 307 0 \"\" \"skopeo/1.9.3\"\n\
-             127.0.0.1 - - [26/Nov/2026:17:43:49 +0000] \"GET /v2/a/b/blobs/{d}?x=1 HTTP/1.1\" 206 100 \"\" \"curl\"\n\
-             127.0.0.1 - - [26/Nov/2026:17:43:49 +0000] \"GET /v2/project/app/manifests/{d} HTTP/1.1\" 200 661 \"\" \"skopeo/1.9.3\"\n\
-             127.0.0.1 - - [26/Nov/2026:17:43:49 +0000] \"GET /v2/project/app/blobs/{d}0 HTTP/1.1\" 200 1 \"\" \"skopeo/1.9.3\"\n"
-        );
-        // Only the full 200 GET: HEADs, redirects, 206 range probes and manifests do not count.
-        assert_eq!(count_blob_gets(&log, d), 1);
-        assert_eq!(count_blob_gets(&log, "sha256:00"), 0);
-    }
-}
-
 /// Recompresses the layers of at most `max_size` bytes of the OCI layout's only image as zstd
 /// (`application/vnd.oci.image.layer.v1.tar+zstd`), rewriting manifest and index; larger layers
 /// stay gzip (a mixed image).
@@ -599,4 +577,26 @@ pub fn zstd_layers(layout: &Path, max_size: u64) {
     index["manifests"][0]["digest"] = digest.into();
     index["manifests"][0]["size"] = size.into();
     std::fs::write(&index_path, serde_json::to_vec(&index).expect("index")).expect("index.json");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count_blob_gets;
+
+    #[test]
+    fn counts_only_successful_blob_gets() {
+        let d = "sha256:0d916836a23c62d86568965a1f39f1448e6c1084ff177475bd945729c900bc1b";
+        let log = format!(
+            "127.0.0.1 - - [26/Nov/2026:17:43:49 +0000] \"HEAD /v2/project/app/blobs/{d} HTTP/1.1\" 404 157 \"\" \"skopeo/1.9.3\"\n\
+             time=\"2026-11-26T17:43:49Z\" level=info msg=\"response completed\" http.request.method=GET http.request.uri=\"/v2/project/app/blobs/{d}\" http.response.status=200\n\
+             127.0.0.1 - - [26/Nov/2026:17:43:49 +0000] \"GET /v2/project/app/blobs/{d} HTTP/1.1\" 200 5244088 \"\" \"skopeo/1.9.3\"\n\
+             127.0.0.1 - - [26/Nov/2026:17:43:49 +0000] \"GET /v2/other/blobs/{d} HTTP/1.1\" 307 0 \"\" \"skopeo/1.9.3\"\n\
+             127.0.0.1 - - [26/Nov/2026:17:43:49 +0000] \"GET /v2/a/b/blobs/{d}?x=1 HTTP/1.1\" 206 100 \"\" \"curl\"\n\
+             127.0.0.1 - - [26/Nov/2026:17:43:49 +0000] \"GET /v2/project/app/manifests/{d} HTTP/1.1\" 200 661 \"\" \"skopeo/1.9.3\"\n\
+             127.0.0.1 - - [26/Nov/2026:17:43:49 +0000] \"GET /v2/project/app/blobs/{d}0 HTTP/1.1\" 200 1 \"\" \"skopeo/1.9.3\"\n"
+        );
+        // Only the full 200 GET: HEADs, redirects, 206 range probes and manifests do not count.
+        assert_eq!(count_blob_gets(&log, d), 1);
+        assert_eq!(count_blob_gets(&log, "sha256:00"), 0);
+    }
 }
