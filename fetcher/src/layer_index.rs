@@ -1,11 +1,14 @@
 //! Layer indexes for lazy readers: the agent asks the supernode that seeds the blob (rendezvous
 //! over the blob's task id, the same order downloads use) for the blob's index, which that
-//! supernode builds once from its seed.
+//! supernode builds once from its seed and serves over HTTP; the agent then downloads it as a task
+//! of its own (tag `index`), P2P like any content and checked against the index's digest, and
+//! keeps seeding it to the other hosts.
 
 use std::time::Duration;
 
 use proto::scheduler::{Header, LayerIndexRequest};
 
+use crate::download::{BackSource, Destination, DownloadRequest, Progress};
 use crate::error::{Error, Result};
 use crate::peer::Peer;
 use crate::range_read::RangeRequest;
@@ -44,11 +47,71 @@ impl Peer {
         )))
     }
 
+    /// Asks `addr` for the index's location, then downloads it.
     async fn layer_index_from(
         &self,
         addr: &str,
         r: &RangeRequest,
     ) -> std::result::Result<Vec<u8>, IndexFailure> {
+        let reply = self.locate_index(addr, r).await?;
+        if reply.size > MAX_INDEX as u64 {
+            return Err(IndexFailure::Refused(Error::Download(format!(
+                "layer index of {} is {} bytes, over {MAX_INDEX}",
+                r.digest, reply.size
+            ))));
+        }
+        let digest = task_id::parse_digest(&reply.index_digest)
+            .map_err(|e| IndexFailure::Refused(Error::Download(format!("index digest: {e}"))))?;
+        self.download_index(&reply.index_url, &digest)
+            .await
+            .map_err(IndexFailure::Refused)
+    }
+
+    /// Downloads the serialized index at `url` (a task of its own, P2P) into memory.
+    async fn download_index(&self, url: &str, digest: &str) -> Result<Vec<u8>> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let req = DownloadRequest {
+            url: url.to_owned(),
+            output: Destination::Stream(tx),
+            headers: Vec::new(),
+            digest: Some(digest.to_owned()),
+            tag: "index".into(),
+            filter: Vec::new(),
+            limit_rate: 0,
+            back_source: BackSource::Auto,
+            timeout: Some(TIMEOUT),
+            content_key: None,
+        };
+        let (ptx, _prx) = tokio::sync::watch::channel(Progress::default());
+        let collect = async {
+            let mut bytes = Vec::new();
+            while let Some(chunk) = rx.recv().await {
+                let chunk = chunk?;
+                if bytes.len() + chunk.len() > MAX_INDEX {
+                    return Err(Error::Download("layer index too large".into()));
+                }
+                bytes.extend_from_slice(&chunk);
+            }
+            Ok(bytes)
+        };
+        // The request holds the stream's sender: it must go when the download ends, or the
+        // collector never sees the end.
+        let download = async move {
+            let r = self.download(&req, &ptx).await;
+            drop(req);
+            r
+        };
+        let (done, bytes) = tokio::join!(download, collect);
+        done?;
+        bytes
+    }
+
+    /// Where the supernode at `addr` serves the blob's index (seeding and indexing it first).
+    async fn locate_index(
+        &self,
+        addr: &str,
+        r: &RangeRequest,
+    ) -> std::result::Result<proto::scheduler::LayerIndexReply, IndexFailure> {
         let mut client = crate::download::scheduled::connect(addr)
             .await
             .map_err(IndexFailure::Unreachable)?;
@@ -78,18 +141,7 @@ impl Peer {
                 s.message()
             ))),
         };
-        let mut stream = client.layer_index(req).await.map_err(refused)?.into_inner();
-        let mut bytes = Vec::new();
-        while let Some(chunk) = stream.message().await.map_err(refused)? {
-            if bytes.len() + chunk.data.len() > MAX_INDEX {
-                return Err(IndexFailure::Refused(Error::Download(format!(
-                    "layer index of {} exceeds {MAX_INDEX} bytes",
-                    r.digest
-                ))));
-            }
-            bytes.extend_from_slice(&chunk.data);
-        }
-        Ok(bytes)
+        Ok(client.layer_index(req).await.map_err(refused)?.into_inner())
     }
 }
 

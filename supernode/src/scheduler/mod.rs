@@ -109,13 +109,11 @@ impl Scheduler for SchedulerService {
         }))
     }
 
-    type LayerIndexStream =
-        tokio_stream::wrappers::ReceiverStream<Result<proto::scheduler::LayerIndexChunk, Status>>;
-
     async fn layer_index(
         &self,
         request: Request<proto::scheduler::LayerIndexRequest>,
-    ) -> Result<Response<Self::LayerIndexStream>, Status> {
+    ) -> Result<Response<proto::scheduler::LayerIndexReply>, Status> {
+        let local_ip = request.local_addr().map(|a| a.ip());
         let r = request.into_inner();
         let req = index::IndexRequest {
             url: r.url,
@@ -125,10 +123,22 @@ impl Scheduler for SchedulerService {
         let bytes = index::seeded_index(&self.inner, &req)
             .await
             .map_err(|e| index::status(&e))?;
-        Ok(Response::new(fetcher::agent::chunked(
-            bytes.as_ref().clone(),
-            |data| proto::scheduler::LayerIndexChunk { data },
-        )))
+        let ip = self
+            .inner
+            .cfg
+            .advertise_ip
+            .or(local_ip)
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+        let base = std::net::SocketAddr::new(ip, self.inner.cfg.http_port);
+        use sha2::Digest;
+        Ok(Response::new(proto::scheduler::LayerIndexReply {
+            index_url: format!("http://{base}/api/v1/index/{}", req.digest),
+            size: bytes.len() as u64,
+            index_digest: format!(
+                "sha256:{}",
+                hex::encode(sha2::Sha256::digest(bytes.as_slice()))
+            ),
+        }))
     }
 }
 
