@@ -62,18 +62,19 @@ impl Peer {
         }
         let digest = task_id::parse_digest(&reply.index_digest)
             .map_err(|e| IndexFailure::Refused(Error::Download(format!("index digest: {e}"))))?;
-        self.download_index(&reply.index_url, &digest)
+        self.download_index(&reply.index_url, &digest, &reply.ticket)
             .await
             .map_err(IndexFailure::Refused)
     }
 
-    /// Downloads the serialized index at `url` (a task of its own, P2P) into memory.
-    async fn download_index(&self, url: &str, digest: &str) -> Result<Vec<u8>> {
+    /// Downloads the serialized index at `url` (a task of its own, P2P) into memory; `ticket` opens
+    /// it at the supernode (which checks it when it seeds the task, and for each peer joining).
+    async fn download_index(&self, url: &str, digest: &str, ticket: &str) -> Result<Vec<u8>> {
         let (tx, mut rx) = tokio::sync::mpsc::channel(16);
         let req = DownloadRequest {
             url: url.to_owned(),
             output: Destination::Stream(tx),
-            headers: Vec::new(),
+            headers: vec![("Authorization".to_owned(), format!("Bearer {ticket}"))],
             digest: Some(digest.to_owned()),
             tag: "index".into(),
             filter: Vec::new(),

@@ -22,6 +22,7 @@ pub mod rendezvous;
 pub mod shutdown;
 pub mod source;
 pub mod task_id;
+pub mod ticket;
 pub mod uds;
 pub mod upload;
 

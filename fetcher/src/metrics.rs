@@ -16,6 +16,8 @@ pub struct PeerMetrics {
     pub downloads: IntCounterVec,
     /// `damselfly_proxy_requests_total{kind="blob|token|passthrough|tunnel|hijack"}`
     pub proxy_requests: IntCounterVec,
+    /// `damselfly_peer_tickets_refused_total`: piece requests without a valid ticket.
+    pub tickets_refused: IntCounter,
 }
 
 impl PeerMetrics {
@@ -60,7 +62,12 @@ impl PeerMetrics {
         for c in [&download_bytes, &downloads, &proxy_requests] {
             let _ = registry.register(Box::new(c.clone()));
         }
-        for c in [&upload_bytes, &verify_failures] {
+        let tickets_refused = IntCounter::new(
+            "damselfly_peer_tickets_refused_total",
+            "Piece requests refused for a missing or invalid ticket",
+        )
+        .expect("static metric definition");
+        for c in [&upload_bytes, &verify_failures, &tickets_refused] {
             let _ = registry.register(Box::new(c.clone()));
         }
         Self {
@@ -70,6 +77,7 @@ impl PeerMetrics {
             verify_failures,
             downloads,
             proxy_requests,
+            tickets_refused,
         }
     }
 

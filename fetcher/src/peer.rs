@@ -16,6 +16,7 @@ use crate::piece_store::{Store, TaskStore};
 use crate::rate::RateLimiter;
 use crate::shutdown::Shutdown;
 use crate::source::HttpSource;
+use crate::ticket::PublicKey;
 use crate::upload::{self, PieceSource};
 
 /// How a peer runs. Every field has a documented default in the config files of dfget/dfdaemon.
@@ -57,11 +58,13 @@ impl Default for PeerConfig {
     }
 }
 
-/// Tasks open in this process, by version id: what the upload server serves.
+/// Tasks open in this process, by version id: what the upload server serves, and the ticket keys
+/// of the supernodes that scheduled each (only their tickets open its pieces).
 #[derive(Default)]
 pub(crate) struct OpenTasks {
     tasks: Mutex<HashMap<String, Arc<TaskStore>>>,
     busy: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    keys: Mutex<HashMap<String, Vec<PublicKey>>>,
 }
 
 impl OpenTasks {
@@ -77,6 +80,22 @@ impl OpenTasks {
         if let Ok(mut t) = self.tasks.lock() {
             t.remove(version);
         }
+        if let Ok(mut k) = self.keys.lock() {
+            k.remove(version);
+        }
+    }
+    /// Accepts tickets signed by `key` for `version` (the supernode scheduling it told us its key).
+    pub(crate) fn trust(&self, version: &str, key: PublicKey) {
+        if let Ok(mut k) = self.keys.lock() {
+            let keys = k.entry(version.to_owned()).or_default();
+            if !keys.contains(&key) {
+                // A handful of supernodes at most (failover); never grows without bound.
+                if keys.len() >= 8 {
+                    keys.remove(0);
+                }
+                keys.push(key);
+            }
+        }
     }
     /// The in-process lock of a version: one download of a version at a time per process.
     pub(crate) fn busy_lock(&self, version: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -91,6 +110,14 @@ impl PieceSource for OpenTasks {
             Some(t) => t.read_piece(num),
             None => Ok(None),
         }
+    }
+
+    fn ticket_keys(&self, version_id: &str) -> Vec<PublicKey> {
+        self.keys
+            .lock()
+            .ok()
+            .and_then(|k| k.get(version_id).cloned())
+            .unwrap_or_default()
     }
 }
 

@@ -1,13 +1,15 @@
-//! The piece upload server: `GET /pieces/{version_id}/{piece}` serves a verified piece to other peers,
-//! throttled by the process-wide upload bucket and capped in concurrency (busy → 503, so the
-//! downloader reports it and the scheduler picks another parent).
+//! The piece upload server: `GET /pieces/{version_id}/{piece}` serves a verified piece to other peers
+//! that show a ticket for that version (`Authorization: Bearer <ticket>`, see [`crate::ticket`]:
+//! none → 401, a bad one → 403, both without a byte of content), throttled by the process-wide
+//! upload bucket and capped in concurrency (busy → 503, so the downloader reports it and the
+//! scheduler picks another parent).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -24,6 +26,9 @@ use crate::shutdown::Shutdown;
 pub trait PieceSource: Send + Sync + 'static {
     /// The verified bytes of piece `num` of `version_id`, or `None` when not held.
     fn read_piece(&self, version_id: &str, num: u32) -> Result<Option<Bytes>>;
+    /// The keys whose tickets open `version_id`: those of the supernodes that scheduled this
+    /// holder for it (empty: nobody gets it).
+    fn ticket_keys(&self, version_id: &str) -> Vec<crate::ticket::PublicKey>;
 }
 
 /// How the upload server behaves.
@@ -32,6 +37,8 @@ pub struct UploadConfig {
     pub limiter: RateLimiter,
     pub max_concurrent: usize,
     pub upload_bytes: prometheus::IntCounter,
+    /// Piece requests refused for a missing or bad ticket.
+    pub refused: prometheus::IntCounter,
 }
 
 struct AppState {
@@ -39,6 +46,7 @@ struct AppState {
     limiter: RateLimiter,
     slots: Arc<Semaphore>,
     upload_bytes: prometheus::IntCounter,
+    refused: prometheus::IntCounter,
 }
 
 /// The upload routes, for embedding into another router (the supernode's HTTP server).
@@ -48,6 +56,7 @@ pub fn router(source: Arc<dyn PieceSource>, cfg: UploadConfig) -> Router {
         limiter: cfg.limiter,
         slots: Arc::new(Semaphore::new(cfg.max_concurrent.max(1))),
         upload_bytes: cfg.upload_bytes,
+        refused: cfg.refused,
     });
     Router::new()
         .route("/pieces/{version}/{num}", get(serve_piece))
@@ -55,7 +64,8 @@ pub fn router(source: Arc<dyn PieceSource>, cfg: UploadConfig) -> Router {
 }
 
 /// Binds `addr` and serves `router` until `shutdown`; in-flight responses then finish. Returns the
-/// bound address and the server task (which ends once the last response is sent).
+/// bound address and the server task (which ends once the last response is sent). Handlers see the
+/// client's address (`ConnectInfo<SocketAddr>`), which piece tickets are bound to.
 pub async fn serve(
     addr: SocketAddr,
     router: Router,
@@ -64,9 +74,12 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let task = tokio::spawn(async move {
-        let r = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { shutdown.wait().await })
-            .await;
+        let r = axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { shutdown.wait().await })
+        .await;
         if let Err(e) = r {
             tracing::error!(error = %e, "HTTP server failed");
         }
@@ -84,13 +97,64 @@ pub fn upload_config(
         limiter,
         max_concurrent,
         upload_bytes: metrics.upload_bytes.clone(),
+        refused: metrics.tickets_refused.clone(),
+    }
+}
+
+/// Checks the request's ticket for `scope` of `version_id` (refusals are logged).
+pub fn authorize(
+    keys: &[crate::ticket::PublicKey],
+    headers: &axum::http::HeaderMap,
+    scope: crate::ticket::Scope,
+    version_id: &str,
+    from: SocketAddr,
+) -> std::result::Result<(), crate::ticket::TicketError> {
+    use crate::ticket::{self, TicketError};
+    let t = ticket::from_header(headers.get(ticket::HEADER));
+    match ticket::verify(keys, t, scope, version_id, from.ip()) {
+        Ok(_) => Ok(()),
+        Err(TicketError::Missing) => Err(TicketError::Missing),
+        Err(e) => {
+            tracing::warn!(%from, version = %version_id.get(..16).unwrap_or(version_id), error = %e, "ticket refused");
+            Err(e)
+        }
+    }
+}
+
+/// The answer to a request whose ticket was refused: 401 without one, 403 otherwise; never a
+/// byte of content.
+pub fn refusal(e: &crate::ticket::TicketError) -> Response {
+    match e {
+        crate::ticket::TicketError::Missing => (
+            StatusCode::UNAUTHORIZED,
+            [(
+                axum::http::header::WWW_AUTHENTICATE,
+                "Bearer realm=\"damselfly\"",
+            )],
+            "a ticket from the supernode is required\n",
+        )
+            .into_response(),
+        e => (StatusCode::FORBIDDEN, format!("{e}\n")).into_response(),
     }
 }
 
 async fn serve_piece(
     State(st): State<Arc<AppState>>,
+    ConnectInfo(from): ConnectInfo<SocketAddr>,
+    headers: axum::http::HeaderMap,
     Path((version, num)): Path<(String, u32)>,
 ) -> Response {
+    let keys = st.source.ticket_keys(&version);
+    if let Err(e) = authorize(
+        &keys,
+        &headers,
+        crate::ticket::Scope::Pieces,
+        &version,
+        from,
+    ) {
+        st.refused.inc();
+        return refusal(&e);
+    }
     let Ok(permit) = st.slots.clone().try_acquire_owned() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "upload slots busy").into_response();
     };

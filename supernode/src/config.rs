@@ -40,6 +40,10 @@ pub struct Args {
     /// Cap on all piece uploads of this supernode (e.g. 40MiB) [default: none].
     #[arg(long, value_name = "RATE")]
     pub upload_rate: Option<String>,
+    /// File holding the bearer token the admin API (preheat, index builds) requires; without
+    /// one the admin API is disabled [default: none].
+    #[arg(long, value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
     /// Log lines as JSON.
     #[arg(long)]
     pub log_json: bool,
@@ -69,6 +73,12 @@ pub struct Config {
     pub fault_window: String,
     /// How long an isolated host stays out of scheduling.
     pub isolation_cooldown: String,
+    /// Bearer token file for the admin API (preheat, index builds); none: the API is disabled.
+    pub admin_token_file: Option<PathBuf>,
+    /// Lifetime of the tickets peers show to read pieces and indexes (renewed while connected).
+    pub ticket_ttl: String,
+    /// Bind piece tickets to the address a peer connected from (turn off only behind NAT).
+    pub ticket_bind_ip: bool,
 }
 
 impl Default for Config {
@@ -88,6 +98,9 @@ impl Default for Config {
             fault_threshold: 3,
             fault_window: "60s".into(),
             isolation_cooldown: "120s".into(),
+            admin_token_file: None,
+            ticket_ttl: "10m".into(),
+            ticket_bind_ip: true,
         }
     }
 }
@@ -128,7 +141,29 @@ pub fn load(args: &Args) -> Result<Config> {
     if let Some(v) = &args.upload_rate {
         c.upload_rate = v.clone();
     }
+    if args.admin_token_file.is_some() {
+        c.admin_token_file = args.admin_token_file.clone();
+    }
     Ok(c)
+}
+
+/// The admin token kept in `path` (trimmed; an empty file is an error, not "no token").
+pub fn read_admin_token(path: &std::path::Path) -> Result<String> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let token = text.trim().to_owned();
+    if token.len() < 16 {
+        return Err(Error::Config {
+            key: "admin_token_file",
+            detail: format!(
+                "{}: the token must have at least 16 characters",
+                path.display()
+            ),
+        });
+    }
+    Ok(token)
 }
 
 /// Parses a config value with `f`, naming the key on failure.
@@ -157,6 +192,15 @@ mod tests {
             (c.peer_window, c.peer_upload_slots, c.supernode_upload_slots),
             (d.peer_window, d.peer_upload_slots, d.supernode_upload_slots),
             "the sample must show the defaults"
+        );
+        assert_eq!(
+            (
+                c.ticket_ttl.as_str(),
+                c.ticket_bind_ip,
+                c.admin_token_file.is_none()
+            ),
+            (d.ticket_ttl.as_str(), d.ticket_bind_ip, true),
+            "the sample must show the security defaults"
         );
         let err = toml::from_str::<Config>("cache_sise = \"1GiB\"").expect_err("typo");
         assert!(err.to_string().contains("cache_sise"), "{err}");

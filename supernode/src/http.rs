@@ -1,8 +1,9 @@
-//! The supernode's HTTP server: pieces for peers, health, metrics, and the preheat API.
+//! The supernode's HTTP server: pieces for peers (with a ticket), layer indexes (with an index
+//! ticket), health, metrics, and the admin API (preheat, index builds: with the admin token).
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
@@ -12,6 +13,31 @@ use fetcher::upload::{self, UploadConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::scheduler::{Scheduling, register_for_preheat};
+use crate::task::Tasks;
+
+/// The seed cache as the piece server sees it: pieces of versions this supernode seeds, opened by
+/// tickets it signed.
+struct SeedPieces {
+    tasks: Arc<Tasks>,
+    key: fetcher::ticket::PublicKey,
+}
+
+impl upload::PieceSource for SeedPieces {
+    fn read_piece(&self, version_id: &str, num: u32) -> fetcher::Result<Option<bytes::Bytes>> {
+        let Some(v) = self.tasks.by_version(version_id) else {
+            return Ok(None);
+        };
+        v.lock().last_access = std::time::Instant::now();
+        match v.store.get() {
+            Some(s) => s.read_piece(num),
+            None => Ok(None),
+        }
+    }
+
+    fn ticket_keys(&self, _version_id: &str) -> Vec<fetcher::ticket::PublicKey> {
+        vec![self.key.clone()]
+    }
+}
 
 /// `POST /api/v1/preheat` body: seed a URL before any peer asks for it.
 #[derive(Debug, Deserialize)]
@@ -36,11 +62,15 @@ pub struct PreheatResponse {
 /// Builds the router.
 pub fn router(s: Arc<Scheduling>, upload_rate: u64, max_uploads: usize) -> Router {
     let pieces = upload::router(
-        s.tasks.clone(),
+        Arc::new(SeedPieces {
+            tasks: s.tasks.clone(),
+            key: s.tickets.public(),
+        }),
         UploadConfig {
             limiter: RateLimiter::new(upload_rate),
             max_concurrent: max_uploads,
             upload_bytes: s.metrics.upload_bytes.clone(),
+            refused: s.metrics.refused.with_label_values(&["pieces"]),
         },
     );
     let api = Router::new()
@@ -53,11 +83,19 @@ pub fn router(s: Arc<Scheduling>, upload_rate: u64, max_uploads: usize) -> Route
     pieces.merge(api)
 }
 
-/// `GET /api/v1/index/sha256:<hex>`: the layer index of a seeded registry blob.
+/// `GET /api/v1/index/sha256:<hex>`: the layer index of a seeded registry blob, for a request
+/// with an index ticket for the blob's version (`Scheduler.LayerIndex` hands them out after the
+/// registry accepted the peer's credentials).
 async fn layer_index(
     State(s): State<Arc<Scheduling>>,
+    ConnectInfo(from): ConnectInfo<std::net::SocketAddr>,
+    headers: axum::http::HeaderMap,
     axum::extract::Path(digest): axum::extract::Path<String>,
 ) -> axum::response::Response {
+    if let Err(e) = index_ticket(&s, &headers, &digest, from) {
+        s.metrics.refused.with_label_values(&["index"]).inc();
+        return upload::refusal(&e);
+    }
     match s.indexes.get(&digest).await {
         Ok(bytes) => (
             [(
@@ -69,6 +107,81 @@ async fn layer_index(
             .into_response(),
         Err(e) => (index_status(&e), format!("{e}\n")).into_response(),
     }
+}
+
+/// Checks the index ticket of a request for the index of `digest`: signed here, scope index, for
+/// a version of that blob's task.
+fn index_ticket(
+    s: &Scheduling,
+    headers: &axum::http::HeaderMap,
+    digest: &str,
+    from: std::net::SocketAddr,
+) -> Result<(), fetcher::ticket::TicketError> {
+    use fetcher::ticket::{self, Scope, TicketError};
+    let key = s.tickets.public();
+    // The ticket names the version; it must be one of this blob's.
+    let version = ticket::from_header(headers.get(ticket::HEADER))
+        .and_then(|t| ticket::decode(&key, t).ok())
+        .map(|c| c.version_id);
+    let Some(version) = version else {
+        return upload::authorize(&[key], headers, Scope::Index, "", from);
+    };
+    let task_id =
+        fetcher::task_id::content_task_id(digest).map_err(|_| TicketError::WrongVersion)?;
+    match s.tasks.by_version(&version) {
+        Some(v) if v.task_id == task_id => {}
+        _ => return Err(TicketError::WrongVersion),
+    }
+    upload::authorize(&[key], headers, Scope::Index, &version, from)
+}
+
+/// Why an admin API request was refused.
+enum AdminRefusal {
+    Disabled,
+    Missing,
+    Wrong,
+}
+
+impl IntoResponse for AdminRefusal {
+    fn into_response(self) -> axum::response::Response {
+        match self {
+            AdminRefusal::Disabled => (
+                StatusCode::FORBIDDEN,
+                "the admin API is disabled: configure admin_token_file on the supernode\n",
+            )
+                .into_response(),
+            AdminRefusal::Missing => (
+                StatusCode::UNAUTHORIZED,
+                [(
+                    axum::http::header::WWW_AUTHENTICATE,
+                    "Bearer realm=\"damselfly-admin\"",
+                )],
+                "the admin API needs Authorization: Bearer <admin token>\n",
+            )
+                .into_response(),
+            AdminRefusal::Wrong => (StatusCode::FORBIDDEN, "wrong admin token\n").into_response(),
+        }
+    }
+}
+
+/// Checks `Authorization: Bearer <admin token>` on an admin API request.
+fn admin(s: &Scheduling, headers: &axum::http::HeaderMap) -> Result<(), AdminRefusal> {
+    use sha2::{Digest, Sha256};
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Compared as digests: equal-length, no early exit on the secret's bytes.
+    let r = match (&s.cfg.admin_token, given) {
+        (None, _) => Err(AdminRefusal::Disabled),
+        (Some(_), None) => Err(AdminRefusal::Missing),
+        (Some(want), Some(g)) if Sha256::digest(g.trim()) == Sha256::digest(want) => Ok(()),
+        (Some(_), Some(_)) => Err(AdminRefusal::Wrong),
+    };
+    if r.is_err() {
+        s.metrics.refused.with_label_values(&["admin"]).inc();
+    }
+    r
 }
 
 /// `POST /api/v1/index` body: seed a registry blob (if not yet) and build its layer index ahead
@@ -93,8 +206,16 @@ pub struct BuildIndexResponse {
 /// `POST /api/v1/index`: answers once the index exists, with its size.
 async fn build_index(
     State(s): State<Arc<Scheduling>>,
-    Json(req): Json<BuildIndexRequest>,
+    headers: axum::http::HeaderMap,
+    req: Result<Json<BuildIndexRequest>, axum::extract::rejection::JsonRejection>,
 ) -> axum::response::Response {
+    if let Err(refusal) = admin(&s, &headers) {
+        return refusal.into_response();
+    }
+    let Json(req) = match req {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
     let req = crate::scheduler::index::IndexRequest {
         url: req.url,
         headers: req.headers.into_iter().collect(),
@@ -127,8 +248,16 @@ async fn metrics(State(s): State<Arc<Scheduling>>) -> String {
 
 async fn preheat(
     State(s): State<Arc<Scheduling>>,
-    Json(req): Json<PreheatRequest>,
-) -> impl IntoResponse {
+    headers: axum::http::HeaderMap,
+    req: Result<Json<PreheatRequest>, axum::extract::rejection::JsonRejection>,
+) -> axum::response::Response {
+    if let Err(refusal) = admin(&s, &headers) {
+        return refusal.into_response();
+    }
+    let Json(req) = match req {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
     match register_for_preheat(&s, req).await {
         Ok(task_id) => (StatusCode::ACCEPTED, Json(PreheatResponse { task_id })).into_response(),
         Err(e) => (StatusCode::BAD_REQUEST, e.message).into_response(),

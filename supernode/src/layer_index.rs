@@ -134,7 +134,10 @@ impl Indexes {
             .tasks
             .current(&task_id)
             .ok_or_else(|| IndexError::NotSeeded(digest.to_owned()))?;
-        if !matches!(v.lock().status, Status::Complete { .. }) {
+        // Only a seed whose bytes matched the blob's digest is indexed.
+        let verified = matches!(&v.lock().status,
+            Status::Complete { digest: d, .. } if d.eq_ignore_ascii_case(digest));
+        if !verified {
             return Err(IndexError::NotSeeded(digest.to_owned()));
         }
         v.store

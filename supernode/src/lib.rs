@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod scheduler;
 pub mod seed;
 pub mod task;
+pub mod tickets;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -80,7 +81,20 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
             key: "piece_size",
             detail: "must be between 64KiB and 4GiB".into(),
         })?;
+    let ticket_ttl = parse("ticket_ttl", &c.ticket_ttl, fetcher::cli::parse_duration)?;
+    let admin_token = c
+        .admin_token_file
+        .as_deref()
+        .map(config::read_admin_token)
+        .transpose()?;
     let store = Store::open(&c.data_dir)?;
+    let issuer =
+        fetcher::ticket::Issuer::load_or_create(&c.data_dir.join("ticket.key")).map_err(|e| {
+            Error::Config {
+                key: "data_dir",
+                detail: e.to_string(),
+            }
+        })?;
     let source = HttpSource::new(c.upstream_ca.as_deref())?;
     let metrics = Metrics::new();
     let tasks = Arc::new(Tasks::default());
@@ -97,7 +111,9 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
             },
             advertise_ip: c.advertise_ip,
             http_port: http_addr.port(),
+            admin_token,
         },
+        tickets: tickets::Tickets::new(issuer, ticket_ttl, c.ticket_bind_ip),
         tasks: tasks.clone(),
         tokens: fetcher::source::token::TokenCache::new(source.client().clone()),
         indexes: layer_index::Indexes::new(&c.data_dir, tasks.clone()),
@@ -116,9 +132,12 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
     let router = http::router(scheduling.clone(), upload_rate, 64);
     let sd = shutdown.clone();
     tokio::spawn(async move {
-        let r = axum::serve(http_listener, router)
-            .with_graceful_shutdown(async move { sd.wait().await })
-            .await;
+        let r = axum::serve(
+            http_listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { sd.wait().await })
+        .await;
         if let Err(e) = r {
             tracing::error!(error = %e, "HTTP server failed");
         }

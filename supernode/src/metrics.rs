@@ -24,6 +24,9 @@ pub struct Metrics {
     pub peers: IntGauge,
     /// `damselfly_supernode_evictions_total`: task versions evicted from the cache.
     pub evictions: IntCounter,
+    /// `damselfly_supernode_requests_refused_total{api="pieces|index|admin|register"}`: requests
+    /// without a valid ticket, admin token or origin proof.
+    pub refused: IntCounterVec,
 }
 
 impl Metrics {
@@ -70,6 +73,11 @@ impl Metrics {
                 "damselfly_supernode_evictions_total",
                 "Task versions evicted from the disk cache",
             ),
+            refused: v(
+                "damselfly_supernode_requests_refused_total",
+                "Requests refused for a missing or invalid ticket, admin token or origin proof",
+                &["api"],
+            ),
             registry,
         };
         for x in [&m.source_bytes, &m.upload_bytes, &m.evictions] {
@@ -80,6 +88,7 @@ impl Metrics {
             &m.assignments,
             &m.piece_failures,
             &m.isolations,
+            &m.refused,
         ] {
             let _ = m.registry.register(Box::new(x.clone()));
         }

@@ -48,7 +48,7 @@ pub fn task_error(e: &fetcher::Error) -> TaskError {
 }
 
 fn fail(ctx: &SeedContext, v: &Version, e: &fetcher::Error) {
-    tracing::warn!(task_id = %&v.task_id[..16], url = %v.url, error = %e, "seed failed");
+    tracing::warn!(task_id = %&v.task_id[..16], url = %fetcher::source::redact(&v.url), error = %e, "seed failed");
     let version_id = {
         let mut st = v.lock();
         st.status = Status::Failed(task_error(e));
@@ -97,13 +97,13 @@ async fn seed_inner(ctx: &SeedContext, v: &Arc<Version>) -> fetcher::Result<()> 
     };
     // Another version object for the same content may still hold the store (a revalidation raced):
     // reuse the indexed one's store if so.
-    let store = match ctx
+    let (store, shared) = match ctx
         .tasks
         .by_version(&info.version_id)
         .and_then(|o| o.store.get().cloned())
     {
-        Some(s) => s,
-        None => ctx.store.open_task(&meta).await?,
+        Some(s) => (s, true),
+        None => (ctx.store.open_task(&meta).await?, false),
     };
     let _ = v.store.set(store.clone());
     let cached = store.have();
@@ -116,11 +116,11 @@ async fn seed_inner(ctx: &SeedContext, v: &Arc<Version>) -> fetcher::Result<()> 
     v.notify();
     tracing::info!(version = %&info.version_id[..16], length = len, piece_size, cached = cached.len(), "seeding");
 
-    if len >= 0 && cached.len() as u64 == (len as u64).div_ceil(u64::from(piece_size)) {
-        // The disk cache already holds the whole version: no need to read the body.
+    let whole = len >= 0 && cached.len() as u64 == (len as u64).div_ceil(u64::from(piece_size));
+    if whole && let Some(digest) = verified_digest(&store, v.expected_digest.as_deref()) {
+        // The disk cache holds the whole version, verified by the seed that filled it.
         drop(resp);
         let metas: Vec<PieceMeta> = cached.iter().filter_map(|n| store.piece(*n)).collect();
-        let digest = store.meta().digest.unwrap_or_default();
         let mut st = v.lock();
         st.pieces = metas;
         st.status = Status::Complete {
@@ -133,33 +133,14 @@ async fn seed_inner(ctx: &SeedContext, v: &Arc<Version>) -> fetcher::Result<()> 
         tracing::info!(version = %&info.version_id[..16], "served from the disk cache");
         return Ok(());
     }
-    let mut cutter = PieceCutter::new(piece_size);
-    let mut body = std::pin::pin!(resp.into_stream());
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk?;
-        ctx.metrics.source_bytes.inc_by(chunk.len() as u64);
-        let pieces = cutter.push(&chunk);
-        publish(v, &store, pieces).await?;
+    let result = stream_body(ctx, v, &store, resp, len, piece_size).await;
+    if result.is_err() && !shared {
+        // Nothing of a failed, short or mismatching seed stays behind for a later one to trust.
+        if let Err(e) = store.discard() {
+            tracing::warn!(error = %e, "cannot discard the failed seed's pieces");
+        }
     }
-    let (last, total, digest) = cutter.finish();
-    publish(v, &store, last.into_iter().collect()).await?;
-    if len >= 0 && total != len as u64 {
-        return Err(fetcher::Error::OriginBody {
-            url: v.url.clone(),
-            detail: format!("got {total} of {len} bytes"),
-        });
-    }
-    if let Some(expected) = v.expected_digest.as_deref()
-        && !expected.eq_ignore_ascii_case(&digest)
-    {
-        // The origin served other bytes than the digest the task is keyed by: share nothing more.
-        store.discard()?;
-        return Err(fetcher::Error::DigestMismatch {
-            expected: expected.to_owned(),
-            actual: digest,
-        });
-    }
-    store.set_complete(total, Some(digest.clone()))?;
+    let (total, digest) = result?;
     let piece_count = total.div_ceil(u64::from(piece_size)) as u32;
     v.lock().status = Status::Complete {
         content_length: total,
@@ -169,6 +150,64 @@ async fn seed_inner(ctx: &SeedContext, v: &Arc<Version>) -> fetcher::Result<()> 
     v.notify();
     tracing::info!(version = %&info.version_id[..16], bytes = total, pieces = piece_count, "seed complete");
     Ok(())
+}
+
+/// The digest a finished seed recorded for `store`, if it matches the digest the task is keyed
+/// by (pieces held without one were never verified as a whole).
+fn verified_digest(
+    store: &fetcher::piece_store::TaskStore,
+    expected: Option<&str>,
+) -> Option<String> {
+    let recorded = store.meta().digest?;
+    match expected {
+        Some(e) if !e.eq_ignore_ascii_case(&recorded) => None,
+        _ => Some(recorded),
+    }
+}
+
+/// Streams the origin's body into pieces; the length and the expected digest are checked before
+/// the last piece is published, and the store is marked complete with the digest.
+async fn stream_body(
+    ctx: &SeedContext,
+    v: &Arc<Version>,
+    store: &Arc<fetcher::piece_store::TaskStore>,
+    resp: fetcher::source::OriginResponse,
+    len: i64,
+    piece_size: u32,
+) -> fetcher::Result<(u64, String)> {
+    let mut cutter = PieceCutter::new(piece_size);
+    let mut body = std::pin::pin!(resp.into_stream());
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk?;
+        ctx.metrics.source_bytes.inc_by(chunk.len() as u64);
+        if len >= 0 && cutter.total() + chunk.len() as u64 > len as u64 {
+            return Err(fetcher::Error::OriginBody {
+                url: v.url.clone(),
+                detail: format!("more than the {len} bytes announced"),
+            });
+        }
+        let pieces = cutter.push(&chunk);
+        publish(v, store, pieces).await?;
+    }
+    let (last, total, digest) = cutter.finish();
+    if len >= 0 && total != len as u64 {
+        return Err(fetcher::Error::OriginBody {
+            url: v.url.clone(),
+            detail: format!("got {total} of {len} bytes"),
+        });
+    }
+    if let Some(expected) = v.expected_digest.as_deref()
+        && !expected.eq_ignore_ascii_case(&digest)
+    {
+        // The origin served other bytes than the digest the task is keyed by.
+        return Err(fetcher::Error::DigestMismatch {
+            expected: expected.to_owned(),
+            actual: digest,
+        });
+    }
+    publish(v, store, last.into_iter().collect()).await?;
+    store.set_complete(total, Some(digest.clone()))?;
+    Ok((total, digest))
 }
 
 /// Stores pieces (unless already cached from an earlier run) and makes them available.

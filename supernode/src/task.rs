@@ -51,6 +51,9 @@ pub struct PeerState {
     pub wanted: HashSet<u32>,
     /// Assign wanted pieces only (lazy reader, background fetching off).
     pub only_wanted: bool,
+    /// Joined a content-keyed task through another origin than the seed's: gets pieces only
+    /// once the seed matched the digest (the seed's origin is not this peer's to trust).
+    pub verified_only: bool,
 }
 
 /// Mutable state of a version (under one mutex; never held across an await).
@@ -67,6 +70,8 @@ pub struct State {
     pub in_flight: HashMap<u32, usize>,
     /// Parents taken out of scheduling for this version.
     pub bad_parents: HashSet<String>,
+    /// Parent → hosts that reported it for bad data or unreachability.
+    pub fault_reporters: HashMap<String, HashSet<String>>,
     /// Fingerprints of header sets the origin accepted for this version.
     pub validated: HashSet<String>,
     pub last_access: Instant,
@@ -99,7 +104,8 @@ impl Version {
     ) -> Arc<Self> {
         let now = Instant::now();
         let mut validated = HashSet::new();
-        validated.insert(fingerprint(&headers));
+        let key = expected_digest.as_ref().map(|_| url_key(&url));
+        validated.insert(fingerprint(key.as_deref(), &headers));
         Arc::new(Self {
             task_id,
             url,
@@ -113,6 +119,7 @@ impl Version {
                 load: HashMap::new(),
                 in_flight: HashMap::new(),
                 bad_parents: HashSet::new(),
+                fault_reporters: HashMap::new(),
                 validated,
                 last_access: now,
                 last_validated: now,
@@ -148,8 +155,15 @@ impl Version {
     }
 }
 
-/// Fingerprint of a header set (order- and case-insensitive names).
-pub fn fingerprint(headers: &[HeaderPair]) -> String {
+/// Where a URL points, without its query (signed-URL parameters vary per request): the origin a
+/// content-keyed task's bytes came from, as far as access is concerned.
+pub fn url_key(url: &str) -> String {
+    fetcher::source::redact(url)
+}
+
+/// Fingerprint of a header set (order- and case-insensitive names), and for content-keyed tasks
+/// of the URL they were sent to (credentials accepted by one origin say nothing of another).
+pub fn fingerprint(url_key: Option<&str>, headers: &[HeaderPair]) -> String {
     use sha2::{Digest, Sha256};
     let mut v: Vec<(String, &str)> = headers
         .iter()
@@ -157,6 +171,11 @@ pub fn fingerprint(headers: &[HeaderPair]) -> String {
         .collect();
     v.sort();
     let mut h = Sha256::new();
+    if let Some(u) = url_key {
+        h.update(b"url\0");
+        h.update(u.as_bytes());
+        h.update(b"\0");
+    }
     for (n, val) in v {
         h.update(n.as_bytes());
         h.update(b"\0");
@@ -241,18 +260,5 @@ impl Tasks {
     /// True when no version is in memory.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-}
-
-impl fetcher::upload::PieceSource for Tasks {
-    fn read_piece(&self, version_id: &str, num: u32) -> fetcher::Result<Option<bytes::Bytes>> {
-        let Some(v) = self.by_version(version_id) else {
-            return Ok(None);
-        };
-        v.lock().last_access = Instant::now();
-        match v.store.get() {
-            Some(s) => s.read_piece(num),
-            None => Ok(None),
-        }
     }
 }

@@ -432,3 +432,37 @@ pub fn disk_usage(p: &Path) -> u64 {
         })
         .sum()
 }
+
+/// Asks the agent at `socket` for the layer index of blob `digest` served at `url` with
+/// `headers` (what dfsnapshotter does); the index bytes or the agent's refusal.
+pub async fn agent_layer_index(
+    socket: &Path,
+    url: &str,
+    headers: &[(&str, &str)],
+    digest: &str,
+) -> Result<Vec<u8>, String> {
+    let mut client = fetcher::agent::connect(socket)
+        .await
+        .map_err(|e| e.to_string())?;
+    let req = proto::agent::LayerIndexRequest {
+        url: url.to_owned(),
+        headers: headers
+            .iter()
+            .map(|(n, v)| proto::agent::Header {
+                name: (*n).to_owned(),
+                value: (*v).to_owned(),
+            })
+            .collect(),
+        digest: digest.to_owned(),
+    };
+    let mut stream = client
+        .layer_index(req)
+        .await
+        .map_err(|s| s.message().to_owned())?
+        .into_inner();
+    let mut bytes = Vec::new();
+    while let Some(c) = stream.message().await.map_err(|s| s.message().to_owned())? {
+        bytes.extend_from_slice(&c.data);
+    }
+    Ok(bytes)
+}

@@ -426,6 +426,8 @@ pub struct PrivateRegistry {
     pub ca: String,
     pub supernode: Proc,
     pub grpc: String,
+    /// `http://127.0.0.1:<port>` of the supernode's piece server and APIs.
+    pub http: String,
 }
 
 /// Starts a [`PrivateRegistry`] with a test image whose big layer has `big_layer_bytes`.
@@ -437,7 +439,7 @@ pub async fn private_registry(env: &Env, big_layer_bytes: usize) -> PrivateRegis
     let layers =
         push_test_image_as(env, &addr, "project/app:v1", big_layer_bytes, Some(CREDS)).await;
     let ca = pki.ca_crt.to_string_lossy().into_owned();
-    let (supernode, grpc, _) = env.supernode("sn", &["--upstream-ca", &ca]).await;
+    let (supernode, grpc, http) = env.supernode("sn", &["--upstream-ca", &ca]).await;
     PrivateRegistry {
         pki,
         proc,
@@ -446,6 +448,7 @@ pub async fn private_registry(env: &Env, big_layer_bytes: usize) -> PrivateRegis
         ca,
         supernode,
         grpc,
+        http,
     }
 }
 

@@ -30,6 +30,7 @@ async fn dockerd_pulls_runs_and_pushes_through_the_proxy_and_the_mirror() {
         ca,
         grpc,
         supernode: _sn,
+        ..
     } = private_registry(&env, 6 << 20).await;
     // One agent does both: HTTPS proxy for the registry's name, mirror for Docker Hub names.
     let (_agent, d) = env

@@ -40,6 +40,7 @@ async fn skopeo_through_mirror_and_https_proxy_pulls_the_same_image_and_pushes()
         ca,
         grpc,
         supernode: _sn,
+        ..
     } = private_registry(&env, 12 << 20).await;
     let mirror_url = format!("https://{registry}");
     let (_m, mirror) = env

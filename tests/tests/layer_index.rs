@@ -1,5 +1,6 @@
 //! The supernode indexes a registry layer it seeded (tar TOC + gzip checkpoints) and serves the
-//! index; with it, a file inside the layer is read from a byte range of the blob alone.
+//! index to agents that may read the layer (never to anonymous requests); with it, a file inside
+//! the layer is read from a byte range of the blob alone.
 
 use damselfly_tests::harness::Env;
 use damselfly_tests::registry::{
@@ -20,16 +21,11 @@ async fn seeded_layers_are_indexed_and_files_read_from_blob_ranges() {
     let client = reqwest::Client::new();
     let index_url = |d: &str| format!("{http}/api/v1/index/{d}");
 
-    // Not seeded yet: 404 naming the blob; a malformed digest: 400.
-    let r = client.get(index_url(&layers[0])).send().await.expect("get");
-    assert_eq!(r.status().as_u16(), 404);
-    assert!(r.text().await.expect("body").contains(&layers[0]));
-    let r = client
-        .get(index_url("sha256:xyz"))
-        .send()
-        .await
-        .expect("get");
-    assert_eq!(r.status().as_u16(), 400);
+    // Without an index ticket: 401, whatever the digest.
+    for d in [layers[0].as_str(), "sha256:xyz"] {
+        let r = client.get(index_url(d)).send().await.expect("get");
+        assert_eq!(r.status().as_u16(), 401, "anonymous index read of {d}");
+    }
 
     // A pull through an agent seeds every layer at the supernode.
     let (_agent, d) = env
@@ -43,12 +39,17 @@ async fn seeded_layers_are_indexed_and_files_read_from_blob_ranges() {
         skopeo_copy_to_oci(&format!("{}/project/app:v1", d.proxy), &env.path("pulled")).await;
     assert_eq!(code, 0, "{out}");
 
+    // Still 401 once seeded; the agent gets it (with the ticket the supernode issues it).
+    let r = client.get(index_url(&layers[0])).send().await.expect("get");
+    assert_eq!(r.status().as_u16(), 401);
     let fetch_index = |digest: String| {
-        let (client, url) = (client.clone(), index_url(&digest));
+        let socket = d.socket.clone();
+        let url = format!("http://{registry}/v2/project/app/blobs/{digest}");
         async move {
-            let r = client.get(&url).send().await.expect("index");
-            assert_eq!(r.status().as_u16(), 200, "index of {digest}");
-            LayerIndex::from_bytes(&r.bytes().await.expect("body")).expect("parse index")
+            let bytes = damselfly_tests::harness::agent_layer_index(&socket, &url, &[], &digest)
+                .await
+                .unwrap_or_else(|e| panic!("index of {digest}: {e}"));
+            LayerIndex::from_bytes(&bytes).expect("parse index")
         }
     };
     // Two requests at once share one build.

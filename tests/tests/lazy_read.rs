@@ -47,7 +47,7 @@ async fn a_layer_mounted_from_its_index_reads_through_the_agent() {
     let env = Env::new("lazy-read");
     let (_registry, registry) = start_registry(&env).await;
     let layers = push_test_image(&env, &registry, "project/app:v1", 12 << 20).await;
-    let (_sn, grpc, http) = env.supernode("sn", &[]).await;
+    let (_sn, grpc, _http) = env.supernode("sn", &[]).await;
     let mirror = format!("http://{registry}");
     let (_a, a) = env
         .dfdaemon("host-a", &grpc, &["--registry-mirror", &mirror])
@@ -63,14 +63,11 @@ async fn a_layer_mounted_from_its_index_reads_through_the_agent() {
     let client = reqwest::Client::new();
     let agent = fetcher::agent::connect(&b.socket).await.expect("agent b");
     for (i, digest) in layers.iter().enumerate().take(2) {
-        let r = client
-            .get(format!("{http}/api/v1/index/{digest}"))
-            .send()
-            .await
-            .expect("index");
-        assert_eq!(r.status().as_u16(), 200);
-        let index = LayerIndex::from_bytes(&r.bytes().await.expect("bytes")).expect("parse");
         let url = format!("{mirror}/v2/project/app/blobs/{digest}");
+        let bytes = damselfly_tests::harness::agent_layer_index(&b.socket, &url, &[], digest)
+            .await
+            .expect("index through host B's agent");
+        let index = LayerIndex::from_bytes(&bytes).expect("parse");
         let blob = client
             .get(&url)
             .send()

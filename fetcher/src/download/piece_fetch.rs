@@ -14,6 +14,8 @@ use crate::rate::{RateLimiter, acquire_all};
 
 pub(crate) struct Job {
     pub version: String,
+    /// This peer's ticket for the version (`Authorization: Bearer`), from the supernode.
+    pub ticket: String,
     pub meta: PieceMeta,
     pub parent: Parent,
     pub http: reqwest::Client,
@@ -60,12 +62,18 @@ async fn fetch_inner(job: &Job) -> Result<u64, (FailureReason, String)> {
         job.version,
         job.meta.num
     );
-    let resp = job.http.get(&url).send().await.map_err(|e| {
-        (
-            FailureReason::ParentUnreachable,
-            crate::source::error_chain(&e),
-        )
-    })?;
+    let resp = job
+        .http
+        .get(&url)
+        .bearer_auth(&job.ticket)
+        .send()
+        .await
+        .map_err(|e| {
+            (
+                FailureReason::ParentUnreachable,
+                crate::source::error_chain(&e),
+            )
+        })?;
     if !resp.status().is_success() {
         return Err((
             FailureReason::ParentError,

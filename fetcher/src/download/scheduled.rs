@@ -119,7 +119,14 @@ impl Download<'_> {
             last_modified: info.last_modified.clone(),
             digest: None,
         };
+        let Some(key) = crate::ticket::PublicKey::from_bytes(&info.ticket_key) else {
+            return Err(SessionError::Retry(format!(
+                "supernode {addr} sent no ticket key: it is older than this peer"
+            )));
+        };
         let store = self.open_version(meta).await.map_err(SessionError::Fatal)?;
+        self.peer.inner.open.trust(&info.version_id, key);
+        let (ticket_tx, ticket) = watch::channel(info.ticket.clone());
         tracing::info!(supernode = addr, version = %&info.version_id[..16], length = info.content_length, held = store.held().0, "registered");
         tx.send(msg(peer_message::Msg::Have(pb::Have {
             pieces: store.have(),
@@ -145,7 +152,8 @@ impl Download<'_> {
                     };
                     match m.msg {
                         Some(scheduler_message::Msg::PieceInfo(p)) => self.learn_piece(&store, &p),
-                        Some(scheduler_message::Msg::Assign(a)) => self.start_piece(&store, &info.version_id, a, &mut inflight),
+                        Some(scheduler_message::Msg::Assign(a)) => self.start_piece(&store, &info.version_id, &ticket, a, &mut inflight),
+                        Some(scheduler_message::Msg::Ticket(t)) => { ticket_tx.send_replace(t.ticket); }
                         Some(scheduler_message::Msg::Done(done)) => {
                             self.piece_count = Some(done.piece_count);
                             if !done.digest.is_empty() {
@@ -192,6 +200,7 @@ impl Download<'_> {
         &mut self,
         store: &Arc<TaskStore>,
         version: &str,
+        ticket: &watch::Receiver<String>,
         a: pb::Assign,
         inflight: &mut JoinSet<PieceOutcome>,
     ) {
@@ -204,6 +213,7 @@ impl Download<'_> {
         };
         let job = piece_fetch::Job {
             version: version.to_owned(),
+            ticket: ticket.borrow().clone(),
             meta,
             parent,
             http: self.peer.inner.http.clone(),

@@ -102,11 +102,29 @@ impl HttpSource {
                 .to_owned()
         };
         let content_length = if status == reqwest::StatusCode::PARTIAL_CONTENT {
-            // Content-Range: bytes 0-0/12345
-            text(header::CONTENT_RANGE)
-                .rsplit('/')
-                .next()
-                .and_then(|t| t.parse().ok())
+            let bad = |detail: String| Error::OriginBody {
+                url: url.to_owned(),
+                detail,
+            };
+            let Some((start, _)) = range else {
+                return Err(bad("206 Partial Content to a request without Range".into()));
+            };
+            let cr = text(header::CONTENT_RANGE);
+            let (first, last, total) = parse_content_range(&cr)
+                .ok_or_else(|| bad(format!("bad Content-Range {cr:?} in a 206")))?;
+            if first != start {
+                return Err(bad(format!(
+                    "asked from byte {start}, got Content-Range {cr:?}"
+                )));
+            }
+            if let Some(n) = response.content_length()
+                && n != last - first + 1
+            {
+                return Err(bad(format!(
+                    "Content-Length {n} disagrees with Content-Range {cr:?}"
+                )));
+            }
+            total
         } else {
             response.content_length()
         };
@@ -131,6 +149,11 @@ impl HttpSource {
 }
 
 impl OriginResponse {
+    /// True for a 206 (the body is the range asked for, checked against Content-Range).
+    pub fn partial(&self) -> bool {
+        self.response.status() == reqwest::StatusCode::PARTIAL_CONTENT
+    }
+
     /// Bytes announced by this response (its own Content-Length).
     pub fn body_length(&self) -> Option<u64> {
         self.response.content_length()
@@ -171,6 +194,27 @@ impl OriginResponse {
     }
 }
 
+/// Parses `bytes <first>-<last>/<total|*>` strictly: `first <= last`, and `last < total` when the
+/// total is known. Returns the total as `None` for `*`.
+pub fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
+    let rest = v.trim().strip_prefix("bytes ")?;
+    let (span, total) = rest.split_once('/')?;
+    let (a, b) = span.split_once('-')?;
+    fn digits(s: &str) -> Option<&str> {
+        (!s.is_empty() && s.bytes().all(|c| c.is_ascii_digit())).then_some(s)
+    }
+    let first: u64 = digits(a)?.parse().ok()?;
+    let last: u64 = digits(b)?.parse().ok()?;
+    let total = match total {
+        "*" => None,
+        t => Some(digits(t)?.parse::<u64>().ok()?),
+    };
+    if first > last || total.is_some_and(|t| last >= t) {
+        return None;
+    }
+    Some((first, last, total))
+}
+
 /// A tiny channel-backed stream generator (avoids a macro crate for one use).
 fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<Bytes>> + Send + 'static
 where
@@ -180,4 +224,30 @@ where
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(f(tx));
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_content_range;
+
+    #[test]
+    fn content_range_is_parsed_strictly() {
+        assert_eq!(
+            parse_content_range("bytes 0-0/12345"),
+            Some((0, 0, Some(12345)))
+        );
+        assert_eq!(parse_content_range("bytes 10-19/*"), Some((10, 19, None)));
+        for bad in [
+            "",
+            "bytes 0-0",
+            "bytes 5-4/10",
+            "bytes 0-10/10",
+            "bytes -1-2/3",
+            "bytes 0-1/+3",
+            "items 0-0/1",
+            "bytes 0-99999999999999999999999/1",
+        ] {
+            assert_eq!(parse_content_range(bad), None, "{bad:?}");
+        }
+    }
 }

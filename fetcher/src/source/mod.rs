@@ -22,3 +22,18 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     }
     parts.join(": ")
 }
+
+/// `url` without credentials, query and fragment: what may be logged or kept of a URL whose
+/// userinfo or signed query parameters are secrets.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            u.set_query(None);
+            u.set_fragment(None);
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.to_string()
+        }
+        Err(_) => "<unparsable URL>".to_owned(),
+    }
+}

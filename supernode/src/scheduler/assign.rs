@@ -164,6 +164,7 @@ mod tests {
             failed_parents: Default::default(),
             wanted: Default::default(),
             only_wanted: false,
+            verified_only: false,
         }
     }
 

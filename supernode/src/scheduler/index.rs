@@ -19,13 +19,11 @@ pub struct IndexRequest {
     pub digest: String,
 }
 
-/// The serialized index of the blob, seeding it first when needed.
+/// The serialized index of the blob, seeding it first when needed. The request's URL and
+/// credentials are checked like a registration's (a proof of the bytes for a URL or credentials
+/// the task has not seen), even when the index exists already: it reveals the layer's files.
 #[tracing::instrument(skip_all, fields(digest = %req.digest))]
 pub async fn seeded_index(s: &Scheduling, req: &IndexRequest) -> Result<Arc<Vec<u8>>, IndexError> {
-    match s.indexes.get(&req.digest).await {
-        Err(IndexError::NotSeeded(_)) => {}
-        other => return other,
-    }
     seed(s, req).await?;
     s.indexes.get(&req.digest).await
 }

@@ -2,6 +2,7 @@
 
 pub mod assign;
 pub mod index;
+mod proof;
 mod register;
 mod session;
 
@@ -27,6 +28,8 @@ pub struct SchedulerConfig {
     /// `http://ip:port` of this supernode's piece server, or `None` to derive the IP per connection.
     pub advertise_ip: Option<std::net::IpAddr>,
     pub http_port: u16,
+    /// The admin API's bearer token (`None`: the admin API is disabled).
+    pub admin_token: Option<String>,
 }
 
 /// Shared by every session.
@@ -41,6 +44,8 @@ pub struct Scheduling {
     pub tokens: fetcher::source::token::TokenCache,
     /// Layer indexes of seeded registry blobs.
     pub indexes: crate::layer_index::Indexes,
+    /// Ticket signing for pieces and indexes.
+    pub tickets: crate::tickets::Tickets,
 }
 
 /// The tonic service.
@@ -130,8 +135,19 @@ impl Scheduler for SchedulerService {
             .or(local_ip)
             .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
         let base = std::net::SocketAddr::new(ip, self.inner.cfg.http_port);
+        // The index opens with a ticket for the blob's verified version, which this peer just
+        // proved (with its own credentials) it may read.
+        let task_id = fetcher::task_id::content_task_id(&req.digest)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let version = self
+            .inner
+            .tasks
+            .current(&task_id)
+            .and_then(|v| v.version_id())
+            .ok_or_else(|| Status::unavailable("the blob's seed went away; ask again"))?;
         use sha2::Digest;
         Ok(Response::new(proto::scheduler::LayerIndexReply {
+            ticket: self.inner.tickets.index(&version),
             index_url: format!("http://{base}/api/v1/index/{}", req.digest),
             size: bytes.len() as u64,
             index_digest: format!(

@@ -1,5 +1,8 @@
 //! Registration: find or start the task version a peer joins, revalidating a finished version with
 //! the origin and checking the peer's credentials with the origin when the version has not seen them.
+//! A content-keyed task (registry blob by digest) is joined through another URL or other
+//! credentials only once that URL served a random range of the very bytes the seed holds
+//! ([`super::proof`]): a server echoing the right length and ETag gets nothing.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -8,8 +11,9 @@ use fetcher::source::HeaderPair;
 use proto::scheduler::{ErrorKind, Register, TaskError};
 
 use super::Scheduling;
+use super::proof::{self, ProofError};
 use crate::seed::{self, task_error};
-use crate::task::{Status, Version, fingerprint};
+use crate::task::{Status, Version, fingerprint, url_key};
 
 fn invalid(message: String) -> TaskError {
     TaskError {
@@ -36,7 +40,7 @@ pub async fn join(s: &Scheduling, reg: &Register) -> Result<Arc<Version>, TaskEr
         .iter()
         .map(|h| (h.name.clone(), h.value.clone()))
         .collect();
-    let fp = fingerprint(&headers);
+    let fp = fingerprint(key.map(|_| url_key(&reg.url)).as_deref(), &headers);
 
     // Get the current version or start one, atomically.
     let new_version = || {
@@ -58,8 +62,40 @@ pub async fn join(s: &Scheduling, reg: &Register) -> Result<Arc<Version>, TaskEr
             st.validated.contains(&fp),
         )
     };
-    if !complete && known {
+    if known && (key.is_some() || !complete) {
         return Ok(version);
+    }
+    if key.is_some() {
+        // The content cannot change under its digest: only access is in question.
+        s.metrics
+            .source_requests
+            .with_label_values(&["proof"])
+            .inc();
+        return match proof::prove(&s.seed.source, &version, &reg.url, &headers, &s.shutdown).await {
+            Ok(()) => {
+                version.lock().validated.insert(fp);
+                Ok(version)
+            }
+            Err(ProofError::Origin(e)) => Err(task_error(&e)),
+            Err(ProofError::Mismatch(why)) => {
+                s.metrics.refused.with_label_values(&["register"]).inc();
+                tracing::warn!(url = %fetcher::source::redact(&reg.url), %why, "content-keyed registration refused");
+                Err(TaskError {
+                    kind: if complete {
+                        ErrorKind::Invalid
+                    } else {
+                        ErrorKind::Internal
+                    } as i32,
+                    http_status: 0,
+                    message: why,
+                })
+            }
+            Err(ProofError::Unavailable(why)) => Err(TaskError {
+                kind: ErrorKind::Internal as i32,
+                http_status: 0,
+                message: why,
+            }),
+        };
     }
     // A finished version may be stale, and unknown credentials must be accepted by the origin
     // before this peer gets any piece: one small ranged request answers both.

@@ -52,7 +52,7 @@ pub async fn run(
         _ => return send_error(&tx, invalid("the first message must be Register")).await,
     };
     let span = tracing::info_span!("session", task_id = %reg.task_id.get(..16).unwrap_or(""), peer = %reg.peer_id, remote = ?remote);
-    run_registered(s, inbound, tx, local_ip, reg)
+    run_registered(s, inbound, tx, local_ip, remote, reg)
         .instrument(span)
         .await;
 }
@@ -62,10 +62,18 @@ async fn run_registered(
     mut inbound: Streaming<PeerMessage>,
     tx: Tx,
     local_ip: Option<IpAddr>,
+    remote: Option<SocketAddr>,
     reg: pb::Register,
 ) {
-    let upload: SocketAddr = match reg.upload_addr.parse() {
-        Ok(a) => a,
+    let upload: SocketAddr = match reg.upload_addr.parse::<SocketAddr>() {
+        // Others reach the peer where it connected from: its claimed IP is not taken on trust.
+        Ok(a) => match remote {
+            Some(r) if r.ip() != a.ip() => {
+                tracing::info!(claimed = %a, seen = %r.ip(), "upload address taken from the connection");
+                SocketAddr::new(r.ip(), a.port())
+            }
+            _ => a,
+        },
         Err(_) => {
             return send_error(
                 &tx,
@@ -103,6 +111,8 @@ async fn run_registered(
             _ = s.shutdown.wait() => return,
         }
     };
+    let peer_ip = remote.map(|r| r.ip());
+    let (ticket, mut ticket_expires) = s.tickets.pieces(&info.version_id, peer_ip);
     let task_info = pb::TaskInfo {
         version_id: info.version_id.clone(),
         content_length: info.content_length,
@@ -110,6 +120,8 @@ async fn run_registered(
         etag: info.etag.clone(),
         last_modified: info.last_modified.clone(),
         supernode_id: SUPERNODE_ID.into(),
+        ticket_key: s.tickets.public().as_bytes().to_vec(),
+        ticket,
     };
     if tx
         .send(out(scheduler_message::Msg::TaskInfo(task_info)))
@@ -135,6 +147,8 @@ async fn run_registered(
             failed_parents: Default::default(),
             wanted: Default::default(),
             only_wanted: reg.only_wanted,
+            verified_only: version.expected_digest.is_some()
+                && crate::task::url_key(&reg.url) != crate::task::url_key(&version.url),
         },
     );
     s.metrics.peers.inc();
@@ -165,6 +179,15 @@ async fn run_registered(
         }
         if end {
             break;
+        }
+        // Renew the ticket at half its life.
+        if fetcher::ticket::now() + s.tickets.ttl.as_secs() / 2 >= ticket_expires {
+            let (ticket, expires) = s.tickets.pieces(&info.version_id, peer_ip);
+            ticket_expires = expires;
+            let m = scheduler_message::Msg::Ticket(pb::Ticket { ticket });
+            if tx.send(out(m)).await.is_err() {
+                return leave(&s, &version, &peer_id);
+            }
         }
         tokio::select! {
             r = changes.changed() => if r.is_err() { break },
@@ -205,6 +228,11 @@ fn step(
     let mut msgs = Vec::new();
     let mut st = version.lock();
     st.last_access = Instant::now();
+    let complete = matches!(st.status, SeedStatus::Complete { .. });
+    let failed = matches!(st.status, SeedStatus::Failed(_));
+    if !complete && !failed && st.peers.get(peer_id).is_some_and(|p| p.verified_only) {
+        return (msgs, false);
+    }
     for p in &st.pieces[(*sent).min(st.pieces.len())..] {
         msgs.push(scheduler_message::Msg::PieceInfo(p.to_proto()));
     }
@@ -287,13 +315,24 @@ fn on_result(s: &Scheduling, version: &Version, peer_id: &str, r: pb::PieceResul
             if let Some(p) = st.peers.get_mut(peer_id) {
                 p.failed_parents.insert(parent.clone());
             }
-            if parent_fault && st.bad_parents.insert(parent.clone()) {
+            let reporter = st
+                .peers
+                .get(peer_id)
+                .map(|p| p.host_id.clone())
+                .unwrap_or_default();
+            // Out of the task for everyone only on the word of more than one host.
+            let reporters = st.fault_reporters.entry(parent.clone()).or_default();
+            if parent_fault && reporters.len() < 64 {
+                reporters.insert(reporter.clone());
+            }
+            let witnessed = reporters.len() >= crate::isolation::MIN_REPORTERS;
+            if parent_fault && witnessed && st.bad_parents.insert(parent.clone()) {
                 s.metrics.isolations.with_label_values(&["task"]).inc();
                 tracing::warn!(parent = %parent, "parent isolated for this task");
             }
             if parent_fault
                 && let Some(host) = st.peers.get(&parent).map(|p| p.host_id.clone())
-                && s.isolation.fault(&host)
+                && s.isolation.fault(&host, &reporter)
             {
                 s.metrics.isolations.with_label_values(&["host"]).inc();
             }

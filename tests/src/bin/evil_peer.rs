@@ -33,6 +33,10 @@ impl PieceSource for Corrupting {
             Bytes::from(v)
         }))
     }
+
+    fn ticket_keys(&self, version_id: &str) -> Vec<fetcher::ticket::PublicKey> {
+        self.0.ticket_keys(version_id)
+    }
 }
 
 #[tokio::main]
