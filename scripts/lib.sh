@@ -22,9 +22,11 @@ start_origin() {
   [ -n "$ORIGIN" ] || { echo "origin did not start" >&2; cat "$WORK/origin.log" >&2; return 1; }
 }
 
-# start_supernode [ARGS...]: sets GRPC and HTTP (host:port); logs in $WORK/supernode.log
+# start_supernode [ARGS...]: sets GRPC and HTTP (host:port); logs in $WORK/supernode.log.
+# Origins here are on loopback, which a supernode's origin policy refuses unless allowed.
 start_supernode() {
-  "$BIN/supernode" --grpc-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 --data-dir "$WORK/supernode" "$@" \
+  "$BIN/supernode" --grpc-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 --data-dir "$WORK/supernode" \
+    --allow-address 127.0.0.0/8 "$@" \
     2> "$WORK/supernode.log" &
   for _ in $(seq 100); do grep -q "supernode ready" "$WORK/supernode.log" 2>/dev/null && break; sleep 0.1; done
   GRPC=$(sed -n 's/.*grpc_addr=\([0-9.:]*\).*/\1/p' "$WORK/supernode.log" | head -1)

@@ -13,6 +13,10 @@ pub enum Error {
     #[error("origin returned HTTP {status} for {url}")]
     OriginStatus { url: String, status: u16 },
 
+    /// The origin policy refuses the URL (or a redirect to it).
+    #[error("origin {url} refused by the origin policy: {why}")]
+    Refused { url: String, why: String },
+
     /// The origin could not be reached (DNS, connection refused, TLS, timeout).
     #[error("origin unreachable for {url}: {detail}")]
     OriginUnreachable { url: String, detail: String },
@@ -100,7 +104,8 @@ impl Error {
             Error::NoSupernode { .. } => 3,
             Error::OriginStatus { .. }
             | Error::OriginUnreachable { .. }
-            | Error::OriginBody { .. } => 4,
+            | Error::OriginBody { .. }
+            | Error::Refused { .. } => 4,
             Error::Supernode { .. } => 4,
             Error::NoSpace { .. } => 5,
             Error::DigestMismatch { .. } => 6,

@@ -40,6 +40,14 @@ pub struct Args {
     /// Cap on all piece uploads of this supernode (e.g. 40MiB) [default: none].
     #[arg(long, value_name = "RATE")]
     pub upload_rate: Option<String>,
+    /// Also allow fetching from this URL prefix (repeatable; `http://10.0.0.5:*/` for any port;
+    /// added to `origin_policy.allow`). Without any, every public origin is allowed.
+    #[arg(long = "allow-origin", value_name = "PREFIX")]
+    pub allow_origin: Vec<String>,
+    /// Also allow origins on this non-public address range (repeatable, e.g. 10.0.0.0/8; added to
+    /// `origin_policy.allow_addresses`).
+    #[arg(long = "allow-address", value_name = "CIDR")]
+    pub allow_address: Vec<String>,
     /// File holding the bearer token the admin API (preheat, index builds) requires; without
     /// one the admin API is disabled [default: none].
     #[arg(long, value_name = "FILE")]
@@ -79,6 +87,18 @@ pub struct Config {
     pub ticket_ttl: String,
     /// Bind piece tickets to the address a peer connected from (turn off only behind NAT).
     pub ticket_bind_ip: bool,
+    /// Which origins the supernode fetches from on a peer's behalf.
+    pub origin_policy: OriginPolicyConfig,
+}
+
+/// `[origin_policy]` of `supernode.toml` (see `fetcher::source::policy`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OriginPolicyConfig {
+    /// URL prefixes; empty: any origin on a public address.
+    pub allow: Vec<String>,
+    /// Non-public address ranges allowed anyway (CIDR or single addresses).
+    pub allow_addresses: Vec<String>,
 }
 
 impl Default for Config {
@@ -101,6 +121,7 @@ impl Default for Config {
             admin_token_file: None,
             ticket_ttl: "10m".into(),
             ticket_bind_ip: true,
+            origin_policy: OriginPolicyConfig::default(),
         }
     }
 }
@@ -141,6 +162,12 @@ pub fn load(args: &Args) -> Result<Config> {
     if let Some(v) = &args.upload_rate {
         c.upload_rate = v.clone();
     }
+    c.origin_policy
+        .allow
+        .extend(args.allow_origin.iter().cloned());
+    c.origin_policy
+        .allow_addresses
+        .extend(args.allow_address.iter().cloned());
     if args.admin_token_file.is_some() {
         c.admin_token_file = args.admin_token_file.clone();
     }

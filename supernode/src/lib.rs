@@ -95,7 +95,15 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
                 detail: e.to_string(),
             }
         })?;
-    let source = HttpSource::new(c.upstream_ca.as_deref())?;
+    let policy = fetcher::source::OriginPolicy::new(
+        &c.origin_policy.allow,
+        &c.origin_policy.allow_addresses,
+    )
+    .map_err(|e| Error::Config {
+        key: "origin_policy",
+        detail: e.to_string(),
+    })?;
+    let source = HttpSource::with_policy(c.upstream_ca.as_deref(), policy)?;
     let metrics = Metrics::new();
     let tasks = Arc::new(Tasks::default());
 
@@ -114,6 +122,7 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
             admin_token,
         },
         tickets: tickets::Tickets::new(issuer, ticket_ttl, c.ticket_bind_ip),
+        realms: Default::default(),
         tasks: tasks.clone(),
         tokens: fetcher::source::token::TokenCache::new(source.client().clone()),
         indexes: layer_index::Indexes::new(&c.data_dir, tasks.clone()),

@@ -31,7 +31,7 @@ pub fn task_error(e: &fetcher::Error) -> TaskError {
         }
         fetcher::Error::OriginUnreachable { .. } => (ErrorKind::OriginUnreachable, 0),
         fetcher::Error::OriginBody { .. } => (ErrorKind::OriginBody, 0),
-        fetcher::Error::Invalid { .. } => (ErrorKind::Invalid, 0),
+        fetcher::Error::Invalid { .. } | fetcher::Error::Refused { .. } => (ErrorKind::Invalid, 0),
         fetcher::Error::DigestMismatch { .. } => (ErrorKind::DigestMismatch, 0),
         _ => (ErrorKind::Internal, 0),
     };

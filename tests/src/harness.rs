@@ -175,8 +175,18 @@ impl Env {
         )
     }
 
-    /// Starts a supernode on free ports with its cache in `<dir>/<name>`; returns it and its gRPC address.
+    /// Starts a supernode on free ports with its cache in `<dir>/<name>`, allowed to fetch from
+    /// loopback origins (every test origin and registry is on loopback); returns it, its gRPC
+    /// address and its HTTP base URL.
     pub async fn supernode(&self, name: &str, extra: &[&str]) -> (Proc, String, String) {
+        let mut args = vec!["--allow-address", "127.0.0.0/8"];
+        args.extend_from_slice(extra);
+        self.strict_supernode(name, &args).await
+    }
+
+    /// A supernode with the default origin policy (public origins only: every loopback origin is
+    /// refused) and `extra` flags.
+    pub async fn strict_supernode(&self, name: &str, extra: &[&str]) -> (Proc, String, String) {
         let grpc = format!("127.0.0.1:{}", free_port());
         let http = format!("127.0.0.1:{}", free_port());
         let mut args: Vec<String> = vec![

@@ -326,8 +326,19 @@ async fn anonymous_lying_and_framing_parties_get_nothing_while_alice_pulls() {
     std::fs::write(env.path("admin-token"), "s3cret-admin-token-0123456789\n").expect("token");
     random_file(&env.path("www/x"), 1000);
     let token_file = env.path("admin-token").to_string_lossy().into_owned();
-    let (_sn2, _, http2) = env
-        .supernode("sn2", &["--admin-token-file", &token_file])
+    // sn2 has the default origin policy: nothing on loopback, except under an allowed prefix.
+    let origin_port = origin.rsplit(':').next().expect("port").to_owned();
+    let redirect_prefix = format!("http://127.0.0.1:{origin_port}/redirect/");
+    let (sn2, grpc2, http2) = env
+        .strict_supernode(
+            "sn2",
+            &[
+                "--admin-token-file",
+                &token_file,
+                "--allow-origin",
+                &redirect_prefix,
+            ],
+        )
         .await;
     let preheat = format!("{http2}/api/v1/preheat");
     assert_eq!(post(preheat.clone(), None).await.0, 401);
@@ -337,15 +348,62 @@ async fn anonymous_lying_and_framing_parties_get_nothing_while_alice_pulls() {
             .0,
         403
     );
-    let r = client
-        .post(preheat)
-        .bearer_auth("s3cret-admin-token-0123456789")
-        .header("content-type", "application/json")
-        .body(serde_json::json!({"url": format!("{origin}/files/x")}).to_string())
-        .send()
-        .await
-        .expect("preheat");
-    assert_eq!(r.status().as_u16(), 202, "preheat with the admin token");
+    let preheat_url = |url: String| {
+        let (client, preheat) = (client.clone(), preheat.clone());
+        async move {
+            let r = client
+                .post(preheat)
+                .bearer_auth("s3cret-admin-token-0123456789")
+                .header("content-type", "application/json")
+                .body(serde_json::json!({ "url": url }).to_string())
+                .send()
+                .await
+                .expect("preheat");
+            (r.status().as_u16(), r.text().await.unwrap_or_default())
+        }
+    };
+
+    // SSRF: the admin token opens the API, not the network. A loopback origin is refused before
+    // any request; an allowed prefix's redirect to a path outside it is refused at the hop.
+    let stats = || async { get_text(&format!("{origin}/_stats")).await };
+    let before = stats().await;
+    let (code, body) = preheat_url(format!("{origin}/files/x")).await;
+    assert_eq!(code, 400, "preheat of a loopback origin: {body}");
+    assert!(body.contains("origin policy"), "{body}");
+    let (code, body) = preheat_url("http://169.254.169.254/latest/meta-data/".into()).await;
+    assert_eq!(code, 400, "preheat of the metadata address: {body}");
+    let (code, body) = preheat_url(format!("{origin}/redirect/x")).await;
+    assert_eq!(code, 202, "preheat under the allowed prefix: {body}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !sn2.output().contains("seed failed") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the redirect was not refused: {}",
+            sn2.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(sn2.output().contains("origin policy"), "{}", sn2.output());
+    assert_eq!(stats().await, before, "the origin served a refused request");
+    // Token: only realms a registry under the policy announces; never the URL the caller names.
+    for (g, registry_base) in [
+        (&grpc2, origin.clone()),
+        (&grpc, format!("https://{registry}")),
+    ] {
+        let mut c = SchedulerClient::connect(format!("http://{g}"))
+            .await
+            .expect("connect");
+        let r = c
+            .token(pb::TokenRequest {
+                url: format!("{origin}/files/x?service=metadata"),
+                authorization: Some("Bearer attacker-chosen".into()),
+                registry: registry_base,
+            })
+            .await;
+        let status = r.expect_err("a token for an unannounced realm");
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    }
+    assert_eq!(stats().await, before, "the origin served a token SSRF");
     let index = damselfly_tests::harness::agent_layer_index(
         &b.socket,
         &blob_url(&big),

@@ -42,7 +42,7 @@ pub(crate) async fn serve(
     if !(status.is_success() || status.is_redirection()) {
         // The registry's refusal (401 with its WWW-Authenticate, 403, 404...) goes back as it is.
         if status == reqwest::StatusCode::UNAUTHORIZED {
-            p.tokens.learn(head.headers());
+            p.tokens.learn(&target, head.headers());
         }
         let mut out = Response::builder().status(status.as_u16());
         if let Some(h) = out.headers_mut() {

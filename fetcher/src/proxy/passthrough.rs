@@ -60,7 +60,7 @@ pub(crate) async fn forward(p: &super::Proxy, req: Request<Body>, target: url::U
     };
     let status = resp.status();
     if status == reqwest::StatusCode::UNAUTHORIZED {
-        p.tokens.learn(resp.headers());
+        p.tokens.learn(&target, resp.headers());
     }
     let mut out = Response::builder().status(status.as_u16());
     if let Some(h) = out.headers_mut() {

@@ -8,7 +8,7 @@
 //! the same thing with the same credentials and reuses the token while fresh; when no supernode
 //! answers, this agent's own [`TokenCache`] does the same for its clients.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -30,53 +30,35 @@ pub(crate) const MIRROR_TOKEN_PATH: &str = "/_damselfly/token";
 const MAX_REALMS: usize = 256;
 
 pub(crate) struct Tokens {
-    realms: Mutex<HashSet<String>>,
+    /// realm key → base URL of the registry that named it.
+    realms: Mutex<HashMap<String, String>>,
     local: TokenCache,
     clients: Mutex<HashMap<String, SchedulerClient<Channel>>>,
 }
 
-/// `scheme://host:port/path` of a URL: what identifies a realm.
-fn realm_key(u: &url::Url) -> String {
-    format!(
-        "{}://{}:{}{}",
-        u.scheme(),
-        u.host_str().unwrap_or(""),
-        u.port_or_known_default().unwrap_or(0),
-        u.path()
-    )
-}
+use crate::source::token::realm_key;
 
-/// The `realm` of a `Bearer` challenge, if `value` is one.
-pub(crate) fn bearer_realm(value: &str) -> Option<url::Url> {
-    let rest = value.trim_start();
-    let params = rest
-        .get(..7)
-        .filter(|s| s.eq_ignore_ascii_case("bearer "))
-        .map(|_| &rest[7..])?;
-    let start = params.find("realm=\"")? + 7;
-    let len = params[start..].find('"')?;
-    url::Url::parse(&params[start..start + len])
-        .ok()
-        .filter(|u| matches!(u.scheme(), "http" | "https"))
-}
+pub(crate) use crate::source::token::bearer_realm;
 
 impl Tokens {
     pub fn new(client: reqwest::Client) -> Self {
         Self {
-            realms: Mutex::new(HashSet::new()),
+            realms: Mutex::new(HashMap::new()),
             local: TokenCache::new(client),
             clients: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Remembers the realms of the Bearer challenges in `headers` (an upstream answer).
-    pub fn learn(&self, headers: &HeaderMap) {
+    /// Remembers the realms of the Bearer challenges in `headers` (an answer of the registry
+    /// `upstream` was asked).
+    pub fn learn(&self, upstream: &url::Url, headers: &HeaderMap) {
+        let registry = crate::source::token::registry_base(upstream);
         for v in headers.get_all(header::WWW_AUTHENTICATE) {
             if let Some(realm) = v.to_str().ok().and_then(bearer_realm)
                 && let Ok(mut r) = self.realms.lock()
                 && r.len() < MAX_REALMS
             {
-                r.insert(realm_key(&realm));
+                r.insert(realm_key(&realm), registry.clone());
             }
         }
     }
@@ -85,7 +67,16 @@ impl Tokens {
     pub fn is_token_request(&self, target: &url::Url) -> bool {
         self.realms
             .lock()
-            .is_ok_and(|r| r.contains(&realm_key(target)))
+            .is_ok_and(|r| r.contains_key(&realm_key(target)))
+    }
+
+    /// The registry that named the realm of `target`.
+    fn registry_of(&self, target: &url::Url) -> String {
+        self.realms
+            .lock()
+            .ok()
+            .and_then(|r| r.get(&realm_key(target)).cloned())
+            .unwrap_or_default()
     }
 
     async fn client(&self, addr: &str) -> Option<SchedulerClient<Channel>> {
@@ -111,6 +102,7 @@ impl Tokens {
             let req = TokenRequest {
                 url: target.to_string(),
                 authorization: authorization.map(str::to_owned),
+                registry: self.registry_of(target),
             };
             let mut req = tonic::Request::new(req);
             req.set_timeout(Duration::from_secs(40));

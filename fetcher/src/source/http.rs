@@ -14,7 +14,19 @@ use crate::error::{Error, Result};
 #[derive(Clone, Debug)]
 pub struct HttpSource {
     client: reqwest::Client,
+    /// Checked before every request and redirect (supernodes); `None`: a peer's own fetches.
+    policy: Option<super::OriginPolicy>,
 }
+
+/// Request headers a caller may not set: the connection's framing and target are ours.
+const NOT_FORWARDED: [&str; 6] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "te",
+    "upgrade",
+];
 
 /// What the origin says about the content, from a response's headers.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -40,11 +52,43 @@ impl HttpSource {
 
     /// A client trusting the system roots and, if given, the PEM CA certificates in `extra_ca`.
     pub fn new(extra_ca: Option<&Path>) -> Result<Self> {
+        Self::build(extra_ca, None)
+    }
+
+    /// Like [`HttpSource::new`], with every request, redirect hop and resolved address checked
+    /// against `policy` (what a supernode fetches on others' behalf).
+    pub fn with_policy(extra_ca: Option<&Path>, policy: super::OriginPolicy) -> Result<Self> {
+        Self::build(extra_ca, Some(policy))
+    }
+
+    /// The origin policy, if this source has one.
+    pub fn policy(&self) -> Option<&super::OriginPolicy> {
+        self.policy.as_ref()
+    }
+
+    fn build(extra_ca: Option<&Path>, policy: Option<super::OriginPolicy>) -> Result<Self> {
+        let redirect = match policy.clone() {
+            None => reqwest::redirect::Policy::limited(10),
+            Some(p) => reqwest::redirect::Policy::custom(move |attempt| {
+                if attempt.previous().len() >= 10 {
+                    return attempt.error("more than 10 redirects");
+                }
+                match p.check(attempt.url()) {
+                    Ok(()) => attempt.follow(),
+                    Err(e) => attempt.error(e.to_string()),
+                }
+            }),
+        };
         let mut b = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(Duration::from_secs(60))
-            .redirect(reqwest::redirect::Policy::limited(10))
+            .redirect(redirect)
             .user_agent(concat!("damselfly/", env!("CARGO_PKG_VERSION")));
+        if let Some(p) = &policy {
+            b = b.dns_resolver(std::sync::Arc::new(super::policy::PolicyResolver(
+                p.clone(),
+            )));
+        }
         if let Some(path) = extra_ca {
             let pem = std::fs::read(path).map_err(|e| Error::io("cannot read CA file", path, e))?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem)
@@ -62,7 +106,7 @@ impl HttpSource {
         let client = b
             .build()
             .map_err(|e| Error::invalid("HTTP client", error_chain(&e)))?;
-        Ok(Self { client })
+        Ok(Self { client, policy })
     }
 
     /// GETs `url` with `headers`, optionally a byte range (inclusive end). Fails on non-2xx.
@@ -72,8 +116,16 @@ impl HttpSource {
         headers: &[HeaderPair],
         range: Option<(u64, u64)>,
     ) -> Result<OriginResponse> {
+        if let Some(p) = &self.policy {
+            let parsed = url::Url::parse(url)
+                .map_err(|e| Error::invalid("URL", format!("{}: {e}", super::redact(url))))?;
+            p.check(&parsed)?;
+        }
         let mut req = self.client.get(url);
         for (k, v) in headers {
+            if NOT_FORWARDED.iter().any(|n| k.eq_ignore_ascii_case(n)) {
+                continue;
+            }
             let name = header::HeaderName::from_bytes(k.as_bytes())
                 .map_err(|_| Error::invalid("header", format!("bad header name {k:?}")))?;
             let value = header::HeaderValue::from_str(v)

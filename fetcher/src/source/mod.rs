@@ -2,9 +2,11 @@
 //! back-to-source; peers use them only when no supernode is reachable.
 
 mod http;
+pub mod policy;
 pub mod token;
 
 pub use http::{HttpSource, OriginResponse, Probe};
+pub use policy::OriginPolicy;
 
 /// One request header forwarded to the origin (`Authorization`, `Cookie`, `-H ...`).
 pub type HeaderPair = (String, String);

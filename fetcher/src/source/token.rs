@@ -48,6 +48,41 @@ impl TokenAnswer {
     }
 }
 
+/// `scheme://host:port/path` of a URL: what identifies a token realm.
+pub fn realm_key(u: &url::Url) -> String {
+    format!(
+        "{}://{}:{}{}",
+        u.scheme(),
+        u.host_str().unwrap_or(""),
+        u.port_or_known_default().unwrap_or(0),
+        u.path()
+    )
+}
+
+/// The `realm` of a `Bearer` challenge, if `value` is one.
+pub fn bearer_realm(value: &str) -> Option<url::Url> {
+    let rest = value.trim_start();
+    let params = rest
+        .get(..7)
+        .filter(|s| s.eq_ignore_ascii_case("bearer "))
+        .map(|_| &rest[7..])?;
+    let start = params.find("realm=\"")? + 7;
+    let len = params[start..].find('"')?;
+    url::Url::parse(&params[start..start + len])
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https"))
+}
+
+/// `scheme://host:port` of a registry URL.
+pub fn registry_base(u: &url::Url) -> String {
+    format!(
+        "{}://{}:{}",
+        u.scheme(),
+        u.host_str().unwrap_or(""),
+        u.port_or_known_default().unwrap_or(0)
+    )
+}
+
 /// Token lifetime when the answer does not say (distribution's token spec: 60 s).
 const DEFAULT_EXPIRES_IN: u64 = 60;
 /// Answers too large for a token response are refused.

@@ -3,6 +3,7 @@
 pub mod assign;
 pub mod index;
 mod proof;
+pub mod realms;
 mod register;
 mod session;
 
@@ -46,6 +47,8 @@ pub struct Scheduling {
     pub indexes: crate::layer_index::Indexes,
     /// Ticket signing for pieces and indexes.
     pub tickets: crate::tickets::Tickets,
+    /// Token realms registries announced.
+    pub realms: realms::Realms,
 }
 
 /// The tonic service.
@@ -100,6 +103,23 @@ impl Scheduler for SchedulerService {
                 url.path()
             )),
         );
+        // Only realms a registry under the origin policy announces, and no other URL.
+        if let Some(p) = self.inner.seed.source.policy() {
+            p.check(&url)
+                .map_err(|e| Status::permission_denied(e.to_string()))?;
+        }
+        self.inner
+            .realms
+            .check(&self.inner.seed.source, &req.registry, &url)
+            .await
+            .map_err(|why| {
+                self.inner
+                    .metrics
+                    .refused
+                    .with_label_values(&["token"])
+                    .inc();
+                Status::permission_denied(why)
+            })?;
         let answer = self
             .inner
             .tokens
@@ -135,6 +155,10 @@ impl Scheduler for SchedulerService {
             .or(local_ip)
             .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
         let base = std::net::SocketAddr::new(ip, self.inner.cfg.http_port);
+        // The index task's origin is this supernode's own index API.
+        if let Some(p) = self.inner.seed.source.policy() {
+            p.allow_own(base);
+        }
         // The index opens with a ticket for the blob's verified version, which this peer just
         // proved (with its own credentials) it may read.
         let task_id = fetcher::task_id::content_task_id(&req.digest)

@@ -29,6 +29,13 @@ pub async fn join(s: &Scheduling, reg: &Register) -> Result<Arc<Version>, TaskEr
     let key = (!reg.content_key.is_empty()).then_some(reg.content_key.as_str());
     let task_id = fetcher::task_id::task_id_of(&reg.url, &reg.tag, &filter, key)
         .map_err(|e| invalid(e.to_string()))?;
+    if let Some(p) = s.seed.source.policy() {
+        let url = url::Url::parse(&reg.url).map_err(|e| invalid(e.to_string()))?;
+        p.check(&url).map_err(|e| {
+            s.metrics.refused.with_label_values(&["origin"]).inc();
+            invalid(e.to_string())
+        })?;
+    }
     if task_id != reg.task_id {
         return Err(invalid(format!(
             "task id {} does not match url, tag and filter",
