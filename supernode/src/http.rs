@@ -164,6 +164,21 @@ impl IntoResponse for AdminRefusal {
     }
 }
 
+/// An admin API request whose `Authorization: Bearer <admin token>` checked out (an extractor:
+/// a refused request is answered before its body is read).
+struct Admin;
+
+impl axum::extract::FromRequestParts<Arc<Scheduling>> for Admin {
+    type Rejection = AdminRefusal;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        s: &Arc<Scheduling>,
+    ) -> Result<Self, AdminRefusal> {
+        admin(s, &parts.headers).map(|()| Admin)
+    }
+}
+
 /// Checks `Authorization: Bearer <admin token>` on an admin API request.
 fn admin(s: &Scheduling, headers: &axum::http::HeaderMap) -> Result<(), AdminRefusal> {
     use sha2::{Digest, Sha256};
@@ -206,16 +221,9 @@ pub struct BuildIndexResponse {
 /// `POST /api/v1/index`: answers once the index exists, with its size.
 async fn build_index(
     State(s): State<Arc<Scheduling>>,
-    headers: axum::http::HeaderMap,
-    req: Result<Json<BuildIndexRequest>, axum::extract::rejection::JsonRejection>,
+    _admin: Admin,
+    Json(req): Json<BuildIndexRequest>,
 ) -> axum::response::Response {
-    if let Err(refusal) = admin(&s, &headers) {
-        return refusal.into_response();
-    }
-    let Json(req) = match req {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
     let req = crate::scheduler::index::IndexRequest {
         url: req.url,
         headers: req.headers.into_iter().collect(),
@@ -248,16 +256,9 @@ async fn metrics(State(s): State<Arc<Scheduling>>) -> String {
 
 async fn preheat(
     State(s): State<Arc<Scheduling>>,
-    headers: axum::http::HeaderMap,
-    req: Result<Json<PreheatRequest>, axum::extract::rejection::JsonRejection>,
+    _admin: Admin,
+    Json(req): Json<PreheatRequest>,
 ) -> axum::response::Response {
-    if let Err(refusal) = admin(&s, &headers) {
-        return refusal.into_response();
-    }
-    let Json(req) = match req {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
     match register_for_preheat(&s, req).await {
         Ok(task_id) => (StatusCode::ACCEPTED, Json(PreheatResponse { task_id })).into_response(),
         Err(e) => (StatusCode::BAD_REQUEST, e.message).into_response(),

@@ -108,6 +108,25 @@ async fn piece(base: &str, vid: &str, ticket: Option<&str>, local: &str) -> (u16
     (code, r.bytes().await.expect("body").to_vec())
 }
 
+/// Alice's skopeo pull of the test image through the agent whose proxy is at `proxy`.
+async fn pull(proxy: &str, dest: &std::path::Path) -> (i32, String) {
+    let src = format!("docker://{proxy}/project/app:v1");
+    let dest = format!("oci:{}:app", dest.display());
+    skopeo(
+        &[
+            "--insecure-policy",
+            "copy",
+            "--src-tls-verify=false",
+            "--src-creds",
+            CREDS,
+            &src,
+            &dest,
+        ],
+        &[],
+    )
+    .await
+}
+
 /// The agent's upload address, from its "peer started" log line.
 fn upload_addr(log: &str) -> String {
     let at = log
@@ -198,21 +217,7 @@ async fn anonymous_lying_and_framing_parties_get_nothing_while_alice_pulls() {
             &["--registry-mirror", &mirror, "--upstream-ca", &ca],
         )
         .await;
-    let dest = format!("oci:{}:app", env.path("alice").display());
-    let src = format!("docker://{}/project/app:v1", a.proxy);
-    let (code, out) = skopeo(
-        &[
-            "--insecure-policy",
-            "copy",
-            "--src-tls-verify=false",
-            "--src-creds",
-            CREDS,
-            &src,
-            &dest,
-        ],
-        &[],
-    )
-    .await;
+    let (code, out) = pull(&a.proxy, &env.path("alice")).await;
     if code != 0 {
         env.dump_logs();
     }
@@ -497,21 +502,7 @@ async fn anonymous_lying_and_framing_parties_get_nothing_while_alice_pulls() {
     );
 
     // Host B still gets the image from the cluster, agent A included.
-    let dest_b = format!("oci:{}:app", env.path("bob-host").display());
-    let src_b = format!("docker://{}/project/app:v1", b.proxy);
-    let (code, out) = skopeo(
-        &[
-            "--insecure-policy",
-            "copy",
-            "--src-tls-verify=false",
-            "--src-creds",
-            CREDS,
-            &src_b,
-            &dest_b,
-        ],
-        &[],
-    )
-    .await;
+    let (code, out) = pull(&b.proxy, &env.path("bob-host")).await;
     assert_eq!(code, 0, "{out}");
     let from_peers = b
         .metric("damselfly_peer_download_bytes_total", "from=\"peer\"")
