@@ -113,7 +113,7 @@ impl Peer {
         addr: &str,
         r: &RangeRequest,
     ) -> std::result::Result<proto::scheduler::LayerIndexReply, IndexFailure> {
-        let mut client = crate::download::scheduled::connect(addr)
+        let mut client = crate::download::scheduled::connect(addr, self.inner.cfg.tls.as_ref())
             .await
             .map_err(IndexFailure::Unreachable)?;
         let mut req = tonic::Request::new(LayerIndexRequest {

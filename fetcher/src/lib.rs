@@ -23,6 +23,7 @@ pub mod shutdown;
 pub mod source;
 pub mod task_id;
 pub mod ticket;
+pub mod tls;
 pub mod uds;
 pub mod upload;
 

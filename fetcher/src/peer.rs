@@ -40,6 +40,8 @@ pub struct PeerConfig {
     pub upstream_ca: Option<PathBuf>,
     /// Keep serving a task's pieces after it finished (agents), until shutdown.
     pub keep_seeding: bool,
+    /// Cluster TLS towards the supernodes (`None`: plaintext gRPC).
+    pub tls: Option<crate::tls::ClusterTls>,
 }
 
 impl Default for PeerConfig {
@@ -54,6 +56,7 @@ impl Default for PeerConfig {
             max_upload_concurrency: 16,
             upstream_ca: None,
             keep_seeding: false,
+            tls: None,
         }
     }
 }
@@ -227,6 +230,11 @@ impl Peer {
         if let Some(t) = task {
             let _ = tokio::time::timeout(grace, t).await;
         }
+    }
+
+    /// Cluster TLS towards the supernodes, if configured.
+    pub fn tls(&self) -> Option<&crate::tls::ClusterTls> {
+        self.inner.cfg.tls.as_ref()
     }
 
     /// The supernode scheduler addresses this peer was configured with.

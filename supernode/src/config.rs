@@ -40,6 +40,16 @@ pub struct Args {
     /// Cap on all piece uploads of this supernode (e.g. 40MiB) [default: none].
     #[arg(long, value_name = "RATE")]
     pub upload_rate: Option<String>,
+    /// Cluster CA (PEM): serve the scheduler over TLS and require peers' certificates signed by it
+    /// (with --tls-cert and --tls-key) [default: plaintext].
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// This supernode's certificate (PEM, signed by the cluster CA; names and IPs peers dial).
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
     /// Also allow fetching from this URL prefix (repeatable; `http://10.0.0.5:*/` for any port;
     /// added to `origin_policy.allow`). Without any, every public origin is allowed.
     #[arg(long = "allow-origin", value_name = "PREFIX")]
@@ -89,6 +99,12 @@ pub struct Config {
     pub ticket_bind_ip: bool,
     /// Which origins the supernode fetches from on a peer's behalf.
     pub origin_policy: OriginPolicyConfig,
+    /// Cluster TLS for the scheduler (all three or none).
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// With TLS: refuse peers without a certificate from the cluster CA.
+    pub tls_require_client_cert: bool,
 }
 
 /// `[origin_policy]` of `supernode.toml` (see `fetcher::source::policy`).
@@ -122,6 +138,10 @@ impl Default for Config {
             ticket_ttl: "10m".into(),
             ticket_bind_ip: true,
             origin_policy: OriginPolicyConfig::default(),
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_require_client_cert: true,
         }
     }
 }
@@ -161,6 +181,15 @@ pub fn load(args: &Args) -> Result<Config> {
     }
     if let Some(v) = &args.upload_rate {
         c.upload_rate = v.clone();
+    }
+    for (flag, key) in [
+        (&args.tls_ca, &mut c.tls_ca),
+        (&args.tls_cert, &mut c.tls_cert),
+        (&args.tls_key, &mut c.tls_key),
+    ] {
+        if flag.is_some() {
+            *key = flag.clone();
+        }
     }
     c.origin_policy
         .allow

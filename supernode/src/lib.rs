@@ -87,6 +87,13 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
         .as_deref()
         .map(config::read_admin_token)
         .transpose()?;
+    let tls = fetcher::tls::TlsFiles::from_parts(
+        c.tls_ca.as_deref(),
+        c.tls_cert.as_deref(),
+        c.tls_key.as_deref(),
+    )?
+    .map(|f| fetcher::tls::ClusterTls::load(&f))
+    .transpose()?;
     let store = Store::open(&c.data_dir)?;
     let issuer =
         fetcher::ticket::Issuer::load_or_create(&c.data_dir.join("ticket.key")).map_err(|e| {
@@ -162,8 +169,12 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
 
     let svc = SchedulerServer::new(SchedulerService::new(scheduling.clone()));
     let sd = shutdown.clone();
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = &tls {
+        builder = builder.tls_config(t.server(c.tls_require_client_cert))?;
+    }
     let server = tokio::spawn(async move {
-        let r = tonic::transport::Server::builder()
+        let r = builder
             .http2_keepalive_interval(Some(Duration::from_secs(15)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(svc)
@@ -175,7 +186,7 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
             tracing::error!(error = %e, "scheduler server failed");
         }
     });
-    tracing::info!(%grpc_addr, %http_addr, data_dir = %c.data_dir.display(), cache_size, "supernode ready");
+    tracing::info!(%grpc_addr, %http_addr, data_dir = %c.data_dir.display(), cache_size, tls = tls.is_some(), "supernode ready");
     Ok(Running {
         grpc_addr,
         http_addr,

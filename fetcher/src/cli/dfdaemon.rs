@@ -76,6 +76,16 @@ pub struct Args {
     /// Extra CA certificates (PEM) for HTTPS origins.
     #[arg(long, value_name = "FILE")]
     pub upstream_ca: Option<PathBuf>,
+    /// Cluster CA (PEM): talk to supernodes over TLS, verifying them against it (with --tls-cert
+    /// and --tls-key) [default: plaintext].
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// This host's certificate (PEM, signed by the cluster CA), shown to supernodes.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
     /// Log lines as JSON.
     #[arg(long)]
     pub log_json: bool,
@@ -101,6 +111,9 @@ pub struct DaemonConfig {
     pub download_rate: String,
     pub max_upload_concurrency: usize,
     pub upstream_ca: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
     pub gc: GcConfig,
 }
 
@@ -145,6 +158,9 @@ impl Default for DaemonConfig {
             download_rate: "0".into(),
             max_upload_concurrency: 16,
             upstream_ca: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
             gc: GcConfig::default(),
         }
     }
@@ -176,6 +192,15 @@ fn merge(args: &Args) -> Result<DaemonConfig> {
     if args.upstream_ca.is_some() {
         c.upstream_ca = args.upstream_ca.clone();
     }
+    for (flag, key) in [
+        (&args.tls_ca, &mut c.tls_ca),
+        (&args.tls_cert, &mut c.tls_cert),
+        (&args.tls_key, &mut c.tls_key),
+    ] {
+        if flag.is_some() {
+            *key = flag.clone();
+        }
+    }
     if let Some(h) = &args.hijack {
         c.hijack = split_list(h);
     }
@@ -203,6 +228,13 @@ pub async fn run(args: Args) -> i32 {
 async fn run_inner(args: Args) -> Result<()> {
     let c = merge(&args)?;
     let field = |name: &'static str, e: Error| Error::invalid("config", format!("{name}: {e}"));
+    let tls = crate::tls::TlsFiles::from_parts(
+        c.tls_ca.as_deref(),
+        c.tls_cert.as_deref(),
+        c.tls_key.as_deref(),
+    )?
+    .map(|f| crate::tls::ClusterTls::load(&f))
+    .transpose()?;
     let peer_cfg = PeerConfig {
         supernodes: c.supernodes.clone(),
         data_dir: c.data_dir.clone(),
@@ -213,6 +245,7 @@ async fn run_inner(args: Args) -> Result<()> {
         max_upload_concurrency: c.max_upload_concurrency,
         upstream_ca: c.upstream_ca.clone(),
         keep_seeding: true,
+        tls,
     };
     let gc_age = parse_duration(&c.gc.max_age).map_err(|e| field("gc.max_age", e))?;
     let gc_size = parse_size(&c.gc.max_size).map_err(|e| field("gc.max_size", e))?;

@@ -29,13 +29,22 @@ pub(crate) struct Session {
 /// How long to wait for the supernode's first answer (it may be waiting on a slow origin).
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Opens a scheduler client to `addr` (`host:port`).
-pub async fn connect(addr: &str) -> Result<SchedulerClient<tonic::transport::Channel>, String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+/// Opens a scheduler client to `addr` (`host:port`), over cluster TLS when `tls` is given.
+pub async fn connect(
+    addr: &str,
+    tls: Option<&crate::tls::ClusterTls>,
+) -> Result<SchedulerClient<tonic::transport::Channel>, String> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))
         .map_err(|e| format!("bad supernode address {addr:?}: {e}"))?
         .connect_timeout(Duration::from_secs(3))
         .http2_keep_alive_interval(Duration::from_secs(15))
         .keep_alive_timeout(Duration::from_secs(10));
+    if let Some(t) = tls {
+        endpoint = endpoint
+            .tls_config(t.client(addr))
+            .map_err(|e| format!("TLS towards {addr}: {}", crate::source::error_chain(&e)))?;
+    }
     let channel = endpoint
         .connect()
         .await
@@ -49,7 +58,9 @@ fn send_err<T>(_: T) -> SessionError {
 
 impl Download<'_> {
     pub(crate) async fn with_supernode(&mut self, addr: &str) -> Result<Session, SessionError> {
-        let mut client = connect(addr).await.map_err(SessionError::Retry)?;
+        let mut client = connect(addr, self.peer.inner.cfg.tls.as_ref())
+            .await
+            .map_err(SessionError::Retry)?;
         let (tx, rx) = mpsc::channel::<PeerMessage>(256);
         // A lazy reader's wishes (which pieces first, and whether anything else).
         let mut wants = match &self.req.output {

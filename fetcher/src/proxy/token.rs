@@ -79,11 +79,15 @@ impl Tokens {
             .unwrap_or_default()
     }
 
-    async fn client(&self, addr: &str) -> Option<SchedulerClient<Channel>> {
+    async fn client(
+        &self,
+        addr: &str,
+        tls: Option<&crate::tls::ClusterTls>,
+    ) -> Option<SchedulerClient<Channel>> {
         if let Some(c) = self.clients.lock().ok()?.get(addr) {
             return Some(c.clone());
         }
-        let c = crate::download::scheduled::connect(addr).await.ok()?;
+        let c = crate::download::scheduled::connect(addr, tls).await.ok()?;
         self.clients.lock().ok()?.insert(addr.to_owned(), c.clone());
         Some(c)
     }
@@ -92,11 +96,12 @@ impl Tokens {
     async fn answer(
         &self,
         supernodes: &[String],
+        tls: Option<&crate::tls::ClusterTls>,
         target: &url::Url,
         authorization: Option<&str>,
     ) -> Result<TokenAnswer, String> {
         for addr in rendezvous::order(target.as_str(), supernodes) {
-            let Some(mut c) = self.client(addr).await else {
+            let Some(mut c) = self.client(addr, tls).await else {
                 continue;
             };
             let req = TokenRequest {
@@ -213,7 +218,7 @@ pub(crate) async fn serve(p: &Proxy, headers: &HeaderMap, target: url::Url) -> R
         .and_then(|v| v.to_str().ok());
     match p
         .tokens
-        .answer(p.peer.supernodes(), &target, authorization)
+        .answer(p.peer.supernodes(), p.peer.tls(), &target, authorization)
         .await
     {
         Ok(a) => {
