@@ -280,7 +280,56 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::parse_content_range;
+    use super::{HttpSource, parse_content_range};
+    use crate::error::Error;
+
+    /// A loopback origin answering every GET with 206, `Content-Range: <range>` and `body`.
+    async fn partial_origin(range: &'static str, body: &'static str) -> String {
+        let app = axum::Router::new().route(
+            "/x",
+            axum::routing::get(move || async move {
+                (
+                    axum::http::StatusCode::PARTIAL_CONTENT,
+                    [(axum::http::header::CONTENT_RANGE, range)],
+                    body,
+                )
+            }),
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(l, app).await });
+        format!("http://{addr}/x")
+    }
+
+    #[tokio::test]
+    async fn inconsistent_partial_answers_are_origin_errors() {
+        let src = HttpSource::new(None).expect("client");
+        let url = partial_origin("bytes 0-9/100", "0123456789").await;
+        // 206 to a request without Range.
+        let e = src.get(&url, &[], None).await.err().expect("refused");
+        assert!(matches!(e, Error::OriginBody { .. }), "{e}");
+        assert!(src.get(&url, &[], Some((0, 9))).await.is_ok());
+        // Not where asked.
+        assert!(src.get(&url, &[], Some((5, 9))).await.is_err());
+        // Content-Length disagrees with the range.
+        let short = partial_origin("bytes 0-9/100", "01234").await;
+        assert!(src.get(&short, &[], Some((0, 9))).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_policy_source_refuses_loopback_before_sending() {
+        let url = partial_origin("bytes 0-0/1", "0").await;
+        let src =
+            HttpSource::with_policy(None, crate::source::OriginPolicy::default()).expect("client");
+        let e = src
+            .get(&url, &[], Some((0, 0)))
+            .await
+            .err()
+            .expect("refused");
+        assert!(matches!(e, Error::Refused { .. }), "{e}");
+    }
 
     #[test]
     fn content_range_is_parsed_strictly() {
