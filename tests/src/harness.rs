@@ -187,53 +187,58 @@ impl Env {
     /// A supernode with the default origin policy (public origins only: every loopback origin is
     /// refused) and `extra` flags.
     pub async fn strict_supernode(&self, name: &str, extra: &[&str]) -> (Proc, String, String) {
-        let grpc = format!("127.0.0.1:{}", free_port());
-        let http = format!("127.0.0.1:{}", free_port());
-        let mut args: Vec<String> = vec![
-            "--grpc-addr".into(),
-            grpc.clone(),
-            "--http-addr".into(),
-            http.clone(),
-            "--data-dir".into(),
-            self.path(name).to_string_lossy().into_owned(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let p = self.spawn(name, "supernode", &args);
-        let http_url = format!("http://{http}");
-        wait_http(&format!("{http_url}/healthz"), Duration::from_secs(15)).await;
-        (p, grpc, http_url)
+        // A free port can be taken by another process before the daemon binds it: try again.
+        for attempt in 1.. {
+            let grpc = format!("127.0.0.1:{}", free_port());
+            let http = format!("127.0.0.1:{}", free_port());
+            let mut args: Vec<String> = vec![
+                "--grpc-addr".into(),
+                grpc.clone(),
+                "--http-addr".into(),
+                http.clone(),
+                "--data-dir".into(),
+                self.path(name).to_string_lossy().into_owned(),
+            ];
+            args.extend(extra.iter().map(|s| s.to_string()));
+            let mut p = self.spawn(name, "supernode", &args);
+            let http_url = format!("http://{http}");
+            if wait_up(&mut p, &format!("{http_url}/healthz"), attempt).await {
+                return (p, grpc, http_url);
+            }
+        }
+        unreachable!("wait_up panics on the last attempt")
     }
 
     /// Starts a dfdaemon (store `<dir>/<name>`, socket `<dir>/<name>.sock`, every port free on
     /// loopback) with `extra` flags; waits for its metrics endpoint.
     pub async fn dfdaemon(&self, name: &str, supernode: &str, extra: &[&str]) -> (Proc, Daemon) {
-        let d = Daemon {
-            proxy: format!("127.0.0.1:{}", free_port()),
-            metrics: format!("127.0.0.1:{}", free_port()),
-            socket: self.path(&format!("{name}.sock")),
-        };
-        let mut args: Vec<String> = vec![
-            "--supernode".into(),
-            supernode.into(),
-            "--data-dir".into(),
-            self.path(name).to_string_lossy().into_owned(),
-            "--agent-socket".into(),
-            d.socket.to_string_lossy().into_owned(),
-            "--upload-addr".into(),
-            "127.0.0.1:0".into(),
-            "--metrics-addr".into(),
-            d.metrics.clone(),
-            "--proxy-addr".into(),
-            d.proxy.clone(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let p = self.spawn(name, "dfdaemon", &args);
-        wait_http(
-            &format!("http://{}/healthz", d.metrics),
-            Duration::from_secs(15),
-        )
-        .await;
-        (p, d)
+        for attempt in 1.. {
+            let d = Daemon {
+                proxy: format!("127.0.0.1:{}", free_port()),
+                metrics: format!("127.0.0.1:{}", free_port()),
+                socket: self.path(&format!("{name}.sock")),
+            };
+            let mut args: Vec<String> = vec![
+                "--supernode".into(),
+                supernode.into(),
+                "--data-dir".into(),
+                self.path(name).to_string_lossy().into_owned(),
+                "--agent-socket".into(),
+                d.socket.to_string_lossy().into_owned(),
+                "--upload-addr".into(),
+                "127.0.0.1:0".into(),
+                "--metrics-addr".into(),
+                d.metrics.clone(),
+                "--proxy-addr".into(),
+                d.proxy.clone(),
+            ];
+            args.extend(extra.iter().map(|s| s.to_string()));
+            let mut p = self.spawn(name, "dfdaemon", &args);
+            if wait_up(&mut p, &format!("http://{}/healthz", d.metrics), attempt).await {
+                return (p, d);
+            }
+        }
+        unreachable!("wait_up panics on the last attempt")
     }
 
     /// A `dfget` command line (embedded peer with its own store `<dir>/<peer>`).
@@ -331,6 +336,36 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")
+}
+
+/// Waits for a daemon's health URL. `false` when the process exited first because a port it was
+/// given was taken meanwhile (the caller retries with other ports, up to 3 attempts); panics
+/// with the daemon's log otherwise.
+async fn wait_up(p: &mut Proc, url: &str, attempt: u32) -> bool {
+    let timeout = Duration::from_secs(30);
+    let start = Instant::now();
+    let client = reqwest::Client::new();
+    while start.elapsed() < timeout {
+        if let Ok(r) = client.get(url).send().await
+            && r.status().is_success()
+        {
+            return true;
+        }
+        if let Ok(Some(status)) = p.child.try_wait() {
+            let log = p.output();
+            let port_taken = log.contains("Address already in use") || log.contains("cannot bind");
+            if port_taken && attempt < 3 {
+                return false;
+            }
+            panic!("{} exited ({status}) before {url} came up:\n{log}", p.name);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "{url} of {} did not come up within {timeout:?}:\n{}",
+        p.name,
+        p.output()
+    );
 }
 
 /// Polls `url` until it answers 200.

@@ -69,11 +69,12 @@ pub async fn join(s: &Scheduling, reg: &Register) -> Result<Arc<Version>, TaskEr
             st.validated.contains(&fp),
         )
     };
-    if known && (key.is_some() || !complete) {
+    if !complete && known {
         return Ok(version);
     }
     if key.is_some() {
-        // The content cannot change under its digest: only access is in question.
+        // The content cannot change under its digest: only access is in question, asked again
+        // for every registration of a finished version (a revoked credential stops working).
         s.metrics
             .source_requests
             .with_label_values(&["proof"])
