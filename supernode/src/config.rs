@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 #[command(
     name = "supernode",
     version,
-    after_help = "Every flag also has a key in the TOML config file (--config); flags win.\nSee packaging/supernode.toml for all keys and their defaults.\nHTTP endpoints: /healthz, /metrics, /pieces/{version}/{n} and /api/v1/index/{digest} (with a ticket),\nPOST /api/v1/preheat and POST /api/v1/index (with the admin token, --admin-token-file).\nOrigins: public addresses only unless allowed (--allow-origin, --allow-address, [origin_policy])."
+    after_help = "Every flag also has a key in the TOML config file (--config); flags win.\nSee packaging/supernode.toml for all keys and their defaults.\nHTTP endpoints: /healthz, /metrics, /pieces/<version>/<n> and /api/v1/index/<digest> (with a ticket),\nPOST /api/v1/preheat and POST /api/v1/index (with the admin token, --admin-token-file).\nOrigins: public addresses only unless allowed (--allow-origin, --allow-address, [origin_policy])."
 )]
 pub struct Args {
     /// Config file (TOML).
