@@ -46,6 +46,42 @@ impl TlsFiles {
     }
 }
 
+/// `--tls-ca`, `--tls-cert`, `--tls-key`: the same three flags on every daemon.
+#[derive(Debug, Default, clap::Args)]
+pub struct TlsArgs {
+    /// Cluster CA (PEM): the scheduler link runs over TLS, peers verified against it (with
+    /// --tls-cert and --tls-key) [default: plaintext].
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// This host's certificate (PEM, signed by the cluster CA; SANs: the names and IPs it is
+    /// reached at).
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// Applies the flags given over the config file's `tls_ca`, `tls_cert`, `tls_key`.
+    pub fn over(
+        &self,
+        ca: &mut Option<PathBuf>,
+        cert: &mut Option<PathBuf>,
+        key: &mut Option<PathBuf>,
+    ) {
+        for (flag, value) in [
+            (&self.tls_ca, ca),
+            (&self.tls_cert, cert),
+            (&self.tls_key, key),
+        ] {
+            if flag.is_some() {
+                *value = flag.clone();
+            }
+        }
+    }
+}
+
 /// Loaded, checked TLS material (cheap to clone).
 #[derive(Clone, Debug)]
 pub struct ClusterTls {
@@ -58,6 +94,17 @@ fn read(path: &Path) -> Result<Vec<u8>> {
 }
 
 impl ClusterTls {
+    /// The material named by the config values `tls_ca`, `tls_cert`, `tls_key` (all or none).
+    pub fn from_config(
+        ca: Option<&Path>,
+        cert: Option<&Path>,
+        key: Option<&Path>,
+    ) -> Result<Option<Self>> {
+        TlsFiles::from_parts(ca, cert, key)?
+            .map(|f| Self::load(&f))
+            .transpose()
+    }
+
     /// Reads and checks the files (each must hold what its name says).
     pub fn load(files: &TlsFiles) -> Result<Self> {
         let bad = |path: &Path, what: &str| {

@@ -40,16 +40,8 @@ pub struct Args {
     /// Cap on all piece uploads of this supernode (e.g. 40MiB) [default: none].
     #[arg(long, value_name = "RATE")]
     pub upload_rate: Option<String>,
-    /// Cluster CA (PEM): serve the scheduler over TLS and require peers' certificates signed by it
-    /// (with --tls-cert and --tls-key) [default: plaintext].
-    #[arg(long, value_name = "FILE")]
-    pub tls_ca: Option<PathBuf>,
-    /// This supernode's certificate (PEM, signed by the cluster CA; names and IPs peers dial).
-    #[arg(long, value_name = "FILE")]
-    pub tls_cert: Option<PathBuf>,
-    /// The private key (PEM) of --tls-cert.
-    #[arg(long, value_name = "FILE")]
-    pub tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: fetcher::tls::TlsArgs,
     /// Also allow fetching from this URL prefix (repeatable; `http://10.0.0.5:*/` for any port;
     /// added to `origin_policy.allow`). Without any, every public origin is allowed.
     #[arg(long = "allow-origin", value_name = "PREFIX")]
@@ -182,15 +174,8 @@ pub fn load(args: &Args) -> Result<Config> {
     if let Some(v) = &args.upload_rate {
         c.upload_rate = v.clone();
     }
-    for (flag, key) in [
-        (&args.tls_ca, &mut c.tls_ca),
-        (&args.tls_cert, &mut c.tls_cert),
-        (&args.tls_key, &mut c.tls_key),
-    ] {
-        if flag.is_some() {
-            *key = flag.clone();
-        }
-    }
+    args.tls
+        .over(&mut c.tls_ca, &mut c.tls_cert, &mut c.tls_key);
     c.origin_policy
         .allow
         .extend(args.allow_origin.iter().cloned());

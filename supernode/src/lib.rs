@@ -87,13 +87,11 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
         .as_deref()
         .map(config::read_admin_token)
         .transpose()?;
-    let tls = fetcher::tls::TlsFiles::from_parts(
+    let tls = fetcher::tls::ClusterTls::from_config(
         c.tls_ca.as_deref(),
         c.tls_cert.as_deref(),
         c.tls_key.as_deref(),
-    )?
-    .map(|f| fetcher::tls::ClusterTls::load(&f))
-    .transpose()?;
+    )?;
     let store = Store::open(&c.data_dir)?;
     let issuer =
         fetcher::ticket::Issuer::load_or_create(&c.data_dir.join("ticket.key")).map_err(|e| {

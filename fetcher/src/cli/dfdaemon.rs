@@ -76,16 +76,8 @@ pub struct Args {
     /// Extra CA certificates (PEM) for HTTPS origins.
     #[arg(long, value_name = "FILE")]
     pub upstream_ca: Option<PathBuf>,
-    /// Cluster CA (PEM): talk to supernodes over TLS, verifying them against it (with --tls-cert
-    /// and --tls-key) [default: plaintext].
-    #[arg(long, value_name = "FILE")]
-    pub tls_ca: Option<PathBuf>,
-    /// This host's certificate (PEM, signed by the cluster CA), shown to supernodes.
-    #[arg(long, value_name = "FILE")]
-    pub tls_cert: Option<PathBuf>,
-    /// The private key (PEM) of --tls-cert.
-    #[arg(long, value_name = "FILE")]
-    pub tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
     /// Log lines as JSON.
     #[arg(long)]
     pub log_json: bool,
@@ -192,15 +184,8 @@ fn merge(args: &Args) -> Result<DaemonConfig> {
     if args.upstream_ca.is_some() {
         c.upstream_ca = args.upstream_ca.clone();
     }
-    for (flag, key) in [
-        (&args.tls_ca, &mut c.tls_ca),
-        (&args.tls_cert, &mut c.tls_cert),
-        (&args.tls_key, &mut c.tls_key),
-    ] {
-        if flag.is_some() {
-            *key = flag.clone();
-        }
-    }
+    args.tls
+        .over(&mut c.tls_ca, &mut c.tls_cert, &mut c.tls_key);
     if let Some(h) = &args.hijack {
         c.hijack = split_list(h);
     }
@@ -228,13 +213,11 @@ pub async fn run(args: Args) -> i32 {
 async fn run_inner(args: Args) -> Result<()> {
     let c = merge(&args)?;
     let field = |name: &'static str, e: Error| Error::invalid("config", format!("{name}: {e}"));
-    let tls = crate::tls::TlsFiles::from_parts(
+    let tls = crate::tls::ClusterTls::from_config(
         c.tls_ca.as_deref(),
         c.tls_cert.as_deref(),
         c.tls_key.as_deref(),
-    )?
-    .map(|f| crate::tls::ClusterTls::load(&f))
-    .transpose()?;
+    )?;
     let peer_cfg = PeerConfig {
         supernodes: c.supernodes.clone(),
         data_dir: c.data_dir.clone(),
