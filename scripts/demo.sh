@@ -30,7 +30,8 @@ URL="http://$ORIGIN/files/demo.bin"
 start=$(now)
 pids=()
 for i in $(seq 1 "$PEERS"); do
-  "$BIN/dfget" "$URL" -O "$WORK/peer$i.out" --no-agent --data-dir "$WORK/peer$i" --supernode "$GRPC" -q \
+  # shellcheck disable=SC2046
+  "$BIN/dfget" "$URL" -O "$WORK/peer$i.out" --no-agent --data-dir "$WORK/peer$i" --supernode "$GRPC" -q $(tls_flags "peer$i") \
     > "$WORK/peer$i.summary" 2> "$WORK/peer$i.log" &
   pids+=($!)
 done

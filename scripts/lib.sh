@@ -22,11 +22,21 @@ start_origin() {
   [ -n "$ORIGIN" ] || { echo "origin did not start" >&2; cat "$WORK/origin.log" >&2; return 1; }
 }
 
+# tls_flags NAME: the --tls-* flags of a new host certificate NAME (SAN 127.0.0.1) under the
+# cluster CA in $WORK/pki, both made by `supernode certs`; `--plaintext` when PLAINTEXT=1 (the
+# benchmarks' security-off baseline).
+tls_flags() {
+  if [ "${PLAINTEXT:-0}" = 1 ]; then echo --plaintext; return; fi
+  "$BIN/supernode" certs --dir "$WORK/pki" --name "$1" --san 127.0.0.1 > /dev/null
+  echo --tls-ca "$WORK/pki/ca.crt" --tls-cert "$WORK/pki/$1.crt" --tls-key "$WORK/pki/$1.key"
+}
+
 # start_supernode [ARGS...]: sets GRPC and HTTP (host:port); logs in $WORK/supernode.log.
 # Origins here are on loopback, which a supernode's origin policy refuses unless allowed.
 start_supernode() {
+  # shellcheck disable=SC2046 # tls_flags prints separate words (paths without spaces)
   "$BIN/supernode" --grpc-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 --data-dir "$WORK/supernode" \
-    --allow-address 127.0.0.0/8 "$@" \
+    --allow-address 127.0.0.0/8 $(tls_flags supernode) "$@" \
     2> "$WORK/supernode.log" &
   for _ in $(seq 100); do grep -q "supernode ready" "$WORK/supernode.log" 2>/dev/null && break; sleep 0.1; done
   GRPC=$(sed -n 's/.*grpc_addr=\([0-9.:]*\).*/\1/p' "$WORK/supernode.log" | head -1)

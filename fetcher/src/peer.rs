@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -174,7 +174,8 @@ impl Peer {
             &metrics,
         );
         let router = upload::router(wrap(open.clone()), upload_cfg);
-        let (bound, upload_task) = upload::serve(bind, router, shutdown.clone())
+        let piece_tls = cfg.tls.as_ref().map(|t| t.piece_server());
+        let (bound, upload_task) = upload::serve(bind, router, piece_tls, shutdown.clone())
             .await
             .map_err(|e| Error::io("cannot bind upload server on", bind.to_string(), e))?;
         let advertised_ip = if bound.ip().is_unspecified() {
@@ -191,13 +192,23 @@ impl Peer {
                 .finalize();
             hex::encode(&h[..8])
         };
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .read_timeout(Duration::from_secs(30))
-            .no_proxy()
-            .build()
-            .map_err(|e| Error::invalid("HTTP client", e))?;
-        let source = HttpSource::new(cfg.upstream_ca.as_deref())?;
+            .no_proxy();
+        if let Some(t) = &cfg.tls {
+            http = http.use_preconfigured_tls(t.piece_client());
+        }
+        let http = http.build().map_err(|e| Error::invalid("HTTP client", e))?;
+        // Origins may be cluster members (a supernode's index API): its CA is trusted beside the
+        // system's and `upstream_ca`.
+        let cas: Vec<&Path> = cfg
+            .upstream_ca
+            .iter()
+            .map(|p| p.as_path())
+            .chain(cfg.tls.as_ref().map(|t| t.ca_path()))
+            .collect();
+        let source = HttpSource::new(&cas)?;
         tracing::info!(%upload_addr, host_id, store = %store.root().display(), "peer started");
         Ok(Peer {
             inner: Arc::new(PeerInner {

@@ -63,28 +63,52 @@ pub fn router(source: Arc<dyn PieceSource>, cfg: UploadConfig) -> Router {
         .with_state(state)
 }
 
-/// Binds `addr` and serves `router` until `shutdown`; in-flight responses then finish. Returns the
-/// bound address and the server task (which ends once the last response is sent). Handlers see the
-/// client's address (`ConnectInfo<SocketAddr>`), which piece tickets are bound to.
+/// Binds `addr` and serves `router` until `shutdown` (over TLS with `tls`); in-flight responses
+/// then finish. Returns the bound address and the server task (which ends once the last response
+/// is sent). Handlers see the client's address (`ConnectInfo<SocketAddr>`), which piece tickets
+/// are bound to.
 pub async fn serve(
     addr: SocketAddr,
     router: Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: Shutdown,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    let task = tokio::spawn(async move {
-        let r = axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { shutdown.wait().await })
-        .await;
+    Ok((local, serve_on(listener, router, tls, shutdown)?))
+}
+
+/// Like [`serve`], on a bound listener.
+pub fn serve_on(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: Shutdown,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    use axum::serve::ListenerExt;
+    let app = router.into_make_service_with_connect_info::<SocketAddr>();
+    let done = async move { shutdown.wait().await };
+    let report = |r: std::io::Result<()>| {
         if let Err(e) = r {
             tracing::error!(error = %e, "HTTP server failed");
         }
-    });
-    Ok((local, task))
+    };
+    Ok(match tls {
+        Some(config) => {
+            // `tap_io` gives the TLS listener axum's `ConnectInfo<SocketAddr>`.
+            let l = crate::tls::TlsListener::new(listener, config)?.tap_io(|_| ());
+            tokio::spawn(async move {
+                report(axum::serve(l, app).with_graceful_shutdown(done).await);
+            })
+        }
+        None => tokio::spawn(async move {
+            report(
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(done)
+                    .await,
+            );
+        }),
+    })
 }
 
 /// Metrics snapshot helper for a `PeerMetrics`.

@@ -226,7 +226,7 @@ async fn run_inner(args: &Args) -> crate::Result<()> {
             }),
         )
         .route("/healthz", axum::routing::get(|| std::future::ready("ok")));
-    fetcher::upload::serve(args.metrics_addr, router, shutdown.clone())
+    fetcher::upload::serve(args.metrics_addr, router, None, shutdown.clone())
         .await
         .map_err(|e| {
             crate::Error::io("cannot bind metrics on", args.metrics_addr.to_string(), e)

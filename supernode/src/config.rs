@@ -13,7 +13,8 @@ use crate::error::{Error, Result};
 #[command(
     name = "supernode",
     version,
-    after_help = "Every flag also has a key in the TOML config file (--config); flags win.\nSee packaging/supernode.toml for all keys and their defaults.\nHTTP endpoints: /healthz, /metrics, /pieces/<version>/<n> and /api/v1/index/<digest> (with a ticket),\nPOST /api/v1/preheat and POST /api/v1/index (with the admin token, --admin-token-file).\nOrigins: public addresses only unless allowed (--allow-origin, --allow-address, [origin_policy])."
+    args_conflicts_with_subcommands = true,
+    after_help = "Every flag also has a key in the TOML config file (--config); flags win.\nSee packaging/supernode.toml for all keys and their defaults.\nHTTPS endpoints: /healthz, /metrics, /pieces/<version>/<n> and /api/v1/index/<digest> (with a ticket),\nPOST /api/v1/preheat and POST /api/v1/index (with the admin token, --admin-token-file).\nOrigins: public addresses only unless allowed (--allow-origin, --allow-address, [origin_policy]).\nCluster TLS is required (--tls-ca/--tls-cert/--tls-key; `supernode certs` makes them) unless --plaintext."
 )]
 pub struct Args {
     /// Config file (TOML).
@@ -22,7 +23,8 @@ pub struct Args {
     /// Scheduler gRPC address [default: 0.0.0.0:8002].
     #[arg(long, value_name = "IP:PORT")]
     pub grpc_addr: Option<SocketAddr>,
-    /// Piece server, preheat API and metrics address [default: 0.0.0.0:8001].
+    /// Piece server, index and preheat APIs and metrics address (HTTPS with cluster TLS)
+    /// [default: 0.0.0.0:8001].
     #[arg(long, value_name = "IP:PORT")]
     pub http_addr: Option<SocketAddr>,
     /// Seed cache directory [default: /var/lib/damselfly/supernode].
@@ -57,6 +59,15 @@ pub struct Args {
     /// Log lines as JSON.
     #[arg(long)]
     pub log_json: bool,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// What else the binary does (without one it runs the supernode).
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Create the cluster CA (once) and a host certificate signed by it, for --tls-*.
+    Certs(crate::certs::CertsArgs),
 }
 
 /// `supernode.toml`.
@@ -91,12 +102,14 @@ pub struct Config {
     pub ticket_bind_ip: bool,
     /// Which origins the supernode fetches from on a peer's behalf.
     pub origin_policy: OriginPolicyConfig,
-    /// Cluster TLS for the scheduler (all three or none).
+    /// Cluster TLS for the scheduler and the piece server (all three, or `plaintext`).
     pub tls_ca: Option<PathBuf>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     /// With TLS: refuse peers without a certificate from the cluster CA.
     pub tls_require_client_cert: bool,
+    /// Run without cluster TLS (only on a network you trust).
+    pub plaintext: bool,
 }
 
 /// `[origin_policy]` of `supernode.toml` (see `fetcher::source::policy`).
@@ -134,6 +147,7 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             tls_require_client_cert: true,
+            plaintext: false,
         }
     }
 }
@@ -174,8 +188,12 @@ pub fn load(args: &Args) -> Result<Config> {
     if let Some(v) = &args.upload_rate {
         c.upload_rate = v.clone();
     }
-    args.tls
-        .over(&mut c.tls_ca, &mut c.tls_cert, &mut c.tls_key);
+    args.tls.over(
+        &mut c.tls_ca,
+        &mut c.tls_cert,
+        &mut c.tls_key,
+        &mut c.plaintext,
+    );
     c.origin_policy
         .allow
         .extend(args.allow_origin.iter().cloned());

@@ -3,6 +3,7 @@
 //! takes each piece from, isolates faulty parents, and bounds its disk cache.
 
 pub mod cache;
+pub mod certs;
 pub mod config;
 pub mod error;
 pub mod http;
@@ -92,6 +93,7 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
         c.tls_cert.as_deref(),
         c.tls_key.as_deref(),
     )?;
+    fetcher::tls::require(&tls, c.plaintext)?;
     let store = Store::open(&c.data_dir)?;
     let issuer =
         fetcher::ticket::Issuer::load_or_create(&c.data_dir.join("ticket.key")).map_err(|e| {
@@ -108,7 +110,14 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
         key: "origin_policy",
         detail: e.to_string(),
     })?;
-    let source = HttpSource::with_policy(c.upstream_ca.as_deref(), policy)?;
+    // Its own index API is an origin too (seeded like any blob), reached over cluster TLS.
+    let cas: Vec<&std::path::Path> = c
+        .upstream_ca
+        .iter()
+        .map(|p| p.as_path())
+        .chain(tls.as_ref().map(|t| t.ca_path()))
+        .collect();
+    let source = HttpSource::with_policy(&cas, policy)?;
     let metrics = Metrics::new();
     let tasks = Arc::new(Tasks::default());
 
@@ -124,6 +133,7 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
             },
             advertise_ip: c.advertise_ip,
             http_port: http_addr.port(),
+            http_scheme: if tls.is_some() { "https" } else { "http" },
             admin_token,
         },
         tickets: tickets::Tickets::new(issuer, ticket_ttl, c.ticket_bind_ip),
@@ -144,18 +154,16 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
     });
 
     let router = http::router(scheduling.clone(), upload_rate, 64);
-    let sd = shutdown.clone();
-    tokio::spawn(async move {
-        let r = axum::serve(
-            http_listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { sd.wait().await })
-        .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, "HTTP server failed");
-        }
-    });
+    fetcher::upload::serve_on(
+        http_listener,
+        router,
+        tls.as_ref().map(|t| t.piece_server()),
+        shutdown.clone(),
+    )
+    .map_err(|e| Error::Bind {
+        addr: http_addr.to_string(),
+        source: e,
+    })?;
     tokio::spawn(cache::run(
         store,
         tasks,

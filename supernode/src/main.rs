@@ -6,6 +6,20 @@ use supernode::config::{self, Args};
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    if let Some(config::Command::Certs(a)) = &args.command {
+        match supernode::certs::run(a) {
+            Ok(files) => {
+                for f in files {
+                    println!("wrote {}", f.display());
+                }
+                return;
+            }
+            Err(e) => {
+                eprintln!("supernode certs: error: {e}");
+                std::process::exit(2);
+            }
+        }
+    }
     fetcher::cli::init_logging("info", args.log_json);
     let shutdown = fetcher::Shutdown::new();
     shutdown.on_signals();

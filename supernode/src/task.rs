@@ -40,6 +40,7 @@ pub enum Status {
 /// A peer connected to a version.
 #[derive(Debug)]
 pub struct PeerState {
+    /// The host as the connection shows it (see `scheduler::identity`), not as the peer claims.
     pub host_id: String,
     pub base_url: String,
     pub have: HashSet<u32>,

@@ -83,9 +83,10 @@ start_supernode --upload-rate "$RATE"
 start_host() {
   local n=$1 lazy=$2 d="$WORK/$1"
   mkdir -p "$d/containerd"
+  # shellcheck disable=SC2046
   "$BIN/dfdaemon" --supernode "$GRPC" --data-dir "$d/agent" --agent-socket "$d/agent.sock" \
     --proxy-addr 127.0.0.1:0 --upload-addr 127.0.0.1:0 --metrics-addr 127.0.0.1:0 \
-    --upload-rate "$RATE" 2> "$WORK/logs/$n-agent.log" &
+    --upload-rate "$RATE" $(tls_flags "$n-agent") 2> "$WORK/logs/$n-agent.log" &
   for _ in $(seq 100); do grep -q "dfdaemon ready" "$WORK/logs/$n-agent.log" 2>/dev/null && break; sleep 0.1; done
   printf -v "AGENT_METRICS_$n" '%s' "$(sed -n 's/.*dfdaemon ready.* metrics=\([0-9.:]*\).*/\1/p' "$WORK/logs/$n-agent.log" | head -1)"
   local cfg="version = 2

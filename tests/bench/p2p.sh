@@ -39,8 +39,9 @@ check() { # check FILE...: every file equals the blob
 # P2P: every peer's upload capped at B too.
 t0=$(now); pids=()
 for i in $(seq 1 "$PEERS"); do
+  # shellcheck disable=SC2046
   "$BIN/dfget" "$URL" -O "$WORK/out/p2p$i" --no-agent --data-dir "$WORK/peer$i" --supernode "$GRPC" \
-    --upload-rate "$RATE" -q > "$WORK/logs/p2p$i.log" 2>&1 &
+    --upload-rate "$RATE" $(tls_flags "peer$i") -q > "$WORK/logs/p2p$i.log" 2>&1 &
   pids+=($!)
 done
 for p in "${pids[@]}"; do wait "$p" || { echo "bench: a dfget failed" >&2; cat "$WORK"/logs/p2p*.log >&2; exit 1; }; done

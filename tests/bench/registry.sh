@@ -74,9 +74,10 @@ registry_bytes() {
 start_supernode --upload-rate "$RATE"
 pids=()
 for i in $(seq 1 "$AGENTS"); do
+  # shellcheck disable=SC2046
   "$BIN/dfdaemon" --supernode "$GRPC" --registry-mirror "http://$REGISTRY" --data-dir "$WORK/agent$i" \
     --agent-socket "$WORK/agent$i.sock" --proxy-addr 127.0.0.1:0 --upload-addr 127.0.0.1:0 \
-    --metrics-addr 127.0.0.1:0 --upload-rate "$RATE" 2> "$WORK/logs/agent$i.log" &
+    --metrics-addr 127.0.0.1:0 --upload-rate "$RATE" $(tls_flags "agent$i") 2> "$WORK/logs/agent$i.log" &
   pids+=($!)
 done
 PROXIES=()

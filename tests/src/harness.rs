@@ -176,8 +176,9 @@ impl Env {
     }
 
     /// Starts a supernode on free ports with its cache in `<dir>/<name>`, allowed to fetch from
-    /// loopback origins (every test origin and registry is on loopback); returns it, its gRPC
-    /// address and its HTTP base URL.
+    /// loopback origins (every test origin and registry is on loopback) and with a cluster
+    /// certificate (unless `extra` says `--plaintext`); returns it, its gRPC address and its
+    /// HTTP base URL (`https://…`).
     pub async fn supernode(&self, name: &str, extra: &[&str]) -> (Proc, String, String) {
         let mut args = vec!["--allow-address", "127.0.0.0/8"];
         args.extend_from_slice(extra);
@@ -200,8 +201,16 @@ impl Env {
                 self.path(name).to_string_lossy().into_owned(),
             ];
             args.extend(extra.iter().map(|s| s.to_string()));
+            if !extra.contains(&"--plaintext") {
+                args.extend(crate::cluster::flags(name));
+            }
             let mut p = self.spawn(name, "supernode", &args);
-            let http_url = format!("http://{http}");
+            let scheme = if extra.contains(&"--plaintext") {
+                "http"
+            } else {
+                "https"
+            };
+            let http_url = format!("{scheme}://{http}");
             if wait_up(&mut p, &format!("{http_url}/healthz"), attempt).await {
                 return (p, grpc, http_url);
             }
@@ -233,6 +242,9 @@ impl Env {
                 d.proxy.clone(),
             ];
             args.extend(extra.iter().map(|s| s.to_string()));
+            if !extra.contains(&"--plaintext") {
+                args.extend(crate::cluster::flags(name));
+            }
             let mut p = self.spawn(name, "dfdaemon", &args);
             if wait_up(&mut p, &format!("http://{}/healthz", d.metrics), attempt).await {
                 return (p, d);
@@ -263,6 +275,9 @@ impl Env {
         if !supernodes.is_empty() {
             a.push("--supernode".into());
             a.push(supernodes.to_owned());
+            if !extra.contains(&"--plaintext") {
+                a.extend(crate::cluster::flags(peer));
+            }
         }
         a.extend(extra.iter().map(|s| s.to_string()));
         a
@@ -344,7 +359,7 @@ pub fn free_port() -> u16 {
 async fn wait_up(p: &mut Proc, url: &str, attempt: u32) -> bool {
     let timeout = Duration::from_secs(30);
     let start = Instant::now();
-    let client = reqwest::Client::new();
+    let client = crate::cluster::http_client();
     while start.elapsed() < timeout {
         if let Ok(r) = client.get(url).send().await
             && r.status().is_success()
@@ -371,7 +386,7 @@ async fn wait_up(p: &mut Proc, url: &str, attempt: u32) -> bool {
 /// Polls `url` until it answers 200.
 pub async fn wait_http(url: &str, timeout: Duration) {
     let start = Instant::now();
-    let client = reqwest::Client::new();
+    let client = crate::cluster::http_client();
     while start.elapsed() < timeout {
         if let Ok(r) = client.get(url).send().await
             && r.status().is_success()
@@ -414,7 +429,9 @@ pub fn sha256_file(path: &Path) -> String {
 
 /// GETs a URL's body as text.
 pub async fn get_text(url: &str) -> String {
-    reqwest::get(url)
+    crate::cluster::http_client()
+        .get(url)
+        .send()
         .await
         .and_then(|r| r.error_for_status())
         .expect("GET")

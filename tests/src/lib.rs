@@ -1,3 +1,4 @@
+pub mod cluster;
 pub mod containerd;
 pub mod docker;
 pub mod harness;

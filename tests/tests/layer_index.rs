@@ -18,7 +18,7 @@ async fn seeded_layers_are_indexed_and_files_read_from_blob_ranges() {
     let (_registry, registry) = start_registry(&env).await;
     let layers = push_test_image(&env, &registry, "project/app:v1", 6 << 20).await;
     let (_sn, grpc, http) = env.supernode("sn", &[]).await;
-    let client = reqwest::Client::new();
+    let client = damselfly_tests::cluster::http_client();
     let index_url = |d: &str| format!("{http}/api/v1/index/{d}");
 
     // Without an index ticket: 401, whatever the digest.

@@ -79,7 +79,7 @@ async fn corrupting_parent_is_detected_and_isolated() {
     let want = random_file(&env.path("www/f"), size);
     let (_sn, grpc, http) = env.supernode("sn", &[]).await;
     let url = format!("{origin_url}/files/f");
-    let evil_args: Vec<String> = vec![
+    let mut evil_args: Vec<String> = vec![
         url.clone(),
         "--supernode".into(),
         grpc.clone(),
@@ -88,6 +88,7 @@ async fn corrupting_parent_is_detected_and_isolated() {
         "-O".into(),
         env.path("evil.out").to_string_lossy().into_owned(),
     ];
+    evil_args.extend(damselfly_tests::cluster::flags("evil"));
     let evil = env.spawn("evil", "damselfly-evil-peer", &evil_args);
     let start = std::time::Instant::now();
     while !evil.output().contains("seeding") {

@@ -1,20 +1,21 @@
-//! Cluster TLS on the scheduler link (finding 7 of `../shared/SECURITY-REVIEW.md`): a supernode
-//! with the cluster CA and its certificate, an agent reaching it through a recording TCP relay.
-//! A download with a secret origin credential works through the agent, the relay's capture of
-//! both directions holds neither the credential nor a ticket, and the listener answers neither a
-//! plaintext client nor a TLS client without a cluster certificate.
+//! Cluster TLS, on by default (finding 7 of `../shared/SECURITY-REVIEW.md`): a supernode and an
+//! agent with certificates from `supernode certs` (as every test daemon has), the agent reaching
+//! the scheduler through one recording TCP relay and the supernode's piece server through
+//! another (the supernode advertises the relay's address). A download of a private file with a
+//! secret origin credential works through the agent; neither capture holds the credential, a
+//! ticket, a URL or a window of the file's bytes; the scheduler answers neither a plaintext
+//! client nor a TLS client without a cluster certificate, the piece server no plaintext client.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use damselfly_tests::harness::{Env, random_file, run, sha256_file};
-use damselfly_tests::pki::make_pki;
 use proto::scheduler::scheduler_client::SchedulerClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Relays 127.0.0.1:<port> to `to`, recording every byte in both directions.
-async fn recording_relay(to: String) -> (String, Arc<Mutex<Vec<u8>>>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+/// Relays `listen` to `to`, recording every byte in both directions.
+async fn recording_relay(listen: &str, to: String) -> (String, Arc<Mutex<Vec<u8>>>) {
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
         .expect("bind relay");
     let addr = listener.local_addr().expect("addr").to_string();
@@ -68,22 +69,20 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scheduler_traffic_is_encrypted_and_needs_a_cluster_certificate() {
     let env = Env::new("tls");
-    let pki = make_pki(&env);
     let s = |p: &std::path::Path| p.to_string_lossy().into_owned();
-    let (ca, cert, key) = (s(&pki.ca_crt), s(&pki.server_crt), s(&pki.server_key));
-    let tls = [
-        "--tls-ca",
-        ca.as_str(),
-        "--tls-cert",
-        cert.as_str(),
-        "--tls-key",
-        key.as_str(),
-    ];
     let (_origin, origin) = env.origin(&["--bearer", "s3cret-origin-token-4711"]).await;
-    let want = random_file(&env.path("www/f"), 6 << 20);
-    let (_sn, grpc, _http) = env.supernode("sn", &tls).await;
-    let (relay, seen) = recording_relay(grpc.clone()).await;
-    let (_agent, a) = env.dfdaemon("agent", &relay, &tls).await;
+    let file = env.path("www/f");
+    let want = random_file(&file, 6 << 20);
+    // Peers are sent to the supernode's pieces at 127.0.0.2, where a relay listens.
+    let (_sn, grpc, http) = env.supernode("sn", &["--advertise-ip", "127.0.0.2"]).await;
+    let http_port = http.rsplit(':').next().expect("port").to_owned();
+    let (_, pieces_seen) = recording_relay(
+        &format!("127.0.0.2:{http_port}"),
+        format!("127.0.0.1:{http_port}"),
+    )
+    .await;
+    let (relay, seen) = recording_relay("127.0.0.1:0", grpc.clone()).await;
+    let (_agent, a) = env.dfdaemon("agent", &relay, &[]).await;
 
     let out = env.path("f.out");
     let args: Vec<String> = [
@@ -104,17 +103,41 @@ async fn scheduler_traffic_is_encrypted_and_needs_a_cluster_certificate() {
     assert_eq!(sha256_file(&out), want);
     let capture = seen.lock().expect("capture").clone();
     assert!(capture.len() > 1000, "nothing went through the relay");
+    let pieces = pieces_seen.lock().expect("capture").clone();
+    assert!(
+        pieces.len() > 6 << 20,
+        "the pieces did not come through the relay ({} bytes)",
+        pieces.len()
+    );
+    let bytes = std::fs::read(&file).expect("file");
+    let windows = [&bytes[..64], &bytes[3 << 20..(3 << 20) + 64]];
     for secret in [
         &b"s3cret-origin-token-4711"[..],
         b"Authorization",
+        b"Bearer",
         b"/auth/f",
-    ] {
-        assert!(
-            !contains(&capture, secret),
-            "{:?} crossed the network in clear",
-            String::from_utf8_lossy(secret)
-        );
+        b"/pieces/",
+    ]
+    .into_iter()
+    .chain(windows)
+    {
+        for (link, c) in [("scheduler", &capture), ("piece", &pieces)] {
+            assert!(
+                !contains(c, secret),
+                "{:?} crossed the {link} link in clear",
+                String::from_utf8_lossy(&secret[..secret.len().min(24)])
+            );
+        }
     }
+    // The piece server answers no plaintext client.
+    let plain = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client")
+        .get(format!("http://127.0.0.1:{http_port}/healthz"))
+        .send()
+        .await;
+    assert!(plain.is_err(), "plaintext HTTP got {plain:?}");
 
     // Plaintext h2 and TLS without a cluster certificate get no answer.
     let plain = async {
@@ -131,7 +154,7 @@ async fn scheduler_traffic_is_encrypted_and_needs_a_cluster_certificate() {
         .ok()
         .flatten();
     assert!(answered.is_none(), "a plaintext client got {answered:?}");
-    let ca_pem = std::fs::read(&pki.ca_crt).expect("ca");
+    let ca_pem = std::fs::read(damselfly_tests::cluster::ca()).expect("ca");
     let no_cert = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem))
         .domain_name("127.0.0.1");

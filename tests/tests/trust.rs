@@ -12,12 +12,12 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use base64::Engine;
+use damselfly_tests::cluster::ca_certificate as cluster_ca;
 use damselfly_tests::harness::{Env, get_text, metric, random_file};
 use damselfly_tests::pki::ensure_hosts_entry;
 use damselfly_tests::registry::{CREDS, PrivateRegistry, private_registry, skopeo, tools_missing};
 use proto::scheduler::{
-    self as pb, PeerMessage, SchedulerMessage, peer_message, scheduler_client::SchedulerClient,
-    scheduler_message,
+    self as pb, PeerMessage, SchedulerMessage, peer_message, scheduler_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -44,16 +44,16 @@ struct Session {
 }
 
 async fn register(grpc: &str, url: &str, digest: &str, headers: Vec<pb::Header>) -> Session {
-    let mut client = SchedulerClient::connect(format!("http://{grpc}"))
-        .await
-        .expect("connect to the scheduler");
+    // The attacker holds a cluster certificate: membership alone opens nothing.
+    let mut client = damselfly_tests::cluster::scheduler(grpc).await;
     let (tx, rx) = mpsc::channel(64);
     let reg = pb::Register {
         url: url.to_owned(),
         task_id: fetcher::task_id::content_task_id(digest).expect("digest"),
         headers,
         peer_id: format!("attacker-{:08x}", rand::random::<u32>()),
-        host_id: "attacker-host".into(),
+        // A new host id every session: the supernode counts hosts by their connection.
+        host_id: format!("host-{:08x}", rand::random::<u32>()),
         upload_addr: "127.0.0.1:1".into(),
         content_key: digest.to_owned(),
         ..Default::default()
@@ -97,6 +97,7 @@ async fn piece(base: &str, vid: &str, ticket: Option<&str>, local: &str) -> (u16
     let client = reqwest::Client::builder()
         .local_address(ip)
         .no_proxy()
+        .add_root_certificate(cluster_ca())
         .build()
         .expect("client");
     let mut req = client.get(format!("{base}/pieces/{vid}/0"));
@@ -228,7 +229,7 @@ async fn anonymous_lying_and_framing_parties_get_nothing_while_alice_pulls() {
     let info = task_info(&alice);
     let vid = info.version_id.clone();
     assert_eq!(info.ticket_key.len(), 32);
-    let agent_a = format!("http://{}", upload_addr(&a_proc.output()));
+    let agent_a = format!("https://{}", upload_addr(&a_proc.output()));
     for base in [http.as_str(), agent_a.as_str()] {
         let (code, body) = piece(base, &vid, None, "127.0.0.1").await;
         assert_eq!(code, 401, "anonymous piece read from {base}");
@@ -283,19 +284,14 @@ async fn anonymous_lying_and_framing_parties_get_nothing_while_alice_pulls() {
 
     // The layer index: no ticket → 401, LayerIndex through a mimic → refused, the admin API
     // without its token → 401; alice's agent gets the index.
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("client");
+    let client = damselfly_tests::cluster::http_client();
     let r = client
         .get(format!("{http}/api/v1/index/{big}"))
         .send()
         .await
         .expect("index");
     assert_eq!(r.status().as_u16(), 401);
-    let mut sched = SchedulerClient::connect(format!("http://{grpc}"))
-        .await
-        .expect("connect");
+    let mut sched = damselfly_tests::cluster::scheduler(&grpc).await;
     let mimic_index = sched
         .layer_index(pb::LayerIndexRequest {
             url: format!("{origin}/v2/project/app/blobs/{big}"),
@@ -395,9 +391,7 @@ async fn anonymous_lying_and_framing_parties_get_nothing_while_alice_pulls() {
         (&grpc2, origin.clone()),
         (&grpc, format!("https://{registry}")),
     ] {
-        let mut c = SchedulerClient::connect(format!("http://{g}"))
-            .await
-            .expect("connect");
+        let mut c = damselfly_tests::cluster::scheduler(g).await;
         let r = c
             .token(pb::TokenRequest {
                 url: format!("{origin}/files/x?service=metadata"),
@@ -421,7 +415,7 @@ async fn anonymous_lying_and_framing_parties_get_nothing_while_alice_pulls() {
     assert!(index.toc.entries.iter().any(|e| e.path == "big.bin"));
 
     // Framing: a hostile peer with alice's credentials reports agent A's pieces as corrupt on
-    // every layer; one reporter isolates nobody.
+    // every layer, claiming another host id each time; one host's word isolates nobody.
     let mut framed = 0;
     let mut framers = Vec::new();
     for d in &layers {

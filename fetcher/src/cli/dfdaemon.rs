@@ -106,6 +106,7 @@ pub struct DaemonConfig {
     pub tls_ca: Option<PathBuf>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    pub plaintext: bool,
     pub gc: GcConfig,
 }
 
@@ -153,6 +154,7 @@ impl Default for DaemonConfig {
             tls_ca: None,
             tls_cert: None,
             tls_key: None,
+            plaintext: false,
             gc: GcConfig::default(),
         }
     }
@@ -184,8 +186,12 @@ fn merge(args: &Args) -> Result<DaemonConfig> {
     if args.upstream_ca.is_some() {
         c.upstream_ca = args.upstream_ca.clone();
     }
-    args.tls
-        .over(&mut c.tls_ca, &mut c.tls_cert, &mut c.tls_key);
+    args.tls.over(
+        &mut c.tls_ca,
+        &mut c.tls_cert,
+        &mut c.tls_key,
+        &mut c.plaintext,
+    );
     if let Some(h) = &args.hijack {
         c.hijack = split_list(h);
     }
@@ -218,6 +224,7 @@ async fn run_inner(args: Args) -> Result<()> {
         c.tls_cert.as_deref(),
         c.tls_key.as_deref(),
     )?;
+    crate::tls::require(&tls, c.plaintext)?;
     let peer_cfg = PeerConfig {
         supernodes: c.supernodes.clone(),
         data_dir: c.data_dir.clone(),
@@ -245,7 +252,7 @@ async fn run_inner(args: Args) -> Result<()> {
     let router = Router::new()
         .route("/metrics", get(move || std::future::ready(m.render())))
         .route("/healthz", get(|| std::future::ready("ok")));
-    let (maddr, _) = upload::serve(c.metrics_addr, router, shutdown.clone())
+    let (maddr, _) = upload::serve(c.metrics_addr, router, None, shutdown.clone())
         .await
         .map_err(|e| Error::io("cannot bind metrics on", c.metrics_addr.to_string(), e))?;
     let proxy_cfg = crate::proxy::ProxyConfig {

@@ -99,6 +99,9 @@ pub struct Args {
     /// Log level for stderr (error, warn, info, debug); RUST_LOG overrides.
     #[arg(long, default_value = "warn")]
     pub log_level: String,
+    /// Cluster TLS of the embedded peer (towards supernodes and other peers).
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 }
 
 /// `dfget.toml`. Every key is optional; flags win.
@@ -123,6 +126,33 @@ pub struct DfgetConfig {
     pub gc_max_age: Option<String>,
     /// Embedded store GC: keep the store under this size (default 20GiB).
     pub gc_max_size: Option<String>,
+    /// Cluster CA, certificate and key of the embedded peer (PEM files).
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Run the embedded peer without cluster TLS.
+    pub plaintext: bool,
+}
+
+/// The embedded peer's cluster TLS: flags over `dfget.toml`; required once there are
+/// supernodes to talk to (unless plaintext).
+fn embedded_tls(
+    args: &Args,
+    cfg: &DfgetConfig,
+    supernodes: &[String],
+) -> Result<Option<crate::tls::ClusterTls>> {
+    let (mut ca, mut cert, mut key, mut plaintext) = (
+        cfg.tls_ca.clone(),
+        cfg.tls_cert.clone(),
+        cfg.tls_key.clone(),
+        cfg.plaintext,
+    );
+    args.tls.over(&mut ca, &mut cert, &mut key, &mut plaintext);
+    let tls = crate::tls::ClusterTls::from_config(ca.as_deref(), cert.as_deref(), key.as_deref())?;
+    if !supernodes.is_empty() {
+        crate::tls::require(&tls, plaintext)?;
+    }
+    Ok(tls)
 }
 
 /// Reads `[node] address=` from a Dragonfly 1.x config.
@@ -268,7 +298,9 @@ async fn run_inner(args: Args) -> Result<()> {
     let summary = match via {
         Some(s) => s,
         None => {
+            let tls = embedded_tls(&args, &cfg, &supernodes)?;
             let peer_cfg = PeerConfig {
+                tls,
                 supernodes,
                 data_dir: args
                     .data_dir

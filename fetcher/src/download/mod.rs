@@ -6,6 +6,9 @@ mod piece_fetch;
 pub(crate) mod scheduled;
 mod stream;
 
+/// A scheduler client to a supernode (over cluster TLS when given one).
+pub use scheduled::connect as connect_scheduler;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -50,14 +50,14 @@ impl HttpSource {
         &self.client
     }
 
-    /// A client trusting the system roots and, if given, the PEM CA certificates in `extra_ca`.
-    pub fn new(extra_ca: Option<&Path>) -> Result<Self> {
+    /// A client trusting the system roots and the PEM CA certificates in the `extra_ca` files.
+    pub fn new(extra_ca: &[&Path]) -> Result<Self> {
         Self::build(extra_ca, None)
     }
 
     /// Like [`HttpSource::new`], with every request, redirect hop and resolved address checked
     /// against `policy` (what a supernode fetches on others' behalf).
-    pub fn with_policy(extra_ca: Option<&Path>, policy: super::OriginPolicy) -> Result<Self> {
+    pub fn with_policy(extra_ca: &[&Path], policy: super::OriginPolicy) -> Result<Self> {
         Self::build(extra_ca, Some(policy))
     }
 
@@ -66,7 +66,7 @@ impl HttpSource {
         self.policy.as_ref()
     }
 
-    fn build(extra_ca: Option<&Path>, policy: Option<super::OriginPolicy>) -> Result<Self> {
+    fn build(extra_ca: &[&Path], policy: Option<super::OriginPolicy>) -> Result<Self> {
         let redirect = match policy.clone() {
             None => reqwest::redirect::Policy::limited(10),
             Some(p) => reqwest::redirect::Policy::custom(move |attempt| {
@@ -89,7 +89,7 @@ impl HttpSource {
                 p.clone(),
             )));
         }
-        if let Some(path) = extra_ca {
+        for path in extra_ca {
             let pem = std::fs::read(path).map_err(|e| Error::io("cannot read CA file", path, e))?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|e| Error::invalid("CA file", format!("{}: {e}", path.display())))?;
@@ -305,7 +305,7 @@ mod tests {
 
     #[tokio::test]
     async fn inconsistent_partial_answers_are_origin_errors() {
-        let src = HttpSource::new(None).expect("client");
+        let src = HttpSource::new(&[]).expect("client");
         let url = partial_origin("bytes 0-9/100", "0123456789").await;
         // 206 to a request without Range.
         let e = src.get(&url, &[], None).await.err().expect("refused");
@@ -322,7 +322,7 @@ mod tests {
     async fn a_policy_source_refuses_loopback_before_sending() {
         let url = partial_origin("bytes 0-0/1", "0").await;
         let src =
-            HttpSource::with_policy(None, crate::source::OriginPolicy::default()).expect("client");
+            HttpSource::with_policy(&[], crate::source::OriginPolicy::default()).expect("client");
         let e = src
             .get(&url, &[], Some((0, 0)))
             .await

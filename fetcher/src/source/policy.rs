@@ -142,7 +142,7 @@ impl OriginPolicy {
         let Some(port) = u.port_or_known_default() else {
             return false;
         };
-        u.scheme() == "http"
+        matches!(u.scheme(), "http" | "https")
             && u.path().starts_with("/api/v1/index/")
             && self
                 .inner

@@ -1,6 +1,7 @@
 //! The scheduler gRPC service: one session per (peer, task) stream.
 
 pub mod assign;
+pub mod identity;
 pub mod index;
 mod proof;
 pub mod realms;
@@ -26,11 +27,20 @@ use crate::task::Tasks;
 #[derive(Clone, Debug)]
 pub struct SchedulerConfig {
     pub limits: assign::Limits,
-    /// `http://ip:port` of this supernode's piece server, or `None` to derive the IP per connection.
+    /// The IP of this supernode's piece server, or `None` to derive it per connection.
     pub advertise_ip: Option<std::net::IpAddr>,
     pub http_port: u16,
+    /// `https` with cluster TLS (every piece server of the cluster then runs it), else `http`.
+    pub http_scheme: &'static str,
     /// The admin API's bearer token (`None`: the admin API is disabled).
     pub admin_token: Option<String>,
+}
+
+impl SchedulerConfig {
+    /// The base URL of a piece server at `addr`.
+    pub fn base_url(&self, addr: std::net::SocketAddr) -> String {
+        format!("{}://{addr}", self.http_scheme)
+    }
 }
 
 /// Shared by every session.
@@ -74,13 +84,12 @@ impl Scheduler for SchedulerService {
         &self,
         request: Request<Streaming<PeerMessage>>,
     ) -> Result<Response<OutStream>, Status> {
-        let local_ip = request.local_addr().map(|a| a.ip());
-        let remote = request.remote_addr();
+        let caller = identity::Caller::of(&request);
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(1024);
         let inner = self.inner.clone();
         tokio::spawn(async move {
-            session::run(inner, inbound, tx, local_ip, remote).await;
+            session::run(inner, inbound, tx, caller).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -172,7 +181,11 @@ impl Scheduler for SchedulerService {
         use sha2::Digest;
         Ok(Response::new(proto::scheduler::LayerIndexReply {
             ticket: self.inner.tickets.index(&version),
-            index_url: format!("http://{base}/api/v1/index/{}", req.digest),
+            index_url: format!(
+                "{}/api/v1/index/{}",
+                self.inner.cfg.base_url(base),
+                req.digest
+            ),
             size: bytes.len() as u64,
             index_digest: format!(
                 "sha256:{}",

@@ -15,6 +15,7 @@ use tracing::Instrument;
 
 use super::Scheduling;
 use super::assign::{self, SUPERNODE_ID};
+use super::identity::Caller;
 use super::register;
 use crate::task::{PeerState, Status as SeedStatus, Version};
 
@@ -37,13 +38,7 @@ fn invalid(message: impl Into<String>) -> TaskError {
 }
 
 /// Runs a session until the peer leaves, the task fails, or the supernode shuts down.
-pub async fn run(
-    s: Arc<Scheduling>,
-    mut inbound: Streaming<PeerMessage>,
-    tx: Tx,
-    local_ip: Option<IpAddr>,
-    remote: Option<SocketAddr>,
-) {
+pub async fn run(s: Arc<Scheduling>, mut inbound: Streaming<PeerMessage>, tx: Tx, caller: Caller) {
     let first = tokio::time::timeout(Duration::from_secs(30), inbound.message()).await;
     let reg = match first {
         Ok(Ok(Some(PeerMessage {
@@ -51,8 +46,8 @@ pub async fn run(
         }))) => r,
         _ => return send_error(&tx, invalid("the first message must be Register")).await,
     };
-    let span = tracing::info_span!("session", task_id = %reg.task_id.get(..16).unwrap_or(""), peer = %reg.peer_id, remote = ?remote);
-    run_registered(s, inbound, tx, local_ip, remote, reg)
+    let span = tracing::info_span!("session", task_id = %reg.task_id.get(..16).unwrap_or(""), peer = %reg.peer_id, remote = ?caller.remote);
+    run_registered(s, inbound, tx, caller, reg)
         .instrument(span)
         .await;
 }
@@ -61,10 +56,10 @@ async fn run_registered(
     s: Arc<Scheduling>,
     mut inbound: Streaming<PeerMessage>,
     tx: Tx,
-    local_ip: Option<IpAddr>,
-    remote: Option<SocketAddr>,
+    caller: Caller,
     reg: pb::Register,
 ) {
+    let (local_ip, remote) = (caller.local_ip, caller.remote);
     let upload: SocketAddr = match reg.upload_addr.parse::<SocketAddr>() {
         // Others reach the peer where it connected from: its claimed IP is not taken on trust.
         Ok(a) => match remote {
@@ -140,8 +135,8 @@ async fn run_registered(
     version.lock().peers.insert(
         peer_id.clone(),
         PeerState {
-            host_id: reg.host_id.clone(),
-            base_url: format!("http://{upload}"),
+            host_id: caller.host(&reg.host_id),
+            base_url: s.cfg.base_url(upload),
             have: have.into_iter().collect(),
             outstanding: Default::default(),
             failed_parents: Default::default(),
@@ -160,7 +155,7 @@ async fn run_registered(
         .advertise_ip
         .or(local_ip)
         .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
-    let supernode_base = format!("http://{}", SocketAddr::new(sn_ip, s.cfg.http_port));
+    let supernode_base = s.cfg.base_url(SocketAddr::new(sn_ip, s.cfg.http_port));
     let mut sent = 0usize;
     let mut done_sent = false;
     loop {

@@ -18,6 +18,8 @@ struct Args {
     data_dir: std::path::PathBuf,
     #[arg(short = 'O')]
     output: std::path::PathBuf,
+    #[command(flatten)]
+    tls: fetcher::tls::TlsArgs,
 }
 
 struct Corrupting(Arc<dyn PieceSource>);
@@ -42,7 +44,14 @@ impl PieceSource for Corrupting {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    let t = &a.tls;
+    let tls = fetcher::tls::ClusterTls::from_config(
+        t.tls_ca.as_deref(),
+        t.tls_cert.as_deref(),
+        t.tls_key.as_deref(),
+    )?;
     let cfg = PeerConfig {
+        tls,
         supernodes: vec![a.supernode],
         data_dir: a.data_dir,
         keep_seeding: true,

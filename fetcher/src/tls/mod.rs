@@ -1,14 +1,22 @@
-//! Cluster TLS for the scheduler's gRPC (agents and dfget ↔ supernodes): a cluster CA, and for
-//! each host a certificate signed by it whose subject alternative names carry the names and IPs
-//! others reach it by. Supernodes present theirs and, by default, require one from every peer
-//! (mutual TLS); peers verify the supernode's against the cluster CA and the address they dialled.
-//! Registry credentials and tickets travel on this link, so with TLS configured nothing of them
-//! crosses the network in clear, and a plaintext client gets no answer.
+//! Cluster TLS: a cluster CA, and for each host a certificate signed by it whose subject
+//! alternative names carry the names and IPs others reach it by (`supernode certs` makes both).
+//! It covers the scheduler's gRPC (agents and dfget ↔ supernodes: supernodes present theirs and,
+//! by default, require one from every peer) and the piece plane (every peer's and supernode's
+//! piece server presents its certificate; see `http.rs`). Peers verify against the cluster CA and
+//! the address they dialled. Registry credentials, tickets and private pieces travel on these
+//! links, so nothing of them crosses the network in clear, and a plaintext client gets no answer.
+//! It is the default: a daemon without TLS material runs only when told `plaintext`.
+
+mod http;
+mod listener;
+
+pub use listener::TlsListener;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use rustls::pki_types::PrivateKeyDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 use crate::error::{Error, Result};
@@ -46,11 +54,11 @@ impl TlsFiles {
     }
 }
 
-/// `--tls-ca`, `--tls-cert`, `--tls-key`: the same three flags on every daemon.
+/// `--tls-ca`, `--tls-cert`, `--tls-key`, `--plaintext`: the same flags on every daemon.
 #[derive(Debug, Default, clap::Args)]
 pub struct TlsArgs {
-    /// Cluster CA (PEM): the scheduler link runs over TLS, peers verified against it (with
-    /// --tls-cert and --tls-key) [default: plaintext].
+    /// Cluster CA (PEM): the scheduler link and the piece plane run over TLS, peers verified
+    /// against it (with --tls-cert and --tls-key; `supernode certs` makes all three).
     #[arg(long, value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
     /// This host's certificate (PEM, signed by the cluster CA; SANs: the names and IPs it is
@@ -60,16 +68,23 @@ pub struct TlsArgs {
     /// The private key (PEM) of --tls-cert.
     #[arg(long, value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
+    /// Run without cluster TLS: credentials, tickets and pieces cross the network in clear
+    /// (only on a network you trust).
+    #[arg(long, conflicts_with_all = ["tls_ca", "tls_cert", "tls_key"])]
+    pub plaintext: bool,
 }
 
 impl TlsArgs {
-    /// Applies the flags given over the config file's `tls_ca`, `tls_cert`, `tls_key`.
+    /// Applies the flags given over the config file's `tls_ca`, `tls_cert`, `tls_key`,
+    /// `plaintext`.
     pub fn over(
         &self,
         ca: &mut Option<PathBuf>,
         cert: &mut Option<PathBuf>,
         key: &mut Option<PathBuf>,
+        plaintext: &mut bool,
     ) {
+        *plaintext |= self.plaintext;
         for (flag, value) in [
             (&self.tls_ca, ca),
             (&self.tls_cert, cert),
@@ -86,7 +101,27 @@ impl TlsArgs {
 #[derive(Clone, Debug)]
 pub struct ClusterTls {
     ca: Certificate,
+    ca_path: PathBuf,
     identity: Identity,
+    piece_server: Arc<rustls::ServerConfig>,
+    piece_client: Arc<rustls::ClientConfig>,
+}
+
+/// What a daemon runs with when it has no TLS material: an error unless `plaintext` was asked
+/// for, since credentials, tickets and private pieces would cross the network in clear.
+pub fn require(tls: &Option<ClusterTls>, plaintext: bool) -> Result<()> {
+    match (tls, plaintext) {
+        (Some(_), true) => Err(Error::invalid(
+            "config",
+            "plaintext together with tls_ca/tls_cert/tls_key: choose one",
+        )),
+        (None, false) => Err(Error::invalid(
+            "config",
+            "no cluster TLS: set tls_ca, tls_cert and tls_key (`supernode certs` makes them), \
+             or plaintext = true (--plaintext) on a network you trust",
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
@@ -113,24 +148,36 @@ impl ClusterTls {
         let ca = read(&files.ca)?;
         let cert = read(&files.cert)?;
         let key = read(&files.key)?;
-        let count = |pem: &[u8]| {
-            CertificateDer::pem_slice_iter(pem)
-                .filter(|c| c.is_ok())
-                .count()
-        };
-        if count(&ca) == 0 {
-            return Err(bad(&files.ca, "no PEM certificate in it"));
-        }
-        if count(&cert) == 0 {
-            return Err(bad(&files.cert, "no PEM certificate in it"));
-        }
+        http::certs(&ca, "tls_ca").map_err(|_| bad(&files.ca, "no PEM certificate in it"))?;
+        http::certs(&cert, "tls_cert").map_err(|_| bad(&files.cert, "no PEM certificate in it"))?;
         if PrivateKeyDer::from_pem_slice(&key).is_err() {
             return Err(bad(&files.key, "no PEM private key in it"));
         }
+        let piece_server = http::server(&cert, &key)?;
+        let piece_client = Arc::new(http::client(&ca)?);
         Ok(Self {
             ca: Certificate::from_pem(ca),
+            ca_path: files.ca.clone(),
             identity: Identity::from_pem(cert, key),
+            piece_server,
+            piece_client,
         })
+    }
+
+    /// The cluster CA file (origins that are cluster members, such as a supernode's own index
+    /// API, are trusted through it).
+    pub fn ca_path(&self) -> &Path {
+        &self.ca_path
+    }
+
+    /// The piece server's rustls side (this host's certificate, no client certificate asked).
+    pub fn piece_server(&self) -> Arc<rustls::ServerConfig> {
+        self.piece_server.clone()
+    }
+
+    /// A piece client's rustls side, for `reqwest::ClientBuilder::use_preconfigured_tls`.
+    pub fn piece_client(&self) -> rustls::ClientConfig {
+        (*self.piece_client).clone()
     }
 
     /// The supernode's gRPC server side; `require_client_cert`: refuse peers without a
