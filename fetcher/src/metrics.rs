@@ -14,7 +14,7 @@ pub struct PeerMetrics {
     pub verify_failures: IntCounter,
     /// `damselfly_peer_downloads_total{result="ok|error"}`
     pub downloads: IntCounterVec,
-    /// `damselfly_proxy_requests_total{kind="blob|token|passthrough|tunnel|hijack"}`
+    /// `damselfly_proxy_requests_total{kind="blob|token|passthrough|tunnel|hijack|refused"}`
     pub proxy_requests: IntCounterVec,
     /// `damselfly_peer_tickets_refused_total`: piece requests without a valid ticket.
     pub tickets_refused: IntCounter,
@@ -54,7 +54,7 @@ impl PeerMetrics {
             Opts::new(
                 "damselfly_proxy_requests_total",
                 "Registry proxy requests, by how they were handled (blob: P2P; token: shared token \
-                 fetch; passthrough: to the registry; tunnel/hijack: CONNECT)",
+                 fetch; passthrough: to the registry; tunnel/hijack: CONNECT; refused: origin policy)",
             ),
             &["kind"],
         )

@@ -44,14 +44,8 @@ pub struct Args {
     pub upload_rate: Option<String>,
     #[command(flatten)]
     pub tls: fetcher::tls::TlsArgs,
-    /// Also allow fetching from this URL prefix (repeatable; `http://10.0.0.5:*/` for any port;
-    /// added to `origin_policy.allow`). Without any, every public origin is allowed.
-    #[arg(long = "allow-origin", value_name = "PREFIX")]
-    pub allow_origin: Vec<String>,
-    /// Also allow origins on this non-public address range (repeatable, e.g. 10.0.0.0/8; added to
-    /// `origin_policy.allow_addresses`).
-    #[arg(long = "allow-address", value_name = "CIDR")]
-    pub allow_address: Vec<String>,
+    #[command(flatten)]
+    pub policy: fetcher::source::policy::PolicyArgs,
     /// File holding the bearer token the admin API (preheat, index builds) requires; without
     /// one the admin API is disabled [default: none].
     #[arg(long, value_name = "FILE")]
@@ -101,7 +95,7 @@ pub struct Config {
     /// Bind piece tickets to the address a peer connected from (turn off only behind NAT).
     pub ticket_bind_ip: bool,
     /// Which origins the supernode fetches from on a peer's behalf.
-    pub origin_policy: OriginPolicyConfig,
+    pub origin_policy: fetcher::source::policy::PolicyConfig,
     /// Cluster TLS for the scheduler and the piece server (all three, or `plaintext`).
     pub tls_ca: Option<PathBuf>,
     pub tls_cert: Option<PathBuf>,
@@ -110,16 +104,6 @@ pub struct Config {
     pub tls_require_client_cert: bool,
     /// Run without cluster TLS (only on a network you trust).
     pub plaintext: bool,
-}
-
-/// `[origin_policy]` of `supernode.toml` (see `fetcher::source::policy`).
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct OriginPolicyConfig {
-    /// URL prefixes; empty: any origin on a public address.
-    pub allow: Vec<String>,
-    /// Non-public address ranges allowed anyway (CIDR or single addresses).
-    pub allow_addresses: Vec<String>,
 }
 
 impl Default for Config {
@@ -142,7 +126,7 @@ impl Default for Config {
             admin_token_file: None,
             ticket_ttl: "10m".into(),
             ticket_bind_ip: true,
-            origin_policy: OriginPolicyConfig::default(),
+            origin_policy: Default::default(),
             tls_ca: None,
             tls_cert: None,
             tls_key: None,
@@ -194,12 +178,7 @@ pub fn load(args: &Args) -> Result<Config> {
         &mut c.tls_key,
         &mut c.plaintext,
     );
-    c.origin_policy
-        .allow
-        .extend(args.allow_origin.iter().cloned());
-    c.origin_policy
-        .allow_addresses
-        .extend(args.allow_address.iter().cloned());
+    args.policy.over(&mut c.origin_policy);
     if args.admin_token_file.is_some() {
         c.admin_token_file = args.admin_token_file.clone();
     }

@@ -102,11 +102,7 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
                 detail: e.to_string(),
             }
         })?;
-    let policy = fetcher::source::OriginPolicy::new(
-        &c.origin_policy.allow,
-        &c.origin_policy.allow_addresses,
-    )
-    .map_err(|e| Error::Config {
+    let policy = c.origin_policy.build().map_err(|e| Error::Config {
         key: "origin_policy",
         detail: e.to_string(),
     })?;

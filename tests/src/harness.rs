@@ -219,8 +219,22 @@ impl Env {
     }
 
     /// Starts a dfdaemon (store `<dir>/<name>`, socket `<dir>/<name>.sock`, every port free on
-    /// loopback) with `extra` flags; waits for its metrics endpoint.
+    /// loopback) with `extra` flags, its proxy allowed to reach registries on loopback (every
+    /// test registry is); waits for its metrics endpoint.
     pub async fn dfdaemon(&self, name: &str, supernode: &str, extra: &[&str]) -> (Proc, Daemon) {
+        let mut args = vec!["--allow-address", "127.0.0.0/8"];
+        args.extend_from_slice(extra);
+        self.strict_dfdaemon(name, supernode, &args).await
+    }
+
+    /// A dfdaemon with the default origin policy (its proxy reaches public registries and the
+    /// configured mirror only) and `extra` flags.
+    pub async fn strict_dfdaemon(
+        &self,
+        name: &str,
+        supernode: &str,
+        extra: &[&str],
+    ) -> (Proc, Daemon) {
         for attempt in 1.. {
             let d = Daemon {
                 proxy: format!("127.0.0.1:{}", free_port()),

@@ -282,3 +282,67 @@ async fn private_blobs_redirected_to_object_storage_are_one_task_per_digest() {
         "the origin served {served} bytes for one {size}-byte blob pulled twice"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_reaches_only_registries_its_origin_policy_allows() {
+    use futures::FutureExt;
+    // Needs no registry tools: the configured mirror is the test origin, and an internal service
+    // on loopback is a bare listener that must never see a connection.
+    let env = Env::new("registry-policy");
+    let (_origin, origin) = env.origin(&[]).await;
+    let (_sn, grpc, _) = env.supernode("sn", &[]).await;
+    let (_agent, d) = env
+        .strict_dfdaemon("agent", &grpc, &["--registry-mirror", &origin])
+        .await;
+    let internal = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = internal.local_addr().expect("addr").port();
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    let get = |url: String| {
+        let client = client.clone();
+        async move {
+            let r = client.get(url).send().await.expect("request");
+            (r.status().as_u16(), r.text().await.expect("body"))
+        }
+    };
+
+    // The mirror the operator configured is reached although it is on loopback.
+    let (status, body) = get(format!("http://{}/v2/", d.proxy)).await;
+    assert!(
+        status != 403 && !body.contains("origin policy"),
+        "the configured mirror was refused: {status} {body}"
+    );
+    // Registries a client names on loopback, by address or by a name resolving there: refused.
+    for ns in [format!("127.0.0.1:{port}"), format!("localhost:{port}")] {
+        let (status, body) = get(format!("http://{}/v2/?ns={ns}", d.proxy)).await;
+        assert!(
+            matches!(status, 403 | 502) && body.contains("origin policy"),
+            "?ns={ns}: {status} {body}"
+        );
+    }
+    // A plain-HTTP proxy request to the internal service: refused too.
+    let via = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(format!("http://{}", d.proxy)).expect("proxy"))
+        .build()
+        .expect("client");
+    let r = via
+        .get(format!("http://127.0.0.1:{port}/latest/meta-data"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status().as_u16(), 403);
+    // Each refusal came before any connection (the answers are in): nothing reached it.
+    assert!(
+        internal.accept().now_or_never().is_none(),
+        "the internal service was contacted"
+    );
+    assert!(
+        d.metric("damselfly_proxy_requests_total", "kind=\"refused\"")
+            .await
+            >= 2.0
+    );
+}

@@ -78,6 +78,8 @@ pub struct Args {
     pub upstream_ca: Option<PathBuf>,
     #[command(flatten)]
     pub tls: crate::tls::TlsArgs,
+    #[command(flatten)]
+    pub policy: crate::source::policy::PolicyArgs,
     /// Log lines as JSON.
     #[arg(long)]
     pub log_json: bool,
@@ -107,6 +109,8 @@ pub struct DaemonConfig {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub plaintext: bool,
+    /// Which registries the proxy fetches from for this host's clients.
+    pub origin_policy: crate::source::policy::PolicyConfig,
     pub gc: GcConfig,
 }
 
@@ -155,6 +159,7 @@ impl Default for DaemonConfig {
             tls_cert: None,
             tls_key: None,
             plaintext: false,
+            origin_policy: Default::default(),
             gc: GcConfig::default(),
         }
     }
@@ -192,6 +197,7 @@ fn merge(args: &Args) -> Result<DaemonConfig> {
         &mut c.tls_key,
         &mut c.plaintext,
     );
+    args.policy.over(&mut c.origin_policy);
     if let Some(h) = &args.hijack {
         c.hijack = split_list(h);
     }
@@ -261,6 +267,16 @@ async fn run_inner(args: Args) -> Result<()> {
         upstream_ca: c.upstream_ca.clone(),
         insecure_upstream: c.insecure_upstream,
         hijack: c.hijack.clone(),
+        policy: c
+            .origin_policy
+            .build()
+            .and_then(|p| {
+                p.with_named(&crate::proxy::named_origins(
+                    c.registry_mirror.as_ref(),
+                    &c.hijack,
+                ))
+            })
+            .map_err(|e| field("origin_policy", e))?,
         ca: match (&c.ca_cert, &c.ca_key) {
             (Some(cert), Some(key)) => crate::proxy::CaFiles {
                 cert: cert.clone(),

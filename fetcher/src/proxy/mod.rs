@@ -46,6 +46,25 @@ pub struct ProxyConfig {
     pub hijack: Vec<String>,
     /// The interception CA (created on first start when absent).
     pub ca: CaFiles,
+    /// Which registries the proxy fetches from (every request, after DNS resolution); the
+    /// mirror and the hijacked hosts count as named (see [`named_origins`]).
+    pub policy: crate::source::OriginPolicy,
+}
+
+/// The URL prefixes an agent's config names as registries: the mirror, and each hijacked host
+/// (`*` names nothing: then every host is the client's choice).
+pub fn named_origins(mirror: Option<&url::Url>, hijack: &[String]) -> Vec<String> {
+    let mut named: Vec<String> = mirror.map(|m| m.to_string()).into_iter().collect();
+    for h in hijack.iter().filter(|h| h.as_str() != "*") {
+        let (host, port) = match h.rsplit_once(':') {
+            Some((host, port)) if !host.contains(':') => (host, port),
+            _ => (h.as_str(), "*"),
+        };
+        for scheme in ["https", "http"] {
+            named.push(format!("{scheme}://{host}:{port}/"));
+        }
+    }
+    named
 }
 
 /// Which connection a request arrived on.
@@ -60,6 +79,7 @@ pub(crate) enum Listener {
 pub(crate) struct Proxy {
     peer: Peer,
     mirror: Option<url::Url>,
+    policy: crate::source::OriginPolicy,
     client: reqwest::Client,
     hijack: Vec<String>,
     ca: ca::CertAuthority,
@@ -72,6 +92,9 @@ pub async fn serve(cfg: ProxyConfig, peer: Peer, shutdown: Shutdown) -> Result<S
     let mut b = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
         .redirect(reqwest::redirect::Policy::none())
+        .dns_resolver(Arc::new(crate::source::policy::PolicyResolver(
+            cfg.policy.clone(),
+        )))
         .no_proxy();
     if let Some(path) = &cfg.upstream_ca {
         let pem = std::fs::read(path).map_err(|e| Error::io("cannot read CA file", path, e))?;
@@ -93,6 +116,7 @@ pub async fn serve(cfg: ProxyConfig, peer: Peer, shutdown: Shutdown) -> Result<S
     let proxy = Arc::new(Proxy {
         peer,
         mirror: cfg.registry_mirror,
+        policy: cfg.policy,
         tokens: token::Tokens::new(client.clone()),
         client,
         hijack,
@@ -111,6 +135,13 @@ pub async fn serve(cfg: ProxyConfig, peer: Peer, shutdown: Shutdown) -> Result<S
 
 pub(crate) fn text(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, format!("{}\n", msg.into())).into_response()
+}
+
+/// 403 for an upstream the origin policy refuses (counted as `refused`).
+fn refused(p: &Proxy, e: Error) -> Response {
+    p.count("refused");
+    tracing::warn!(error = %e, "proxy request refused by the origin policy");
+    text(StatusCode::FORBIDDEN, format!("dfdaemon proxy: {e}"))
 }
 
 /// Does `pattern` (`host`, `host:port`, `*.domain`, `*`) name `host:port`?
@@ -162,6 +193,9 @@ async fn dispatch_inner(p: Arc<Proxy>, req: Request<Body>, listener: Listener) -
             return registry(&p, req, Some(origin)).await;
         }
         let target = upstream_url(&origin, req.uri());
+        if let Err(e) = p.policy.check(&target) {
+            return refused(&p, e);
+        }
         p.count("passthrough");
         return passthrough::forward(&p, req, target).await;
     }
@@ -216,6 +250,9 @@ async fn registry_inner(p: &Proxy, req: Request<Body>, origin: Option<url::Url>)
             Err(msg) => return text(StatusCode::BAD_GATEWAY, msg),
         },
     };
+    if let Err(e) = p.policy.check(&target) {
+        return refused(p, e);
+    }
     if req.method() == http::Method::GET
         && let Some(digest) = blob_digest(req.uri().path())
     {
@@ -331,6 +368,32 @@ mod tests {
         assert_eq!(blob_digest(&format!("/v2/app/manifests/{d}")), None);
         assert_eq!(blob_digest("/v2/app/blobs/uploads/"), None);
         assert_eq!(blob_digest("/v2/app/blobs/sha256:xyz"), None);
+    }
+
+    #[test]
+    fn the_mirror_and_hijacked_hosts_are_named_origins() {
+        let m = url::Url::parse("http://10.0.0.5:5000/prefix/").expect("url");
+        let named = named_origins(
+            Some(&m),
+            &[
+                "harbor.corp:8443".into(),
+                "*.corp.example".into(),
+                "*".into(),
+            ],
+        );
+        assert_eq!(
+            named,
+            [
+                "http://10.0.0.5:5000/prefix/",
+                "https://harbor.corp:8443/",
+                "http://harbor.corp:8443/",
+                "https://*.corp.example:*/",
+                "http://*.corp.example:*/",
+            ]
+        );
+        crate::source::OriginPolicy::default()
+            .with_named(&named)
+            .expect("every named origin parses");
     }
 
     #[test]

@@ -1,12 +1,17 @@
-//! The origin policy: which origins a supernode fetches from on a peer's behalf. Every request
-//! (seeds, credential probes and proofs, preheats, index builds, token fetches) and every redirect
-//! hop is checked, and host names are checked after DNS resolution, so that nobody can point the
-//! supernode at its own loopback, a link-local metadata service or another internal address.
+//! The origin policy: which origins a supernode fetches from on a peer's behalf, and which an
+//! agent fetches from for the registry clients of its host (the proxy's `?ns=` registries,
+//! hijacked hosts, its downloads). Every request (seeds, credential probes and proofs, preheats,
+//! index builds, token fetches, registry requests) and every redirect hop is checked, and host
+//! names are checked after DNS resolution, so that nobody can point a daemon at its own loopback,
+//! a link-local metadata service or another internal address.
 //!
 //! - `allow`: URL prefixes (`https://harbor.example.com/`, `http://10.0.0.5:5000/v2/`,
-//!   `http://127.0.0.1:*/` for any port). Empty: any origin on a public address. A URL under an
-//!   allowed prefix may resolve to any address (the operator named that host).
+//!   `http://127.0.0.1:*/` for any port, `https://*.corp.example:*/` for subdomains). Empty: any
+//!   origin on a public address. A URL under an allowed prefix may resolve to any address (the
+//!   operator named that host).
 //! - `allow_addresses`: address ranges (`10.0.0.0/8`) allowed although not public.
+//! - Named origins (an agent's `registry_mirror` and `hijack` hosts): allowed to resolve anywhere
+//!   like `allow`, without narrowing what else is allowed.
 //!
 //! Refused by default: loopback, unspecified, private (RFC 1918, IPv6 ULA), link-local (the
 //! 169.254.169.254 metadata service among them), shared (100.64/10), multicast, broadcast,
@@ -18,6 +23,44 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use crate::error::{Error, Result};
+
+/// `[origin_policy]` of `supernode.toml` and `dfdaemon.toml`.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// URL prefixes; empty: any origin on a public address.
+    pub allow: Vec<String>,
+    /// Non-public address ranges allowed anyway (CIDR or single addresses).
+    pub allow_addresses: Vec<String>,
+}
+
+impl PolicyConfig {
+    /// The policy (each error names the bad value).
+    pub fn build(&self) -> Result<OriginPolicy> {
+        OriginPolicy::new(&self.allow, &self.allow_addresses)
+    }
+}
+
+/// `--allow-origin`, `--allow-address`: added to the config file's `[origin_policy]`.
+#[derive(Debug, Default, clap::Args)]
+pub struct PolicyArgs {
+    /// Also allow fetching from this URL prefix (repeatable; `http://10.0.0.5:*/` for any port;
+    /// added to `origin_policy.allow`). Without any, every public origin is allowed.
+    #[arg(long = "allow-origin", value_name = "PREFIX")]
+    pub allow_origin: Vec<String>,
+    /// Also allow origins on this non-public address range (repeatable, e.g. 10.0.0.0/8; added to
+    /// `origin_policy.allow_addresses`).
+    #[arg(long = "allow-address", value_name = "CIDR")]
+    pub allow_address: Vec<String>,
+}
+
+impl PolicyArgs {
+    /// Adds the flags' values to `c`.
+    pub fn over(&self, c: &mut PolicyConfig) {
+        c.allow.extend(self.allow_origin.iter().cloned());
+        c.allow_addresses.extend(self.allow_address.iter().cloned());
+    }
+}
 
 /// One allowed URL prefix.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,7 +114,7 @@ impl Prefix {
         u.scheme() == self.scheme
             && u.host_str()
                 .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
-                .is_some_and(|h| h.eq_ignore_ascii_case(&self.host))
+                .is_some_and(|h| self.names_host(h))
             && self
                 .port
                 .is_none_or(|p| u.port_or_known_default() == Some(p))
@@ -79,7 +122,13 @@ impl Prefix {
     }
 
     fn names_host(&self, host: &str) -> bool {
-        self.host.eq_ignore_ascii_case(host)
+        match self.host.strip_prefix('*') {
+            // `*.corp.example`: any name under it, not the domain itself.
+            Some(suffix) if suffix.starts_with('.') => {
+                host.len() > suffix.len() && host.to_ascii_lowercase().ends_with(suffix)
+            }
+            _ => self.host.eq_ignore_ascii_case(host),
+        }
     }
 }
 
@@ -97,6 +146,8 @@ pub struct OriginPolicy {
 struct Inner {
     allow: Vec<Prefix>,
     allow_addresses: Vec<IpNet>,
+    /// Origins the operator named elsewhere in the config (an agent's mirror and hijacked hosts).
+    named: Vec<Prefix>,
     /// Addresses of this supernode's own HTTP server (its index API is the origin of index tasks).
     own: std::sync::RwLock<Vec<SocketAddr>>,
 }
@@ -120,8 +171,27 @@ impl OriginPolicy {
             inner: Arc::new(Inner {
                 allow,
                 allow_addresses,
+                named: Vec::new(),
                 own: Default::default(),
             }),
+        })
+    }
+
+    /// The same policy with the URL prefixes `named` (origins the operator configured elsewhere,
+    /// such as a registry mirror) allowed wherever they resolve.
+    pub fn with_named(self, named: &[String]) -> Result<Self> {
+        let named = named
+            .iter()
+            .map(|p| Prefix::parse(p))
+            .collect::<Result<Vec<_>>>()?;
+        let inner = Inner {
+            allow: self.inner.allow.clone(),
+            allow_addresses: self.inner.allow_addresses.clone(),
+            named,
+            own: Default::default(),
+        };
+        Ok(Self {
+            inner: Arc::new(inner),
         })
     }
 
@@ -164,7 +234,8 @@ impl OriginPolicy {
         if self.is_own_index(u) {
             return Ok(());
         }
-        let prefixed = self.inner.allow.iter().any(|p| p.matches(u));
+        let prefixed = self.inner.allow.iter().any(|p| p.matches(u))
+            || self.inner.named.iter().any(|p| p.matches(u));
         if !self.inner.allow.is_empty() && !prefixed {
             return Err(refuse(
                 "not under an allowed origin prefix (origin_policy.allow)".into(),
@@ -183,7 +254,8 @@ impl OriginPolicy {
 
     /// True when a request to `host` (a name, `None` for an IP literal) may go to `ip`.
     pub fn allows_ip(&self, host: Option<&str>, ip: IpAddr) -> bool {
-        if host.is_some_and(|h| self.inner.allow.iter().any(|p| p.names_host(h))) {
+        let (allow, named) = (&self.inner.allow, &self.inner.named);
+        if host.is_some_and(|h| allow.iter().chain(named).any(|p| p.names_host(h))) {
             return true;
         }
         let ip = canonical(ip);
@@ -349,6 +421,28 @@ mod tests {
             assert!(Prefix::parse(bad).is_err(), "{bad}");
         }
         assert!(OriginPolicy::new(&[], &["10.0.0.0/33".into()]).is_err());
+    }
+
+    #[test]
+    fn named_origins_resolve_anywhere_without_narrowing_the_rest() {
+        let p = OriginPolicy::default()
+            .with_named(&[
+                "http://127.0.0.1:5000/".into(),
+                "https://*.corp.example:*/".into(),
+            ])
+            .expect("named");
+        assert!(p.check(&url("http://127.0.0.1:5000/v2/")).is_ok());
+        assert!(p.check(&url("http://127.0.0.1:5001/v2/")).is_err());
+        assert!(p.check(&url("https://registry-1.docker.io/v2/")).is_ok());
+        let lo: IpAddr = "10.1.1.1".parse().expect("ip");
+        assert!(p.allows_ip(Some("harbor.corp.example"), lo));
+        assert!(p.allows_ip(Some("a.b.CORP.example"), lo));
+        assert!(
+            !p.allows_ip(Some("corp.example"), lo),
+            "the domain itself is not under *."
+        );
+        assert!(!p.allows_ip(Some("evilcorp.example"), lo));
+        assert!(!p.allows_ip(Some("other.example"), lo));
     }
 
     #[test]
