@@ -322,7 +322,7 @@ impl RemoteLayers {
 
 /// Unmounts a layer and waits for its FUSE threads; still busy (an overlay on it): detached.
 fn unmount_session(session: fuser::BackgroundSession, mountpoint: &Path) {
-    if let Err(e) = session.umount_and_join() {
+    if let Err(e) = crate::layerfs::unmount(session) {
         tracing::warn!(path = %mountpoint.display(), error = %e, "cannot unmount: detaching");
         detach_stale(mountpoint);
     }

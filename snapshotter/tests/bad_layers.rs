@@ -156,8 +156,8 @@ fn hostile_and_damaged_layers_stay_contained() {
     // The other layers of the process still serve.
     assert_eq!(std::fs::read(mnt.join("ok")).expect("ok"), b"fine\n");
     drop(f);
-    truncated_mount.umount_and_join().expect("unmount");
-    hostile_mount.umount_and_join().expect("unmount");
+    snapshotter::layerfs::unmount(truncated_mount).expect("unmount");
+    snapshotter::layerfs::unmount(hostile_mount).expect("unmount");
 }
 
 /// EIO's number on Linux.

@@ -171,7 +171,7 @@ fn a_fuse_layer_reads_back_exactly_and_stacks_under_overlayfs() {
     );
     assert!(matches!(result.4, Ok(true)));
     drop(f);
-    session.umount_and_join().expect("unmount");
+    snapshotter::layerfs::unmount(session).expect("unmount");
 }
 
 #[test]
@@ -231,7 +231,7 @@ fn a_zstd_layer_is_read_whole_once_then_served_locally() {
         1,
         "decompressed once"
     );
-    session.umount_and_join().expect("unmount");
+    snapshotter::layerfs::unmount(session).expect("unmount");
     // Without a local copy to serve from, reads fail cleanly (EIO), never with wrong bytes.
     let (session, mnt, _) = mount_it("without-disk", false);
     let err = std::fs::read(mnt.join("etc/small")).expect_err("no local copy");
@@ -239,5 +239,5 @@ fn a_zstd_layer_is_read_whole_once_then_served_locally() {
         err.raw_os_error(),
         Some(rustix::io::Errno::IO.raw_os_error())
     );
-    session.umount_and_join().expect("unmount");
+    snapshotter::layerfs::unmount(session).expect("unmount");
 }

@@ -106,7 +106,7 @@ async fn a_layer_mounted_from_its_index_reads_through_the_agent() {
         })
         .await
         .expect("reads");
-        session.umount_and_join().expect("unmount");
+        snapshotter::layerfs::unmount(session).expect("unmount");
         for (path, ok) in reads {
             assert!(
                 matches!(ok, Ok(true)),

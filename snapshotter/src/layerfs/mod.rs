@@ -511,3 +511,13 @@ pub fn mount(fs: LayerFs, mountpoint: &Path) -> std::io::Result<fuser::Backgroun
     cfg.n_threads = Some(4);
     fuser::spawn_mount(fs, mountpoint, &cfg)
 }
+
+/// Unmounts a layer mounted by [`mount`] and waits for its FUSE threads. When the kernel tears
+/// the connection down on unmount, the threads may see ECONNABORTED instead of ENODEV: that is a
+/// clean end too, not a failure to unmount.
+pub fn unmount(session: fuser::BackgroundSession) -> std::io::Result<()> {
+    match session.umount_and_join() {
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::CONNABORTED.raw_os_error()) => Ok(()),
+        r => r,
+    }
+}

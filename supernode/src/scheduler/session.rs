@@ -131,13 +131,14 @@ async fn run_registered(
         }))) => h.pieces,
         _ => return send_error(&tx, invalid("expected Have after TaskInfo")).await,
     };
+    let pieces = piece_count(info.content_length, info.piece_size);
     let peer_id = reg.peer_id.clone();
     version.lock().peers.insert(
         peer_id.clone(),
         PeerState {
             host_id: caller.host(&reg.host_id),
             base_url: s.cfg.base_url(upload),
-            have: have.into_iter().collect(),
+            have: existing(have, pieces).collect(),
             outstanding: Default::default(),
             failed_parents: Default::default(),
             wanted: Default::default(),
@@ -190,13 +191,13 @@ async fn run_registered(
                 Ok(Some(PeerMessage { msg: Some(peer_message::Msg::PieceResult(r)) })) => on_result(&s, &version, &peer_id, r),
                 Ok(Some(PeerMessage { msg: Some(peer_message::Msg::Have(h)) })) => {
                     if let Some(p) = version.lock().peers.get_mut(&peer_id) {
-                        p.have.extend(h.pieces);
+                        p.have.extend(existing(h.pieces, pieces));
                     }
                     version.notify();
                 }
                 Ok(Some(PeerMessage { msg: Some(peer_message::Msg::Want(w)) })) => {
                     if let Some(p) = version.lock().peers.get_mut(&peer_id) {
-                        p.wanted = w.pieces.into_iter().collect();
+                        p.wanted = existing(w.pieces, pieces).collect();
                         p.only_wanted = w.only;
                     }
                 }
@@ -280,6 +281,24 @@ fn step(
     (msgs, false)
 }
 
+/// Pieces a version may have: all of them for a known length, else a bound (4 TiB of 4 MiB
+/// pieces) so that a peer's claims cannot grow the supernode's memory without limit.
+fn piece_count(content_length: i64, piece_size: u32) -> u32 {
+    const UNKNOWN_LENGTH_BOUND: u32 = 1 << 20;
+    match u64::try_from(content_length) {
+        Ok(len) if piece_size > 0 => {
+            u32::try_from(len.div_ceil(u64::from(piece_size))).unwrap_or(u32::MAX)
+        }
+        _ => UNKNOWN_LENGTH_BOUND,
+    }
+}
+
+/// The numbers of `claimed` that are pieces of a version of `count` pieces: a peer's `Have` and
+/// `Want` are taken only that far.
+fn existing(claimed: Vec<u32>, count: u32) -> impl Iterator<Item = u32> {
+    claimed.into_iter().filter(move |p| *p < count)
+}
+
 /// Books a piece result: holdings on success; on failure, the parent's faults and isolation.
 fn on_result(s: &Scheduling, version: &Version, peer_id: &str, r: pb::PieceResult) {
     let mut st = version.lock();
@@ -349,4 +368,20 @@ fn leave(s: &Scheduling, version: &Version, peer_id: &str) {
     drop(st);
     version.notify();
     tracing::info!("peer left");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_beyond_the_version_are_dropped() {
+        assert_eq!(piece_count(10 << 20, 4 << 20), 3);
+        assert_eq!(piece_count(0, 4 << 20), 0);
+        assert_eq!(piece_count(-1, 4 << 20), 1 << 20);
+        let huge: Vec<u32> = (0..5_000_000).collect();
+        let kept: std::collections::HashSet<u32> = existing(huge, 3).collect();
+        assert_eq!(kept.len(), 3);
+        assert!(existing(vec![u32::MAX, 7, 2], 3).eq([2]));
+    }
 }
