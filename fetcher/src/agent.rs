@@ -150,7 +150,7 @@ impl Agent for AgentService {
     ) -> Result<Response<Self::DownloadStream>, Status> {
         let req = from_proto(request.into_inner())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        tracing::Span::current().record("url", req.url.as_str());
+        tracing::Span::current().record("url", crate::source::redact(&req.url).as_str());
         let (tx, rx) = mpsc::channel(16);
         let peer = self.peer.clone();
         tokio::spawn(async move {

@@ -10,19 +10,19 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The origin answered with a non-success HTTP status.
-    #[error("origin returned HTTP {status} for {url}")]
+    #[error("origin returned HTTP {status} for {}", crate::source::redact(.url))]
     OriginStatus { url: String, status: u16 },
 
     /// The origin policy refuses the URL (or a redirect to it).
-    #[error("origin {url} refused by the origin policy: {why}")]
+    #[error("origin {} refused by the origin policy: {why}", crate::source::redact(.url))]
     Refused { url: String, why: String },
 
     /// The origin could not be reached (DNS, connection refused, TLS, timeout).
-    #[error("origin unreachable for {url}: {detail}")]
+    #[error("origin unreachable for {}: {}", crate::source::redact(.url), crate::source::redact_urls(.detail))]
     OriginUnreachable { url: String, detail: String },
 
     /// The origin's body ended early or broke.
-    #[error("origin sent a broken body for {url}: {detail}")]
+    #[error("origin sent a broken body for {}: {detail}", crate::source::redact(.url))]
     OriginBody { url: String, detail: String },
 
     /// The supernode reported a failure of the task.

@@ -15,6 +15,7 @@ pub mod output;
 pub mod peer;
 pub mod piece;
 pub mod piece_store;
+pub mod private;
 pub mod proxy;
 pub mod range_read;
 pub mod rate;

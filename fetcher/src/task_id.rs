@@ -16,8 +16,8 @@ pub const MAX_PIECES: u64 = 4096;
 
 /// Removes the query parameters named in `filter` from `url` (order of the rest is kept).
 pub fn filter_url(url: &str, filter: &[String]) -> Result<String> {
-    let mut parsed =
-        url::Url::parse(url).map_err(|e| Error::invalid("URL", format!("{url}: {e}")))?;
+    let mut parsed = url::Url::parse(url)
+        .map_err(|e| Error::invalid("URL", format!("{}: {e}", crate::source::redact(url))))?;
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(Error::invalid(
             "URL",

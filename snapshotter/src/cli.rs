@@ -100,12 +100,51 @@ pub struct PullArgs {
     /// This snapshotter's name in containerd's config (`proxy_plugins.<name>`).
     #[arg(long, default_value = "damselfly")]
     pub snapshotter: String,
-    /// Registry credentials `user:password` (else docker's config.json).
-    #[arg(long, short = 'u', value_name = "USER:PASSWORD")]
+    /// Registry user, with the password from --password-stdin (else docker's config.json).
+    /// `USER:PASSWORD` works too, but every local user sees argv: prefer --password-stdin.
+    #[arg(long, short = 'u', value_name = "USER")]
     pub user: Option<String>,
+    /// Read the password of --user from standard input (one line).
+    #[arg(long, requires = "user")]
+    pub password_stdin: bool,
     /// Platform to pick from a multi-platform image [default: this machine's, e.g. linux/amd64].
     #[arg(long, value_name = "OS/ARCH")]
     pub platform: Option<String>,
+}
+
+/// `user:password` from --user and, with --password-stdin, the first line of stdin (at most
+/// 4 KiB; never echoed, never in argv).
+fn credentials(p: &PullArgs) -> crate::Result<Option<String>> {
+    let Some(user) = &p.user else {
+        return Ok(None);
+    };
+    if !p.password_stdin {
+        if user.contains(':') {
+            tracing::warn!(
+                "--user USER:PASSWORD puts the password in argv, readable by every local user; use --password-stdin"
+            );
+        }
+        return Ok(Some(user.clone()));
+    }
+    if user.contains(':') {
+        return Err(crate::Error::Invalid(
+            "--user: with --password-stdin give the user name only".into(),
+        ));
+    }
+    use std::io::{BufRead, Read};
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .take(4096)
+        .read_line(&mut line)
+        .map_err(|e| crate::Error::Invalid(format!("--password-stdin: cannot read stdin: {e}")))?;
+    let password = line.trim_end_matches(['\n', '\r']);
+    if password.is_empty() {
+        return Err(crate::Error::Invalid(
+            "--password-stdin: no password on standard input".into(),
+        ));
+    }
+    Ok(Some(format!("{user}:{password}")))
 }
 
 impl RegistryArgs {
@@ -158,7 +197,9 @@ async fn pull(registry: &RegistryArgs, p: &PullArgs) -> i32 {
             .clone()
             .unwrap_or_else(crate::pull::host_platform),
     };
-    let result = match crate::registry::Registry::new(registry.config(p.user.clone())) {
+    let result = match credentials(p)
+        .and_then(|user| crate::registry::Registry::new(registry.config(user)))
+    {
         Ok(r) => crate::pull::pull(&r, &opts).await,
         Err(e) => Err(e),
     };

@@ -91,7 +91,7 @@ pub async fn serve(cfg: ManagerConfig) -> Result<()> {
         registry,
         crate::metrics::Metrics::new(),
     ));
-    std::fs::create_dir_all(&cfg.root).map_err(|e| Error::io("cannot create", &cfg.root, e))?;
+    fetcher::private::dir(&cfg.root).map_err(|e| Error::io("cannot create", &cfg.root, e))?;
     let path = socket_path(&cfg.root);
     let listener = fetcher::uds::bind(&path).map_err(|(what, e)| Error::io(what, &path, e))?;
     let shutdown = fetcher::Shutdown::new();
@@ -177,7 +177,7 @@ fn start(cfg: &ManagerConfig) -> Result<()> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().map_err(|e| Error::io("cannot find", "/proc/self/exe", e))?;
     let log_path = cfg.root.join("fusemanager.log");
-    std::fs::create_dir_all(&cfg.root).map_err(|e| Error::io("cannot create", &cfg.root, e))?;
+    fetcher::private::dir(&cfg.root).map_err(|e| Error::io("cannot create", &cfg.root, e))?;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -58,8 +58,11 @@ fn info(name: &str, r: &Record) -> Info {
 impl Snapshots {
     /// Opens the tree under `root` (created if absent).
     pub fn open(root: &Path) -> Result<Self> {
+        // 0700 like containerd's: snapshots hold unpacked layers (setuid binaries among them)
+        // and lazy mounts of private images; nobody but root may reach into them.
+        fetcher::private::dir(root).map_err(|e| Error::io("cannot create", root, e))?;
         let dir = root.join("snapshots");
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io("cannot create", &dir, e))?;
+        fetcher::private::dir(&dir).map_err(|e| Error::io("cannot create", &dir, e))?;
         Ok(Self {
             root: root.to_path_buf(),
             meta: Mutex::new(MetaStore::open(root)?),

@@ -140,3 +140,58 @@ async fn agents_serve_blob_ranges_from_one_p2p_fetch() {
         "the origin served {served} bytes for a {size}-byte blob read by two agents"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_and_signed_queries_stay_out_of_logs_stores_and_metrics() {
+    let env = Env::new("agent-secrets");
+    let (_origin, origin_url) = env.origin(&[]).await;
+    let want = random_file(&env.path("www/f"), 3 << 20);
+    let (_sn, grpc, sn_http) = env.supernode("sn", &[]).await;
+    let (_agent, daemon) = env.dfdaemon("agent", &grpc, &[]).await;
+    let secrets = ["hunter2", "s1gn4tur3", "t0k3n-s3cr3t"];
+    let host = origin_url.trim_start_matches("http://");
+    let url = format!("http://deploy:hunter2@{host}/files/f?X-Amz-Signature=s1gn4tur3&Expires=9");
+    let dead = format!(
+        "http://deploy:hunter2@127.0.0.1:{}/files/f?X-Amz-Signature=s1gn4tur3",
+        damselfly_tests::harness::free_port()
+    );
+    let header = ["-H".to_owned(), "Authorization: Bearer t0k3n-s3cr3t".to_owned()];
+    let sock = daemon.socket.to_string_lossy().into_owned();
+    for (name, url, via_agent, ok) in [
+        ("via-agent", &url, true, true),
+        ("embedded", &url, false, true),
+        ("dead-via-agent", &dead, true, false),
+        ("dead-embedded", &dead, false, false),
+    ] {
+        let out = env.path(&format!("{name}.out"));
+        let mut args = if via_agent {
+            vec![
+                url.clone(),
+                "-O".into(),
+                out.to_string_lossy().into_owned(),
+                "--agent".into(),
+                sock.clone(),
+                "--log-level".into(),
+                "debug".into(),
+            ]
+        } else {
+            // (dfget_args logs at info level.)
+            env.dfget_args(name, url, &out, &grpc, &[])
+        };
+        args.extend(header.iter().cloned());
+        let (code, output) = run(&mut env.spawn(name, "dfget", &args)).await;
+        assert_eq!(code == 0, ok, "{name}: {output}");
+        if ok {
+            assert_eq!(sha256_file(&out), want, "{name}");
+        }
+    }
+    for m in [
+        get_text(&format!("http://{}/metrics", daemon.metrics)).await,
+        get_text(&format!("{sn_http}/metrics")).await,
+    ] {
+        for s in secrets {
+            assert!(!m.contains(s), "{s:?} in metrics");
+        }
+    }
+    env.assert_no_secret(&secrets);
+}

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use damselfly_tests::containerd::{
     Containerd, containerd_missing, rootfs_listing, start_containerd_named, start_snapshotter,
 };
-use damselfly_tests::harness::{Daemon, Env, Proc, bin, free_port, is_root};
+use damselfly_tests::harness::{
+    Daemon, Env, Proc, assert_private, bin, files_under, free_port, is_root,
+};
 use damselfly_tests::registry::{
     big_file_sha256, count_blob_gets, push_test_image, skopeo, start_registry, tools_missing,
 };
@@ -144,6 +146,18 @@ async fn dfsnapshotter_pull_starts_containers_lazily_on_two_hosts() {
         out.contains(&big_sha),
         "big.bin read through FUSE differs: {out}"
     );
+    // Host hardening (review finding 6): nobody but root reads the agent's pieces, the
+    // supernode's cache, the snapshots or a lazy mount's files.
+    let (agent_store, sn_store) = (env.path("a-agent"), env.path("sn"));
+    let any = |_: &Path| true;
+    let mut files = files_under(&agent_store.join("tasks"), 2, &any);
+    files.extend(files_under(&sn_store.join("tasks"), 2, &any));
+    files.extend(files_under(&a.root, 1, &|p: &Path| {
+        p.ends_with("small-file")
+    }));
+    files.extend(files_under(&a.root, 1, &|p: &Path| p.ends_with("big.bin")));
+    assert_eq!(files.len(), 6, "expected files to check, found {files:?}");
+    assert_private(&env, &[agent_store, sn_store, a.root.clone()], &files);
 
     // Host B: the same, with the layers already in the cluster.
     // Host B: the same, with the layers already in the cluster and background fetching off, so

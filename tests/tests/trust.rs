@@ -502,4 +502,8 @@ async fn anonymous_lying_and_framing_parties_get_nothing_while_alice_pulls() {
         .metric("damselfly_peer_download_bytes_total", "from=\"peer\"")
         .await;
     assert!(from_peers > 0.0, "host B took nothing from agent A");
+    // Alice's password went through agents and supernodes: it is in no log, store or index.
+    let password = CREDS.split_once(':').map_or(CREDS, |(_, p)| p);
+    let basic = base64::engine::general_purpose::STANDARD.encode(CREDS);
+    env.assert_no_secret(&[password, &basic]);
 }

@@ -147,7 +147,7 @@ impl Peer {
         if let Destination::File(path) = &req.output {
             output::output_dir(path)?;
         }
-        let span = tracing::info_span!("download", task_id = %&task_id[..16], url = %req.url);
+        let span = tracing::info_span!("download", task_id = %&task_id[..16], url = %crate::source::redact(&req.url));
         let fut = self.download_inner(req, task_id, progress).instrument(span);
         let res = match req.timeout {
             Some(t) => tokio::time::timeout(t, fut)

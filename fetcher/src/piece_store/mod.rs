@@ -14,7 +14,7 @@ pub use gc::GcReport;
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -30,6 +30,7 @@ use crate::piece::PieceMeta;
 pub struct TaskMeta {
     pub version_id: String,
     pub task_id: String,
+    /// The origin URL (`meta.json` keeps it without userinfo and query).
     pub url: String,
     /// -1 until known.
     pub content_length: i64,
@@ -53,6 +54,7 @@ impl Store {
     /// Opens (creating) the store at `root`.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
+        crate::private::dir(&root).map_err(|e| Error::io("cannot create piece store", &root, e))?;
         let tasks = root.join("tasks");
         std::fs::create_dir_all(&tasks)
             .map_err(|e| Error::io("cannot create piece store", &tasks, e))?;
@@ -134,6 +136,7 @@ impl TaskStore {
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(crate::private::FILE_MODE)
             .open(&lock_path)
             .map_err(|e| Error::io("cannot open lock", &lock_path, e))?;
         match lock.try_lock_exclusive() {
@@ -165,6 +168,7 @@ impl TaskStore {
             .truncate(false)
             .read(true)
             .write(true)
+            .mode(crate::private::FILE_MODE)
             .open(&data_path)
             .map_err(|e| Error::io("cannot open data file", &data_path, e))?;
         let mut meta = meta;
@@ -190,6 +194,7 @@ impl TaskStore {
             .create(true)
             .write(true)
             .truncate(true)
+            .mode(crate::private::FILE_MODE)
             .open(&log_path)
             .map_err(|e| Error::io("cannot open piece log", &log_path, e))?;
         for p in pieces.values() {
@@ -236,9 +241,21 @@ impl TaskStore {
             .lock()
             .map_err(|_| Error::Download("meta lock poisoned".into()))?
             .clone();
+        // On disk the URL goes without userinfo and query (passwords, signed-URL signatures).
+        let mut meta = meta;
+        meta.url = crate::source::redact(&meta.url);
         let tmp = self.dir.join("meta.json.tmp");
         let body = serde_json::to_vec_pretty(&meta).map_err(|e| Error::Download(e.to_string()))?;
-        std::fs::write(&tmp, body).map_err(|e| Error::io("cannot write", &tmp, e))?;
+        let write = || -> std::io::Result<()> {
+            let mut f = OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .mode(crate::private::FILE_MODE)
+                .open(&tmp)?;
+            f.write_all(&body)
+        };
+        write().map_err(|e| Error::io("cannot write", &tmp, e))?;
         let dst = self.dir.join("meta.json");
         std::fs::rename(&tmp, &dst).map_err(|e| Error::io("cannot rename", &dst, e))
     }

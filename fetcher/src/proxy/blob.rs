@@ -94,7 +94,9 @@ pub(crate) async fn serve(
             Ok(s) => {
                 tracing::info!(digest = %req.content_key.as_deref().unwrap_or(""), from_peers = s.progress.from_peers, from_supernode = s.progress.from_supernode, from_origin = s.progress.from_origin, "blob served")
             }
-            Err(e) => tracing::warn!(url = %req.url, error = %e, "blob download failed"),
+            Err(e) => {
+                tracing::warn!(url = %crate::source::redact(&req.url), error = %e, "blob download failed")
+            }
         }
     });
     let body =

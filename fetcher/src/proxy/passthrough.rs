@@ -48,7 +48,7 @@ pub(crate) async fn forward(p: &super::Proxy, req: Request<Body>, target: url::U
         Ok(r) => r,
         Err(e) => {
             let host = target.host_str().unwrap_or("upstream").to_owned();
-            tracing::warn!(%target, error = %crate::source::error_chain(&e), "upstream unreachable");
+            tracing::warn!(target = %crate::source::redact(target.as_str()), error = %crate::source::error_chain(&e), "upstream unreachable");
             return super::text(
                 StatusCode::BAD_GATEWAY,
                 format!(

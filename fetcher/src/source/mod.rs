@@ -11,7 +11,8 @@ pub use policy::OriginPolicy;
 /// One request header forwarded to the origin (`Authorization`, `Cookie`, `-H ...`).
 pub type HeaderPair = (String, String);
 
-/// The error's cause chain on one line: `a: b: c`, skipping repeats.
+/// The error's cause chain on one line: `a: b: c`, skipping repeats, with every URL in it
+/// redacted (HTTP clients name the URL, userinfo and signed query included, in their errors).
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut parts: Vec<String> = vec![e.to_string()];
     let mut cur = e.source();
@@ -22,7 +23,36 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         }
         cur = s.source();
     }
-    parts.join(": ")
+    redact_urls(&parts.join(": "))
+}
+
+/// `text` with every `scheme://…` word in it [`redact`]ed.
+pub fn redact_urls(text: &str) -> String {
+    if !text.contains("://") {
+        return text.to_owned();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        if word.contains("://") {
+            let end = word.trim_end_matches(['.', ',', ';', ':', '"', '\'']).len();
+            out.push_str(&redact(&word[..end]));
+            out.push_str(&word[end..]);
+        } else {
+            out.push_str(word);
+        }
+        word.clear();
+    };
+    for c in text.chars() {
+        if c.is_whitespace() || matches!(c, '(' | ')' | '<' | '>' | '"' | '\'') {
+            flush(&mut word, &mut out);
+            out.push(c);
+        } else {
+            word.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    out
 }
 
 /// `url` without credentials, query and fragment: what may be logged or kept of a URL whose
@@ -37,5 +67,22 @@ pub fn redact(url: &str) -> String {
             u.to_string()
         }
         Err(_) => "<unparsable URL>".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_urls_without_their_secrets() {
+        let msg = "error sending request for url (http://deploy:hunter2@10.0.0.1/a.bin?X-Amz-Signature=s3cr3t&x=1): connection refused";
+        let r = redact_urls(msg);
+        assert_eq!(
+            r,
+            "error sending request for url (http://10.0.0.1/a.bin): connection refused"
+        );
+        assert_eq!(redact_urls("no url here: 42"), "no url here: 42");
+        assert_eq!(redact_urls("see https://h/x?token=t."), "see https://h/x.");
     }
 }
