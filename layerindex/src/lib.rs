@@ -9,6 +9,7 @@
 
 pub mod error;
 pub mod gzip;
+pub mod tar_guard;
 pub mod toc;
 pub mod zstd;
 

@@ -62,10 +62,16 @@ pub fn normalize(path: &str) -> Option<String> {
     (!parts.is_empty()).then(|| parts.join("/"))
 }
 
-/// Reads a whole tar stream from `r` and lists its entries.
+/// Bytes of names, link targets and xattrs one TOC may hold (the index is built in memory).
+pub const MAX_NAME_BYTES: u64 = 256 << 20;
+
+/// Reads a whole tar stream from `r` and lists its entries, within [`crate::tar_guard::Limits`]
+/// and [`MAX_NAME_BYTES`] (a layer over them gets no index; it is still pulled normally).
 pub fn build(r: impl Read) -> Result<Toc> {
-    let mut archive = tar::Archive::new(r);
+    let guarded = crate::tar_guard::TarGuard::new(r, crate::tar_guard::Limits::default());
+    let mut archive = tar::Archive::new(guarded);
     let mut toc = Toc::default();
+    let mut name_bytes: u64 = 0;
     let entries = archive.entries().map_err(tar_error)?;
     for entry in entries {
         let mut entry = entry.map_err(tar_error)?;
@@ -124,6 +130,19 @@ pub fn build(r: impl Read) -> Result<Toc> {
             }
         }
         let size = if kind == Kind::File { entry.size() } else { 0 };
+        name_bytes += (path.len() + link.as_ref().map_or(0, String::len)) as u64
+            + xattrs
+                .iter()
+                .map(|(k, v)| (k.len() + v.len()) as u64)
+                .sum::<u64>();
+        if name_bytes > MAX_NAME_BYTES {
+            return Err(Error::Corrupt {
+                offset: 0,
+                detail: format!(
+                    "layer over the index limits: names, links and xattrs past {MAX_NAME_BYTES} bytes"
+                ),
+            });
+        }
         toc.entries.push(Entry {
             path,
             kind,

@@ -163,5 +163,14 @@ fn build(store: Arc<TaskStore>, len: u64, digest: &str) -> Result<Vec<u8>, Index
         _ => LayerIndex::build_tar(reader),
     }
     .map_err(|e| unindexable(e.to_string()))?;
-    index.to_bytes().map_err(|e| unindexable(e.to_string()))
+    let bytes = index.to_bytes().map_err(|e| unindexable(e.to_string()))?;
+    // What agents accept (they refuse larger ones): nothing bigger is kept or served.
+    if bytes.len() > fetcher::layer_index::MAX_INDEX {
+        return Err(unindexable(format!(
+            "index of {} bytes, over {}",
+            bytes.len(),
+            fetcher::layer_index::MAX_INDEX
+        )));
+    }
+    Ok(bytes)
 }

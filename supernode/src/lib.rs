@@ -143,6 +143,7 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
             tasks: tasks.clone(),
             metrics: metrics.clone(),
             piece_size,
+            cache_size,
         }),
         isolation: Isolation::new(c.fault_threshold, fault_window, cooldown),
         metrics: metrics.clone(),

@@ -21,7 +21,12 @@ pub struct SeedContext {
     pub metrics: Metrics,
     /// Base piece size (grown for huge content, see `fetcher::task_id::piece_size_for`).
     pub piece_size: u32,
+    /// The seed cache's size (`cache_size`): seeds count against it while they stream.
+    pub cache_size: u64,
 }
+
+/// How often (in pieces) a seed checks the whole cache's usage against `cache_size`.
+const USAGE_CHECK_PIECES: u64 = 8;
 
 /// Converts a fetcher error met while talking to the origin into the error peers receive.
 pub fn task_error(e: &fetcher::Error) -> TaskError {
@@ -177,6 +182,11 @@ async fn stream_body(
 ) -> fetcher::Result<(u64, String)> {
     let mut cutter = PieceCutter::new(piece_size);
     let mut body = std::pin::pin!(resp.into_stream());
+    let mut checked_at = 0u64;
+    let check_every = u64::from(piece_size) * USAGE_CHECK_PIECES;
+    if len >= 0 && len as u64 > ctx.cache_size {
+        return Err(cache_full(ctx, format!("{len} bytes")));
+    }
     while let Some(chunk) = body.next().await {
         let chunk = chunk?;
         ctx.metrics.source_bytes.inc_by(chunk.len() as u64);
@@ -188,6 +198,13 @@ async fn stream_body(
         }
         let pieces = cutter.push(&chunk);
         publish(v, store, pieces).await?;
+        if cutter.total() > ctx.cache_size {
+            return Err(cache_full(ctx, format!("over {} bytes", cutter.total())));
+        }
+        if cutter.total() - checked_at >= check_every {
+            checked_at = cutter.total();
+            make_room(ctx).await?;
+        }
     }
     let (last, total, digest) = cutter.finish();
     if len >= 0 && total != len as u64 {
@@ -208,6 +225,46 @@ async fn stream_body(
     publish(v, store, last.into_iter().collect()).await?;
     store.set_complete(total, Some(digest.clone()))?;
     Ok((total, digest))
+}
+
+/// A seed the cache cannot hold: an internal error, so peers try the next supernode and then
+/// the origin themselves.
+fn cache_full(ctx: &SeedContext, what: String) -> fetcher::Error {
+    fetcher::Error::io(
+        "seed cache full",
+        ctx.store.root(),
+        std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            format!(
+                "{what}: larger than the seed cache ({} bytes, cache_size)",
+                ctx.cache_size
+            ),
+        ),
+    )
+}
+
+/// Keeps the whole cache within `cache_size` while a seed grows it: evicts idle versions, and
+/// fails the seed when that is not enough (other seeds and connected versions fill it).
+async fn make_room(ctx: &SeedContext) -> fetcher::Result<()> {
+    let (store, tasks, metrics, max) = (
+        ctx.store.clone(),
+        ctx.tasks.clone(),
+        ctx.metrics.clone(),
+        ctx.cache_size,
+    );
+    let usage = tokio::task::spawn_blocking(move || {
+        crate::cache::evict(&store, &tasks, max, &metrics);
+        store.usage()
+    })
+    .await
+    .unwrap_or(u64::MAX);
+    if usage > ctx.cache_size {
+        return Err(cache_full(
+            ctx,
+            format!("{usage} bytes in use by seeds and connected versions"),
+        ));
+    }
+    Ok(())
 }
 
 /// Stores pieces (unless already cached from an earlier run) and makes them available.

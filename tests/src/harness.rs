@@ -301,7 +301,10 @@ impl Env {
     /// configs; not piece `data` and not the origin's `www`) holds any of `secrets`.
     pub fn assert_no_secret(&self, secrets: &[&str]) {
         let keep = |p: &Path| {
-            !p.ends_with("data") && !p.strip_prefix(self.dir.path()).is_ok_and(|r| r.starts_with("www"))
+            !p.ends_with("data")
+                && !p
+                    .strip_prefix(self.dir.path())
+                    .is_ok_and(|r| r.starts_with("www"))
         };
         let files = files_under(self.dir.path(), usize::MAX, &keep);
         assert!(files.len() > 3, "only {files:?} to look at");

@@ -45,6 +45,7 @@ pub fn router(origin: Arc<Origin>) -> Router {
         .route("/short/{name}", get(short))
         .route("/redirect/{name}", get(redirect))
         .route("/v2/{*path}", get(registry_api))
+        .route("/endless", get(endless))
         .route("/_stats", get(stats))
         .route("/_reset", post(reset))
         .with_state(origin)
@@ -164,6 +165,23 @@ async fn short(
     headers: HeaderMap,
 ) -> Response {
     serve(o, &name, &headers, true).await
+}
+
+/// `GET /endless`: a body without a length that never ends (64 KiB chunks, counted in `bytes`).
+async fn endless(State(o): State<Arc<Origin>>) -> Response {
+    o.requests.fetch_add(1, Ordering::Relaxed);
+    let stream = futures::stream::unfold((o, 0u64), |(o, n)| async move {
+        let chunk: Vec<u8> = (0..64 * 1024u64)
+            .map(|i| (n.wrapping_mul(31).wrapping_add(i) % 251) as u8)
+            .collect();
+        o.limiter.acquire(chunk.len()).await;
+        o.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        Some((Ok::<_, std::io::Error>(Bytes::from(chunk)), (o, n + 1)))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
 fn parse_range(h: &HeaderMap, len: u64) -> Option<(u64, u64)> {

@@ -251,3 +251,35 @@ async fn supernode_cache_is_bounded_by_lru_eviction() {
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_never_grows_the_cache_past_cache_size() {
+    // Review finding 11: one request for a never-ending origin filled a 20 MiB cache to 301 MB.
+    let env = Env::new("cache-bound");
+    let (_origin, origin) = env.origin(&[]).await;
+    let (sn, grpc, _) = env.supernode("sn", &["--cache-size", "20MiB"]).await;
+    let out = env.path("endless.out");
+    let url = format!("{origin}/endless");
+    let args = env.dfget_args("p", &url, &out, &grpc, &["--back-source", "never"]);
+    let (code, output) = run(&mut env.spawn("dfget", "dfget", &args)).await;
+    assert_ne!(code, 0, "an endless download succeeded: {output}");
+    assert!(
+        sn.output().contains("larger than the seed cache"),
+        "{}",
+        sn.output()
+    );
+    let served = damselfly_tests::harness::origin_bytes(&origin).await;
+    assert!(
+        served <= (20 << 20) + (16 << 20),
+        "the origin streamed {served} bytes into a 20 MiB cache"
+    );
+    let used = damselfly_tests::harness::disk_usage(&env.path("sn"));
+    assert!(used <= 20 << 20, "the cache holds {used} bytes");
+    // The supernode goes on serving what fits.
+    let want = random_file(&env.path("www/small"), 1 << 20);
+    let small = env.path("small.out");
+    let args = env.dfget_args("q", &format!("{origin}/files/small"), &small, &grpc, &[]);
+    let (code, output) = run(&mut env.spawn("dfget-small", "dfget", &args)).await;
+    assert_eq!(code, 0, "{output}");
+    assert_eq!(sha256_file(&small), want);
+}

@@ -5,7 +5,6 @@
 //! in flight but never kept. Used by the supernode (cluster-wide) and by dfdaemon when no
 //! supernode answers.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -87,8 +86,12 @@ pub fn registry_base(u: &url::Url) -> String {
 const DEFAULT_EXPIRES_IN: u64 = 60;
 /// Answers too large for a token response are refused.
 const MAX_BODY: usize = 1 << 20;
-/// Entries kept before expired ones are swept.
-const SWEEP_AT: usize = 4096;
+/// Answers kept at most (least recently used go first).
+const MAX_ENTRIES: usize = 1024;
+/// Bytes of kept answer bodies at most (least recently used go first).
+const MAX_BYTES: usize = 32 << 20;
+/// An answer is reused for at most this long, whatever its `expires_in` says.
+const MAX_REUSE: Duration = Duration::from_secs(300);
 
 /// How long a 200 answer may be handed out again: half of `expires_in`.
 fn reuse_for(status: u16, body: &[u8]) -> Duration {
@@ -99,13 +102,14 @@ fn reuse_for(status: u16, body: &[u8]) -> Duration {
         .ok()
         .and_then(|v| v.get("expires_in").and_then(serde_json::Value::as_u64))
         .unwrap_or(DEFAULT_EXPIRES_IN);
-    Duration::from_secs(expires_in / 2)
+    Duration::from_secs(expires_in / 2).min(MAX_REUSE)
 }
 
 /// Coalescing, reusing token fetcher. Cheap to share behind an `Arc`.
 pub struct TokenCache {
     client: reqwest::Client,
-    entries: Mutex<HashMap<[u8; 32], Arc<OnceCell<TokenAnswer>>>>,
+    /// Bounded by count ([`MAX_ENTRIES`]) and by body bytes ([`MAX_BYTES`]).
+    entries: Mutex<lru::LruCache<[u8; 32], Arc<OnceCell<TokenAnswer>>>>,
     upstream: std::sync::atomic::AtomicU64,
 }
 
@@ -113,7 +117,9 @@ impl TokenCache {
     pub fn new(client: reqwest::Client) -> Self {
         Self {
             client,
-            entries: Mutex::new(HashMap::new()),
+            entries: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(MAX_ENTRIES).unwrap_or(std::num::NonZeroUsize::MIN),
+            )),
             upstream: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -133,9 +139,6 @@ impl TokenCache {
         let key = key(url, authorization);
         let cell = {
             let mut m = self.entries.lock().map_err(|_| "token cache poisoned")?;
-            if m.len() > SWEEP_AT {
-                m.retain(|_, c| c.get().is_none_or(TokenAnswer::fresh));
-            }
             let reusable = m
                 .get(&key)
                 .filter(|c| c.get().is_none_or(TokenAnswer::fresh))
@@ -144,14 +147,47 @@ impl TokenCache {
                 Some(c) => c,
                 None => {
                     let c = Arc::new(OnceCell::new());
-                    m.insert(key, c.clone());
+                    m.put(key, c.clone());
                     c
                 }
             }
         };
-        cell.get_or_try_init(|| self.fetch(url, authorization))
+        let answer = cell
+            .get_or_try_init(|| self.fetch(url, authorization))
             .await
-            .cloned()
+            .cloned();
+        self.trim();
+        answer
+    }
+
+    /// Drops least recently used answers until the kept bodies fit [`MAX_BYTES`].
+    fn trim(&self) {
+        let Ok(mut m) = self.entries.lock() else {
+            return;
+        };
+        let bytes = |m: &lru::LruCache<[u8; 32], Arc<OnceCell<TokenAnswer>>>| -> usize {
+            m.iter()
+                .filter_map(|(_, c)| c.get().map(|a| a.body.len()))
+                .sum()
+        };
+        let mut total = bytes(&m);
+        while total > MAX_BYTES {
+            match m.pop_lru() {
+                Some((_, c)) => total -= c.get().map_or(0, |a| a.body.len()),
+                None => break,
+            }
+        }
+    }
+
+    /// Answers kept and the bytes of their bodies (for tests and metrics).
+    pub fn usage(&self) -> (usize, usize) {
+        self.entries.lock().map_or((0, 0), |m| {
+            let bytes = m
+                .iter()
+                .filter_map(|(_, c)| c.get().map(|a| a.body.len()))
+                .sum();
+            (m.len(), bytes)
+        })
     }
 
     async fn fetch(
@@ -282,6 +318,34 @@ mod tests {
             .expect("other scope");
         assert_eq!(hits.load(Ordering::SeqCst), 3);
         assert_eq!(cache.upstream_requests(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_token_flood_stays_within_the_cache_bounds() {
+        // 1 MiB answers that claim to live for 30 years, each for another scope.
+        let app = Router::new().route(
+            "/token",
+            get(|| async {
+                let token = "t".repeat(MAX_BODY - 64);
+                format!(r#"{{"token":"{token}","expires_in":1000000000}}"#)
+            }),
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(l, app).await });
+        let cache = TokenCache::new(reqwest::Client::new());
+        for i in 0..48 {
+            let url = url::Url::parse(&format!("http://{addr}/token?scope=repository:r{i}:pull"))
+                .expect("url");
+            let a = cache.get(&url, None).await.expect("answer");
+            assert_eq!(a.status, 200);
+            assert!(a.reuse_for <= MAX_REUSE);
+        }
+        let (entries, bytes) = cache.usage();
+        assert!(bytes <= MAX_BYTES, "{bytes} bytes kept");
+        assert!(entries < 48, "{entries} entries kept");
     }
 
     #[tokio::test]
