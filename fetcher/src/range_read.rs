@@ -50,6 +50,19 @@ pub(crate) struct BlobFetches {
 /// How often a waiting read looks at the store again.
 const POLL: Duration = Duration::from_millis(10);
 
+impl BlobFetches {
+    /// A whole download of `task_id` is starting in this process: a range fetch of it that
+    /// fetches only what reads want now fetches everything, so it completes and hands the
+    /// version over (one download of a version at a time runs per process).
+    pub(crate) fn want_whole(&self, task_id: &str) {
+        let fetch = self.map.lock().ok().and_then(|m| m.get(task_id).cloned());
+        if let Some(f) = fetch {
+            f.wants
+                .send_if_modified(|w| std::mem::replace(&mut w.only, false));
+        }
+    }
+}
+
 impl Peer {
     /// The bytes `[offset, offset + length)` of the blob, verified piece by piece.
     pub async fn read_range(&self, r: &RangeRequest) -> Result<Bytes> {

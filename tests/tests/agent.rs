@@ -88,7 +88,9 @@ async fn agents_serve_blob_ranges_from_one_p2p_fetch() {
     let mut agents = Vec::new();
     let mut daemons = Vec::new();
     for name in ["a", "b", "c"] {
-        let (p, d) = env.dfdaemon(name, &grpc, &[]).await;
+        let (p, d) = env
+            .dfdaemon(name, &grpc, &["--registry-mirror", &origin_url])
+            .await;
         sockets.push(d.socket.clone());
         agents.push(p);
         daemons.push(d);
@@ -139,6 +141,27 @@ async fn agents_serve_blob_ranges_from_one_p2p_fetch() {
         served < size as u64 + (64 << 10),
         "the origin served {served} bytes for a {size}-byte blob read by two agents"
     );
+    // A whole pull of the blob through agent c's registry mirror, while its only-range fetch
+    // still holds the version: both complete (the range fetch then fetches the rest).
+    let pull = async {
+        let r = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client")
+            .get(format!(
+                "http://{}/v2/project/app/blobs/sha256:{hex}",
+                daemons[2].proxy
+            ))
+            .send()
+            .await
+            .expect("pull");
+        assert_eq!(r.status().as_u16(), 200);
+        r.bytes().await.expect("body")
+    };
+    let body = tokio::time::timeout(std::time::Duration::from_secs(60), pull)
+        .await
+        .expect("the whole pull waited on the only-range fetch");
+    assert!(body == bytes[..], "the pulled blob differs");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -155,7 +178,10 @@ async fn credentials_and_signed_queries_stay_out_of_logs_stores_and_metrics() {
         "http://deploy:hunter2@127.0.0.1:{}/files/f?X-Amz-Signature=s1gn4tur3",
         damselfly_tests::harness::free_port()
     );
-    let header = ["-H".to_owned(), "Authorization: Bearer t0k3n-s3cr3t".to_owned()];
+    let header = [
+        "-H".to_owned(),
+        "Authorization: Bearer t0k3n-s3cr3t".to_owned(),
+    ];
     let sock = daemon.socket.to_string_lossy().into_owned();
     for (name, url, via_agent, ok) in [
         ("via-agent", &url, true, true),

@@ -317,6 +317,10 @@ impl Download<'_> {
                 }
             }
         }
+        if !matches!(self.req.output, Destination::Store { .. }) {
+            // A lazy reader's fetch of only what it reads would hold the version forever.
+            self.peer.inner.ranges.want_whole(&self.task_id);
+        }
         let busy = self
             .peer
             .inner
