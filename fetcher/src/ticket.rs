@@ -270,6 +270,19 @@ pub fn from_header(value: Option<&http::HeaderValue>) -> Option<&str> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
+    proptest! {
+        // A ticket is whatever a peer sends: decoded or refused, never a panic, never valid.
+        #[test]
+        fn arbitrary_tickets_are_refused(t in "\\PC{0,200}", raw in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let key = Issuer::generate().expect("key").public();
+            prop_assert!(decode(&key, &t).is_err());
+            let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&raw);
+            prop_assert!(decode(&key, &b64).is_err());
+        }
+    }
+
     use super::*;
 
     fn claims(holder: &str) -> Claims {

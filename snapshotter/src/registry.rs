@@ -400,6 +400,20 @@ fn token_of(body: &[u8]) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
+    proptest! {
+        // A registry's challenge and a user's image reference: parsed or refused, no panic.
+        #[test]
+        fn challenges_and_references_are_total(c in "\\PC{0,120}", r in "\\PC{0,120}") {
+            let _ = parse_challenge(&c);
+            let _ = parse_challenge(&format!("Bearer {c}"));
+            if let Ok(parsed) = Reference::parse(&r) {
+                prop_assert!(!parsed.reference.is_empty());
+            }
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -260,7 +260,10 @@ impl Env {
                 args.extend(crate::cluster::flags(name));
             }
             let mut p = self.spawn(name, "dfdaemon", &args);
-            if wait_up(&mut p, &format!("http://{}/healthz", d.metrics), attempt).await {
+            // The metrics port answers first; the proxy binds just after it.
+            if wait_up(&mut p, &format!("http://{}/healthz", d.metrics), attempt).await
+                && wait_tcp(&mut p, &d.proxy, attempt).await
+            {
                 return (p, d);
             }
         }
@@ -420,6 +423,25 @@ async fn wait_up(p: &mut Proc, url: &str, attempt: u32) -> bool {
         p.name,
         p.output()
     );
+}
+
+/// Waits until `addr` accepts TCP connections; `false` when the process exited first (a port it
+/// was given was taken: the caller retries), panics with its log otherwise.
+async fn wait_tcp(p: &mut Proc, addr: &str, attempt: u32) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return true;
+        }
+        if let Ok(Some(status)) = p.child.try_wait() {
+            if attempt < 3 {
+                return false;
+            }
+            panic!("{} exited ({status}) before {addr} came up:\n{}", p.name, p.output());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{addr} of {} did not come up:\n{}", p.name, p.output());
 }
 
 /// Polls `url` until it answers 200.

@@ -352,6 +352,30 @@ fn mirror_target(mirror: Option<&url::Url>, uri: &http::Uri) -> Result<url::Url,
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
+    proptest! {
+        // Request targets and patterns a client or a config may send: parsed or refused.
+        #[test]
+        fn mirror_targets_and_paths_are_total(
+            path in "/v2/[a-zA-Z0-9/._:-]{0,80}",
+            query in "[a-zA-Z0-9=&%._:/@-]{0,80}",
+            pattern in "\\PC{0,30}",
+            host in "[a-zA-Z0-9.-]{0,30}",
+            port in any::<u16>(),
+        ) {
+            if let Ok(uri) = format!("{path}?{query}").parse::<http::Uri>()
+                && let Ok(t) = mirror_target(None, &uri)
+            {
+                prop_assert_eq!(t.scheme(), "https");
+                prop_assert!(t.path().starts_with("/v2"));
+            }
+            let _ = blob_digest(&path);
+            let _ = host_matches(&pattern, &host, port);
+            let _ = named_origins(None, std::slice::from_ref(&pattern));
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -239,6 +239,24 @@ pub(crate) async fn serve(p: &Proxy, headers: &HeaderMap, target: url::Url) -> R
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
+    proptest! {
+        // Registry challenges are the registry's text: whatever it says, no panic.
+        #[test]
+        fn challenges_are_parsed_or_left_alone(c in "\\PC{0,120}", q in "[a-z]{0,3}realm=\"[^\"]{0,40}\"[a-z,=\" ]{0,30}") {
+            let _ = realm_text(&c);
+            let _ = realm_text(&q);
+            let mut h = http::HeaderMap::new();
+            for v in [&c, &q] {
+                if let Ok(v) = http::HeaderValue::from_str(v) {
+                    h.append(http::header::WWW_AUTHENTICATE, v);
+                }
+            }
+            point_realms_at(&mut h, "http://127.0.0.1:65001");
+        }
+    }
+
     use super::*;
 
     #[test]

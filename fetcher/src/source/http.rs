@@ -280,6 +280,30 @@ where
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
+    proptest! {
+        // Fuzz-style: any header value parses or is refused, never panics; real ones round-trip.
+        #[test]
+        fn content_range_parsing_is_total(v in "\\PC{0,60}") {
+            let _ = parse_content_range(&v);
+        }
+
+        #[test]
+        fn content_ranges_round_trip(start in 0u64..1 << 50, span in 0u64..1 << 40, extra in 0u64..1 << 40) {
+            let end = start + span;
+            let total = end + 1 + extra;
+            prop_assert_eq!(
+                parse_content_range(&format!("bytes {start}-{end}/{total}")),
+                Some((start, end, Some(total)))
+            );
+            prop_assert_eq!(
+                parse_content_range(&format!("bytes {start}-{end}/*")),
+                Some((start, end, None))
+            );
+        }
+    }
+
     use super::{HttpSource, parse_content_range};
     use crate::error::Error;
 
