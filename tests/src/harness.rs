@@ -437,7 +437,11 @@ async fn wait_tcp(p: &mut Proc, addr: &str, attempt: u32) -> bool {
             if attempt < 3 {
                 return false;
             }
-            panic!("{} exited ({status}) before {addr} came up:\n{}", p.name, p.output());
+            panic!(
+                "{} exited ({status}) before {addr} came up:\n{}",
+                p.name,
+                p.output()
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -4,7 +4,7 @@
 //! far at its offset in the uncompressed stream (sparse; dropped with the snapshot).
 
 use std::collections::HashSet;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -63,7 +63,11 @@ impl ChunkCache {
 /// A layer's inflated chunks on disk, at their offsets in the uncompressed stream.
 pub struct DiskChunks {
     file: std::fs::File,
+    /// Where the file is (its filesystem's free space is checked before a whole layer).
+    path: std::path::PathBuf,
     present: Mutex<HashSet<u64>>,
+    /// The whole uncompressed layer is in the file.
+    whole: std::sync::atomic::AtomicBool,
 }
 
 impl DiskChunks {
@@ -74,15 +78,33 @@ impl DiskChunks {
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(fetcher::private::FILE_MODE)
             .open(path)?;
         Ok(Self {
             file,
+            path: path.to_path_buf(),
             present: Mutex::new(HashSet::new()),
+            whole: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
     pub fn has(&self, start: u64) -> bool {
-        self.present.lock().is_ok_and(|p| p.contains(&start))
+        self.has_whole() || self.present.lock().is_ok_and(|p| p.contains(&start))
+    }
+
+    /// Whether the whole layer has been written ([`mark_whole`](Self::mark_whole)).
+    pub fn has_whole(&self) -> bool {
+        self.whole.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Records that the whole uncompressed layer is in the file.
+    pub fn mark_whole(&self) {
+        self.whole.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The directory of the chunk file.
+    pub fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
     }
 
     /// Bytes `[at, at + len)` of a chunk that [`has`](Self::has) been written.

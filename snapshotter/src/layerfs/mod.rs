@@ -152,6 +152,10 @@ impl std::io::Read for BlobStream<'_> {
 
 /// Memory for inflated chunks of a layer that was given no shared cache.
 const OWN_CACHE_BYTES: usize = 32 << 20;
+/// A chunk longer than this is never inflated into memory: the layer is decompressed whole into
+/// its chunk file instead, in bounded memory, after a free-space check (a gzip layer of one
+/// deflate block is one chunk: the whole layer).
+pub const MAX_MEMORY_CHUNK: u64 = 16 << 20;
 
 fn file_type(k: Kind) -> FileType {
     match k {
@@ -186,24 +190,28 @@ impl LayerFs {
         }
     }
 
-    /// A zstd layer cannot be entered mid-frame: the whole blob is fetched and decompressed into
-    /// the chunk file once, then served from there.
+    /// A zstd layer cannot be entered mid-frame, and a gzip chunk past [`MAX_MEMORY_CHUNK`] is
+    /// not held in memory: the whole blob is streamed and decompressed into the chunk file once
+    /// (if the filesystem has room for it), then served from there.
     fn ensure_whole(&self) -> Result<(), String> {
         let Some(d) = &self.disk else {
             return Err(
-                "a zstd layer is served from a local copy, and this mount keeps none".into(),
+                "this layer is served from a local decompressed copy, and this mount keeps none"
+                    .into(),
             );
         };
-        if d.has(0) {
+        if d.has_whole() {
             return Ok(());
         }
         let _one = self
             .whole
             .lock()
-            .map_err(|_| "zstd decompression lock poisoned")?;
-        if d.has(0) {
+            .map_err(|_| "decompression lock poisoned")?;
+        if d.has_whole() {
             return Ok(());
         }
+        fetcher::output::check_space(d.dir(), self.index.uncompressed_size)
+            .map_err(|e| format!("decompressing the layer whole: {e}"))?;
         let started = std::time::Instant::now();
         let mut out = d.writer().map_err(|e| format!("chunk file: {e}"))?;
         let stream = BlobStream {
@@ -214,8 +222,8 @@ impl LayerFs {
         let n = self
             .index
             .decompress_all(stream, &mut out)
-            .map_err(|e| format!("decompressing the zstd layer: {e}"))?;
-        d.mark(0);
+            .map_err(|e| format!("decompressing the layer whole: {e}"))?;
+        d.mark_whole();
         self.metrics
             .fetched_bytes
             .inc_by(self.index.compressed_size);
@@ -223,7 +231,7 @@ impl LayerFs {
             .chunk_reads
             .with_label_values(&["inflate"])
             .inc();
-        tracing::info!(layer = %self.name, bytes = n, ms = started.elapsed().as_millis() as u64, "zstd layer decompressed whole");
+        tracing::info!(layer = %self.name, bytes = n, ms = started.elapsed().as_millis() as u64, "layer decompressed whole into its chunk file");
         Ok(())
     }
 
@@ -317,6 +325,9 @@ impl LayerFs {
             }
             let upto = end.min(c.end);
             let want = usize::try_from(upto - at).map_err(|e| e.to_string())?;
+            if c.end - c.start > MAX_MEMORY_CHUNK {
+                self.ensure_whole()?;
+            }
             match &self.disk {
                 Some(d) if d.has(c.start) => {
                     let data = d
