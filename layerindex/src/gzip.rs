@@ -72,8 +72,15 @@ pub struct CheckpointingReader<R> {
     span: u64,
     last_cp: u64,
     checkpoints: Vec<Checkpoint>,
+    /// Bound on `checkpoints` (see [`MAX_CHECKPOINTS`]).
+    max_checkpoints: usize,
     state: State,
 }
+
+/// Checkpoints one layer keeps at most (each holds up to a 32 KiB window: ≤ 128 MiB). Past it,
+/// every other block checkpoint is dropped and the span doubles, so a huge layer gets longer
+/// chunks instead of an unbounded index; more gzip members than this is refused.
+pub const MAX_CHECKPOINTS: usize = 4096;
 
 impl<R: Read> CheckpointingReader<R> {
     /// `span`: minimum uncompressed distance between checkpoints (1–4 MiB is typical).
@@ -94,8 +101,32 @@ impl<R: Read> CheckpointingReader<R> {
             span: span.max(1),
             last_cp: 0,
             checkpoints: Vec::new(),
+            max_checkpoints: MAX_CHECKPOINTS,
             state: State::Header,
         }
+    }
+
+    /// The same reader with another checkpoint bound (tests).
+    pub fn with_max_checkpoints(mut self, max: usize) -> Self {
+        self.max_checkpoints = max.max(2);
+        self
+    }
+
+    /// Keeps the checkpoints within the bound: member starts (empty window) stay, every other
+    /// block checkpoint goes, and later ones come twice as far apart.
+    fn thin(&mut self) {
+        if self.checkpoints.len() <= self.max_checkpoints {
+            return;
+        }
+        let mut keep = false;
+        self.checkpoints.retain(|c| {
+            if c.window.is_empty() {
+                return true;
+            }
+            keep = !keep;
+            keep
+        });
+        self.span = self.span.saturating_mul(2);
     }
 
     /// Checkpoints so far; complete once the reader returned EOF.
@@ -233,12 +264,21 @@ impl<R: Read> CheckpointingReader<R> {
         self.member_out = 0;
         self.out_pos = 0;
         self.out_read = 0;
+        let members = self
+            .checkpoints
+            .iter()
+            .filter(|c| c.window.is_empty())
+            .count();
+        if members >= self.max_checkpoints {
+            return Err(self.corrupt(format!("more than {} gzip members", self.max_checkpoints)));
+        }
         self.checkpoints.push(Checkpoint {
             in_bit: self.consumed * 8,
             out: self.produced,
             window: Vec::new(),
         });
         self.last_cp = self.produced;
+        self.thin();
         Ok(true)
     }
 
@@ -311,6 +351,7 @@ impl<R: Read> CheckpointingReader<R> {
                                     window: self.out[start..self.out_pos].to_vec(),
                                 });
                                 self.last_cp = self.produced;
+                                self.thin();
                             }
                         }
                         TINFLStatus::Done => self.state = State::Trailer,
@@ -435,4 +476,45 @@ pub fn inflate_range(
         }
     }
     Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(data).expect("gzip");
+        e.finish().expect("gzip")
+    }
+
+    #[test]
+    fn checkpoints_are_thinned_to_the_bound_and_stay_exact() {
+        use rand::{RngCore, SeedableRng};
+        let mut data = vec![0u8; 6 << 20];
+        rand::rngs::StdRng::seed_from_u64(7).fill_bytes(&mut data[..3 << 20]);
+        data.copy_within(0..3 << 20, 3 << 20);
+        let gz = gzip(&data);
+        let mut r = CheckpointingReader::new(&gz[..], 1).with_max_checkpoints(8);
+        let mut out = Vec::new();
+        r.read_to_end(&mut out).expect("inflate");
+        assert!(out == data);
+        let cps = r.into_checkpoints();
+        assert!((4..=8).contains(&cps.len()), "{} checkpoints", cps.len());
+        for cp in &cps {
+            let len = (data.len() as u64 - cp.out).min(4096) as usize;
+            let got =
+                inflate_range(cp, &gz[cp.first_byte() as usize..], cp.out, len).expect("resume");
+            assert!(got[..] == data[cp.out as usize..cp.out as usize + len]);
+        }
+    }
+
+    #[test]
+    fn gzip_member_spam_is_refused() {
+        let spam: Vec<u8> = (0..20).flat_map(|i| gzip(&[i])).collect();
+        let mut r = CheckpointingReader::new(&spam[..], 1 << 20).with_max_checkpoints(8);
+        let e = r.read_to_end(&mut Vec::new()).expect_err("refused");
+        assert!(e.to_string().contains("more than 8 gzip members"), "{e}");
+    }
 }

@@ -133,6 +133,7 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
             admin_token,
         },
         tickets: tickets::Tickets::new(issuer, ticket_ttl, c.ticket_bind_ip),
+        per_host: Default::default(),
         realms: Default::default(),
         tasks: tasks.clone(),
         tokens: fetcher::source::token::TokenCache::new(source.client().clone()),

@@ -24,7 +24,7 @@ pub struct Metrics {
     pub peers: IntGauge,
     /// `damselfly_supernode_evictions_total`: task versions evicted from the cache.
     pub evictions: IntCounter,
-    /// `damselfly_supernode_requests_refused_total{api="pieces|index|admin|register"}`: requests
+    /// `damselfly_supernode_requests_refused_total{api="pieces|index|admin|register|origin|token|sessions|rate"}`: requests
     /// without a valid ticket, admin token or origin proof.
     pub refused: IntCounterVec,
 }
@@ -75,7 +75,7 @@ impl Metrics {
             ),
             refused: v(
                 "damselfly_supernode_requests_refused_total",
-                "Requests refused for a missing or invalid ticket, admin token or origin proof",
+                "Requests refused for a missing or invalid ticket, admin token or origin proof, or over a per-host limit",
                 &["api"],
             ),
             registry,

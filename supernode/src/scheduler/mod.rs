@@ -3,6 +3,7 @@
 pub mod assign;
 pub mod identity;
 pub mod index;
+pub mod per_host;
 mod proof;
 pub mod realms;
 mod register;
@@ -46,6 +47,8 @@ impl SchedulerConfig {
 /// Shared by every session.
 pub struct Scheduling {
     pub cfg: SchedulerConfig,
+    /// Sessions and one-shot RPCs per host.
+    pub per_host: per_host::PerHost,
     pub tasks: Arc<Tasks>,
     pub seed: Arc<SeedContext>,
     pub isolation: Isolation,
@@ -72,6 +75,28 @@ impl SchedulerService {
     pub fn new(inner: Arc<Scheduling>) -> Self {
         Self { inner }
     }
+
+    fn refuse(&self, why: &'static str, message: &str) -> Status {
+        self.inner.metrics.refused.with_label_values(&[why]).inc();
+        Status::resource_exhausted(message.to_owned())
+    }
+
+    /// A session slot of the caller's host (see [`per_host`]).
+    fn admit_session(&self, caller: &identity::Caller) -> Result<per_host::Slot, Status> {
+        self.inner
+            .per_host
+            .session(&caller.host(""))
+            .ok_or_else(|| self.refuse("sessions", "too many scheduler sessions from this host"))
+    }
+
+    /// One `Token`/`LayerIndex` call within the caller's host's rate.
+    fn admit_rpc(&self, caller: &identity::Caller) -> Result<(), Status> {
+        if self.inner.per_host.rpc(&caller.host("")) {
+            Ok(())
+        } else {
+            Err(self.refuse("rate", "too many requests from this host; retry later"))
+        }
+    }
 }
 
 type OutStream = Pin<Box<dyn Stream<Item = Result<SchedulerMessage, Status>> + Send>>;
@@ -85,10 +110,12 @@ impl Scheduler for SchedulerService {
         request: Request<Streaming<PeerMessage>>,
     ) -> Result<Response<OutStream>, Status> {
         let caller = identity::Caller::of(&request);
+        let slot = self.admit_session(&caller)?;
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(1024);
         let inner = self.inner.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             session::run(inner, inbound, tx, caller).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -99,6 +126,7 @@ impl Scheduler for SchedulerService {
         &self,
         request: Request<proto::scheduler::TokenRequest>,
     ) -> Result<Response<proto::scheduler::TokenReply>, Status> {
+        self.admit_rpc(&identity::Caller::of(&request))?;
         let req = request.into_inner();
         let url = url::Url::parse(&req.url)
             .ok()
@@ -147,6 +175,7 @@ impl Scheduler for SchedulerService {
         &self,
         request: Request<proto::scheduler::LayerIndexRequest>,
     ) -> Result<Response<proto::scheduler::LayerIndexReply>, Status> {
+        self.admit_rpc(&identity::Caller::of(&request))?;
         let local_ip = request.local_addr().map(|a| a.ip());
         let r = request.into_inner();
         let req = index::IndexRequest {
