@@ -655,3 +655,14 @@ pub fn assert_private(env: &Env, roots: &[PathBuf], files: &[PathBuf]) {
         assert!(!readable_by_nobody(f), "nobody reads {}", f.display());
     }
 }
+
+/// Peak resident memory of a process (`VmHWM`, bytes).
+pub fn vm_hwm(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmHWM")
+        * 1024
+}

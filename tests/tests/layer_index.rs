@@ -116,34 +116,20 @@ async fn seeded_layers_are_indexed_and_files_read_from_blob_ranges() {
     );
 }
 
-/// Peak resident memory of a process (`VmHWM`, bytes).
-fn vm_hwm(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmHWM")
-        * 1024
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_long_name_bomb_is_refused_in_bounded_memory() {
+/// A .tgz whose first header (`kind`, `name`) announces 256 MiB of metadata ('a's), then one
+/// empty file; returns the blob's hex digest, written as the test origin's registry blob.
+fn metadata_bomb(env: &Env, kind: tar::EntryType, name: &str) -> String {
     use std::io::Write;
-    // Review finding 8: a 0.5 MB .tgz whose GNU long name is 256 MiB took the supernode past
-    // 1.5 GB. Bound asserted here: the supernode's VmHWM stays under 200 MiB.
-    const BOUND: u64 = 200 << 20;
-    let env = Env::new("index-bomb");
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
     let mut h = tar::Header::new_gnu();
-    h.set_entry_type(tar::EntryType::GNULongName);
-    h.set_path("././@LongLink").expect("path");
+    h.set_entry_type(kind);
+    h.set_path(name).expect("path");
     h.set_size(256 << 20);
     h.set_cksum();
     gz.write_all(h.as_bytes()).expect("header");
     let chunk = vec![b'a'; 1 << 20];
     for _ in 0..256 {
-        gz.write_all(&chunk).expect("name");
+        gz.write_all(&chunk).expect("metadata");
     }
     let mut f = tar::Header::new_gnu();
     f.set_path("x").expect("path");
@@ -163,6 +149,25 @@ async fn a_long_name_bomb_is_refused_in_bounded_memory() {
     };
     std::fs::create_dir_all(env.path("www")).expect("www");
     std::fs::write(env.path(&format!("www/blob-{hex}")), &blob).expect("blob");
+    hex
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_name_and_pax_bombs_are_refused_in_bounded_memory() {
+    // Review finding 8: a 0.5 MB .tgz whose GNU long name is 512 MiB took the supernode past
+    // 1.5 GB. Bound asserted here: the supernode's VmHWM stays under 200 MiB after both bombs.
+    const BOUND: u64 = 200 << 20;
+    let env = Env::new("index-bomb");
+    let bombs = [
+        (
+            metadata_bomb(&env, tar::EntryType::GNULongName, "././@LongLink"),
+            "long name",
+        ),
+        (
+            metadata_bomb(&env, tar::EntryType::XHeader, "PaxHeaders/x"),
+            "PAX header",
+        ),
+    ];
     let (_origin, origin) = env.origin(&[]).await;
     std::fs::write(env.path("admin-token"), "bomb-test-admin-token-0123456789").expect("token");
     let token_file = env.path("admin-token").to_string_lossy().into_owned();
@@ -170,29 +175,31 @@ async fn a_long_name_bomb_is_refused_in_bounded_memory() {
         .supernode("sn", &["--admin-token-file", &token_file])
         .await;
     let client = damselfly_tests::cluster::http_client();
-    let body = serde_json::json!({
-        "url": format!("{origin}/v2/bomb/blobs/sha256:{hex}"),
-        "digest": format!("sha256:{hex}"),
-        "headers": {},
-    });
-    let r = client
-        .post(format!("{http}/api/v1/index"))
-        .bearer_auth("bomb-test-admin-token-0123456789")
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .expect("index request");
-    let status = r.status().as_u16();
-    let text = r.text().await.unwrap_or_default();
-    assert!(
-        !(200..300).contains(&status) && text.contains("long name"),
-        "the bomb was indexed or refused for another reason: {status} {text}"
-    );
-    let peak = vm_hwm(sn.pid());
+    for (hex, what) in &bombs {
+        let body = serde_json::json!({
+            "url": format!("{origin}/v2/bomb/blobs/sha256:{hex}"),
+            "digest": format!("sha256:{hex}"),
+            "headers": {},
+        });
+        let r = client
+            .post(format!("{http}/api/v1/index"))
+            .bearer_auth("bomb-test-admin-token-0123456789")
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("index request");
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap_or_default();
+        assert!(
+            !(200..300).contains(&status) && text.contains(what),
+            "the {what} bomb was indexed or refused for another reason: {status} {text}"
+        );
+    }
+    let peak = damselfly_tests::harness::vm_hwm(sn.pid());
     assert!(peak < BOUND, "supernode VmHWM {peak} bytes");
     eprintln!(
-        "supernode VmHWM after the bomb: {:.1} MiB",
+        "supernode VmHWM after the bombs: {:.1} MiB",
         peak as f64 / f64::from(1 << 20)
     );
     let ok = client
@@ -207,6 +214,6 @@ async fn a_long_name_bomb_is_refused_in_bounded_memory() {
             .flatten()
             .any(|e| e.file_name() == "indexes"
                 && std::fs::read_dir(e.path()).is_ok_and(|mut d| d.next().is_some())),
-        "an index of the bomb was kept"
+        "an index of a bomb was kept"
     );
 }

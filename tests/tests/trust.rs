@@ -155,7 +155,7 @@ async fn anonymous_lying_and_framing_parties_get_nothing_while_alice_pulls() {
         ca,
         grpc,
         http,
-        supernode: _sn,
+        supernode: sn,
         proc: _registry,
         ..
     } = private_registry(&env, 6 << 20).await;
@@ -502,6 +502,37 @@ async fn anonymous_lying_and_framing_parties_get_nothing_while_alice_pulls() {
         .metric("damselfly_peer_download_bytes_total", "from=\"peer\"")
         .await;
     assert!(from_peers > 0.0, "host B took nothing from agent A");
+    // A flood of claims (review finding 10): 16 sessions, each claiming a million pieces of a
+    // two-piece layer, raise the supernode's VmHWM by less than 64 MiB (a set per session of
+    // everything claimed would take ~160 MB), and it goes on serving.
+    let before = damselfly_tests::harness::vm_hwm(sn.pid());
+    let mut floods = Vec::new();
+    for _ in 0..16 {
+        let mut s = register(&grpc, &blob_url(&big), &big, vec![basic(CREDS)]).await;
+        task_info(&s);
+        s.tx.send(PeerMessage {
+            msg: Some(peer_message::Msg::Have(pb::Have {
+                pieces: (0..1_000_000).collect(),
+            })),
+        })
+        .await
+        .expect("have");
+        // Booked once the supernode answers after it.
+        let next = tokio::time::timeout(Duration::from_secs(20), s.inbound.message()).await;
+        assert!(
+            matches!(next, Ok(Ok(Some(_)))),
+            "no answer after Have: {next:?}"
+        );
+        floods.push(s);
+    }
+    let grew = damselfly_tests::harness::vm_hwm(sn.pid()).saturating_sub(before);
+    assert!(
+        grew < 64 << 20,
+        "claims raised the supernode's VmHWM by {grew} bytes"
+    );
+    drop(floods);
+    assert!(get_text(&format!("{http}/healthz")).await.contains("ok"));
+
     // Alice's password went through agents and supernodes: it is in no log, store or index.
     let password = CREDS.split_once(':').map_or(CREDS, |(_, p)| p);
     let basic = base64::engine::general_purpose::STANDARD.encode(CREDS);
