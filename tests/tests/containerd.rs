@@ -9,7 +9,7 @@ use damselfly_tests::registry::{count_blob_gets, push_test_image, start_registry
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctr_pulls_through_the_mirror_and_runs_the_image() {
     if let Some(why) = tools_missing().or_else(containerd_missing) {
-        eprintln!("SKIP ctr_pulls_through_the_mirror_and_runs_the_image: {why}");
+        damselfly_tests::harness::skip("ctr_pulls_through_the_mirror_and_runs_the_image", &why);
         return;
     }
     let env = Env::new("containerd");

@@ -18,7 +18,10 @@ async fn dockerd_pulls_runs_and_pushes_through_the_proxy_and_the_mirror() {
         .or_else(tools_missing)
         .or_else(|| ensure_hosts_entry().err());
     if let Some(why) = skip {
-        eprintln!("SKIP dockerd_pulls_runs_and_pushes_through_the_proxy_and_the_mirror: {why}");
+        damselfly_tests::harness::skip(
+            "dockerd_pulls_runs_and_pushes_through_the_proxy_and_the_mirror",
+            &why,
+        );
         return;
     }
     let env = Env::new("docker");

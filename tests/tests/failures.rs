@@ -127,7 +127,10 @@ async fn changed_origin_content_is_a_new_version_never_a_mix() {
 async fn no_space_is_refused_before_downloading() {
     let env = Env::new("nospace");
     if !damselfly_tests::harness::is_root() {
-        eprintln!("SKIP no_space_is_refused_before_downloading: mounting a tmpfs needs root");
+        damselfly_tests::harness::skip(
+            "no_space_is_refused_before_downloading",
+            "mounting a tmpfs needs root",
+        );
         return;
     }
     let small = env.path("small");

@@ -26,8 +26,9 @@ fn ok(env: &Env, what: &str, (code, out): (i32, String)) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skopeo_through_mirror_and_https_proxy_pulls_the_same_image_and_pushes() {
     if let Some(why) = skip_reason() {
-        eprintln!(
-            "SKIP skopeo_through_mirror_and_https_proxy_pulls_the_same_image_and_pushes: {why}"
+        damselfly_tests::harness::skip(
+            "skopeo_through_mirror_and_https_proxy_pulls_the_same_image_and_pushes",
+            &why,
         );
         return;
     }

@@ -11,7 +11,10 @@ use layerindex::{Kind, LayerIndex};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeded_layers_are_indexed_and_files_read_from_blob_ranges() {
     if let Some(why) = tools_missing() {
-        eprintln!("SKIP seeded_layers_are_indexed_and_files_read_from_blob_ranges: {why}");
+        damselfly_tests::harness::skip(
+            "seeded_layers_are_indexed_and_files_read_from_blob_ranges",
+            &why,
+        );
         return;
     }
     let env = Env::new("layer-index");
@@ -196,7 +199,7 @@ async fn long_name_and_pax_bombs_are_refused_in_bounded_memory() {
             "the {what} bomb was indexed or refused for another reason: {status} {text}"
         );
     }
-    let peak = damselfly_tests::harness::vm_hwm(sn.pid());
+    let peak = damselfly_tests::host::vm_hwm(sn.pid());
     assert!(peak < BOUND, "supernode VmHWM {peak} bytes");
     eprintln!(
         "supernode VmHWM after the bombs: {:.1} MiB",

@@ -40,7 +40,10 @@ async fn a_layer_mounted_from_its_index_reads_through_the_agent() {
         .or_else(|| (!is_root()).then(|| "FUSE mounts need root".to_owned()))
         .or_else(|| (!Path::new("/dev/fuse").exists()).then(|| "no /dev/fuse".to_owned()));
     if let Some(why) = skip {
-        eprintln!("SKIP a_layer_mounted_from_its_index_reads_through_the_agent: {why}");
+        damselfly_tests::harness::skip(
+            "a_layer_mounted_from_its_index_reads_through_the_agent",
+            &why,
+        );
         return;
     }
     let _ = tracing_subscriber::fmt().with_test_writer().try_init();

@@ -11,9 +11,8 @@ use std::time::{Duration, Instant};
 use damselfly_tests::containerd::{
     Containerd, containerd_missing, rootfs_listing, start_containerd_named, start_snapshotter,
 };
-use damselfly_tests::harness::{
-    Daemon, Env, Proc, assert_private, bin, files_under, free_port, is_root,
-};
+use damselfly_tests::harness::{Daemon, Env, Proc, bin, free_port, is_root};
+use damselfly_tests::host::{assert_private, files_under};
 use damselfly_tests::registry::{
     big_file_sha256, count_blob_gets, push_test_image, skopeo, start_registry, tools_missing,
 };
@@ -120,7 +119,10 @@ async fn dfsnapshotter_pull_starts_containers_lazily_on_two_hosts() {
         .or_else(|| (!is_root()).then(|| "FUSE mounts need root".to_owned()))
         .or_else(|| (!Path::new("/dev/fuse").exists()).then(|| "no /dev/fuse".to_owned()));
     if let Some(why) = skip {
-        eprintln!("SKIP dfsnapshotter_pull_starts_containers_lazily_on_two_hosts: {why}");
+        damselfly_tests::harness::skip(
+            "dfsnapshotter_pull_starts_containers_lazily_on_two_hosts",
+            &why,
+        );
         return;
     }
     let env = Env::new("lazy-start");

@@ -26,7 +26,7 @@ async fn podman_pulls_through_a_registries_conf_mirror() {
         .or_else(tools_missing)
         .or_else(|| ensure_hosts_entry().err());
     if let Some(why) = skip {
-        eprintln!("SKIP podman_pulls_through_a_registries_conf_mirror: {why}");
+        damselfly_tests::harness::skip("podman_pulls_through_a_registries_conf_mirror", &why);
         return;
     }
     let env = Env::new("podman");

@@ -22,7 +22,10 @@ async fn agent(env: &Env, name: &str, supernode: &str, registry: &str) -> (Proc,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skopeo_pulls_through_mirrors_with_one_registry_fetch_per_layer() {
     if let Some(why) = tools_missing() {
-        eprintln!("SKIP skopeo_pulls_through_mirrors_with_one_registry_fetch_per_layer: {why}");
+        damselfly_tests::harness::skip(
+            "skopeo_pulls_through_mirrors_with_one_registry_fetch_per_layer",
+            &why,
+        );
         return;
     }
     let env = Env::new("registry-mirror");

@@ -44,7 +44,10 @@ async fn token(c: &reqwest::Client, realm: &str, repo: &str, user: Option<(&str,
 async fn ten_agents_pull_once_per_layer_and_token_and_private_stays_private() {
     let skip = tools_missing().or_else(|| ensure_hosts_entry().err());
     if let Some(why) = skip {
-        eprintln!("SKIP ten_agents_pull_once_per_layer_and_token_and_private_stays_private: {why}");
+        damselfly_tests::harness::skip(
+            "ten_agents_pull_once_per_layer_and_token_and_private_stays_private",
+            &why,
+        );
         return;
     }
     let env = Env::new("registry-token");

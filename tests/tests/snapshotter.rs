@@ -17,8 +17,9 @@ async fn start_snapshotter(env: &Env, root: &Path, sock: &Path, metrics: &str) -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerd_unpacks_and_runs_images_on_dfsnapshotter_across_restarts() {
     if let Some(why) = tools_missing().or_else(containerd_missing) {
-        eprintln!(
-            "SKIP containerd_unpacks_and_runs_images_on_dfsnapshotter_across_restarts: {why}"
+        damselfly_tests::harness::skip(
+            "containerd_unpacks_and_runs_images_on_dfsnapshotter_across_restarts",
+            &why,
         );
         return;
     }

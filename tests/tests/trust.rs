@@ -144,7 +144,10 @@ fn upload_addr(log: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anonymous_lying_and_framing_parties_get_nothing_while_alice_pulls() {
     if let Some(why) = skip_reason() {
-        eprintln!("SKIP anonymous_lying_and_framing_parties_get_nothing_while_alice_pulls: {why}");
+        damselfly_tests::harness::skip(
+            "anonymous_lying_and_framing_parties_get_nothing_while_alice_pulls",
+            &why,
+        );
         return;
     }
     let _ = tracing_subscriber::fmt().with_test_writer().try_init();
@@ -505,7 +508,7 @@ async fn anonymous_lying_and_framing_parties_get_nothing_while_alice_pulls() {
     // A flood of claims (review finding 10): 16 sessions, each claiming a million pieces of a
     // two-piece layer, raise the supernode's VmHWM by less than 64 MiB (a set per session of
     // everything claimed would take ~160 MB), and it goes on serving.
-    let before = damselfly_tests::harness::vm_hwm(sn.pid());
+    let before = damselfly_tests::host::vm_hwm(sn.pid());
     let mut floods = Vec::new();
     for _ in 0..16 {
         let mut s = register(&grpc, &blob_url(&big), &big, vec![basic(CREDS)]).await;
@@ -525,7 +528,7 @@ async fn anonymous_lying_and_framing_parties_get_nothing_while_alice_pulls() {
         );
         floods.push(s);
     }
-    let grew = damselfly_tests::harness::vm_hwm(sn.pid()).saturating_sub(before);
+    let grew = damselfly_tests::host::vm_hwm(sn.pid()).saturating_sub(before);
     assert!(
         grew < 64 << 20,
         "claims raised the supernode's VmHWM by {grew} bytes"
