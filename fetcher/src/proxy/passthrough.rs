@@ -21,10 +21,18 @@ fn hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
-/// Copies end-to-end headers.
+/// Copies end-to-end headers: not the hop-by-hop ones, nor those `Connection` names as such.
 pub(crate) fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
+    let named: Vec<String> = from
+        .get_all(axum::http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
     for (k, v) in from {
-        if !hop_by_hop(k) {
+        if !hop_by_hop(k) && !named.iter().any(|n| n == k.as_str()) {
             to.append(k.clone(), v.clone());
         }
     }
@@ -73,4 +81,33 @@ pub(crate) async fn forward(p: &super::Proxy, req: Request<Body>, target: url::U
                 "dfdaemon proxy: bad upstream response",
             )
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_stay_behind() {
+        let mut from = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, X-Hop ,x-other"),
+            ("x-hop", "1"),
+            ("x-other", "2"),
+            ("keep-alive", "timeout=5"),
+            ("host", "evil.example"),
+            ("accept", "application/json"),
+            ("authorization", "Bearer t"),
+        ] {
+            from.append(
+                HeaderName::from_static(k),
+                axum::http::HeaderValue::from_static(v),
+            );
+        }
+        let mut to = HeaderMap::new();
+        copy_headers(&from, &mut to);
+        let mut kept: Vec<&str> = to.keys().map(HeaderName::as_str).collect();
+        kept.sort_unstable();
+        assert_eq!(kept, ["accept", "authorization"]);
+    }
 }
