@@ -12,21 +12,8 @@ use std::sync::Arc;
 use layerindex::LayerIndex;
 use snapshotter::layerfs::{FileBlob, LayerFs, mount};
 
-/// Why this machine cannot run the FUSE tests (a failure under `CI=true`).
-fn skip_reason() -> Option<String> {
-    let why = if !rustix::process::geteuid().is_root() {
-        "needs root"
-    } else if !Path::new("/dev/fuse").exists() {
-        "no /dev/fuse"
-    } else {
-        return None;
-    };
-    assert!(
-        std::env::var_os("CI").is_none_or(|v| v != "true"),
-        "CI=true, but {why}"
-    );
-    Some(why.into())
-}
+mod common;
+use common::skip_reason;
 
 /// A tar entry whose name is written raw (the `tar` crate refuses `..` in paths it builds).
 fn raw_entry(

@@ -6,27 +6,14 @@
 //! `CI=true`).
 
 use std::io::{Read, Write};
-use std::path::Path;
 use std::sync::Arc;
 
 use layerindex::LayerIndex;
 use snapshotter::layerfs::cache::ChunkCache;
 use snapshotter::layerfs::{FileBlob, LayerFs, MAX_MEMORY_CHUNK, mount, unmount};
 
-fn skip_reason() -> Option<String> {
-    let why = if !rustix::process::geteuid().is_root() {
-        "needs root"
-    } else if !Path::new("/dev/fuse").exists() {
-        "no /dev/fuse"
-    } else {
-        return None;
-    };
-    assert!(
-        std::env::var_os("CI").is_none_or(|v| v != "true"),
-        "CI=true, but {why}"
-    );
-    Some(why.into())
-}
+mod common;
+use common::skip_reason;
 
 fn vm_hwm() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").expect("status");

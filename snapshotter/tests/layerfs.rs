@@ -10,21 +10,8 @@ use std::sync::Arc;
 use layerindex::LayerIndex;
 use snapshotter::layerfs::{FileBlob, LayerFs, mount};
 
-/// Why this machine cannot run the FUSE tests (a failure under `CI=true`).
-fn skip_reason() -> Option<String> {
-    let why = if !rustix::process::geteuid().is_root() {
-        "needs root"
-    } else if !Path::new("/dev/fuse").exists() {
-        "no /dev/fuse"
-    } else {
-        return None;
-    };
-    assert!(
-        std::env::var_os("CI").is_none_or(|v| v != "true"),
-        "CI=true, but {why}"
-    );
-    Some(why.into())
-}
+mod common;
+use common::skip_reason;
 
 fn header(kind: tar::EntryType, size: u64, mode: u32, uid: u64) -> tar::Header {
     let mut h = tar::Header::new_gnu();
