@@ -50,6 +50,20 @@ impl Reference {
             Some((repo, tag)) if !tag.contains('/') => (repo.to_owned(), Some(tag.to_owned())),
             _ => (path, None),
         };
+        // Distribution's grammar: a tag is `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`, a repository
+        // non-empty components.
+        let tag_ok = |t: &str| {
+            t.len() <= 128
+                && t.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
+                && t.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+        };
+        if tag.as_deref().is_some_and(|t| !tag_ok(t)) {
+            return Err(bad("bad tag"));
+        }
+        if repository.split('/').any(str::is_empty) {
+            return Err(bad("bad repository name"));
+        }
         let repository = if registry == "docker.io" && !repository.contains('/') {
             format!("library/{repository}")
         } else {
@@ -440,7 +454,16 @@ mod tests {
         let d = format!("sha256:{}", "a".repeat(64));
         let r = Reference::parse(&format!("localhost/app@{d}")).expect("digest");
         assert_eq!(r.reference, d);
-        for bad in ["", "a b", "Host.io/UPPER:v1", "x@sha256:zz"] {
+        for bad in [
+            "",
+            "a b",
+            "Host.io/UPPER:v1",
+            "x@sha256:zz",
+            ":",
+            "app:",
+            "a//b",
+            "app:.v1",
+        ] {
             assert!(Reference::parse(bad).is_err(), "{bad:?} accepted");
         }
     }
