@@ -10,11 +10,11 @@ use fetcher::piece_store::Store;
 use crate::metrics::Metrics;
 use crate::task::{Status, Tasks};
 
-/// Evicts until the store is under `max_bytes`; returns the number of versions evicted.
-pub fn evict(store: &Store, tasks: &Tasks, max_bytes: u64, metrics: &Metrics) -> usize {
+/// Evicts until the store is under `max_bytes`; returns the store's usage afterwards.
+pub fn evict(store: &Store, tasks: &Tasks, max_bytes: u64, metrics: &Metrics) -> u64 {
     let mut usage = store.usage();
     if usage <= max_bytes {
-        return 0;
+        return usage;
     }
     let mut candidates: Vec<_> = tasks
         .versions()
@@ -26,7 +26,6 @@ pub fn evict(store: &Store, tasks: &Tasks, max_bytes: u64, metrics: &Metrics) ->
         })
         .collect();
     candidates.sort_by_key(|(t, _, _)| *t);
-    let mut evicted = 0;
     for (_, id, v) in candidates {
         if usage <= max_bytes {
             break;
@@ -37,13 +36,12 @@ pub fn evict(store: &Store, tasks: &Tasks, max_bytes: u64, metrics: &Metrics) ->
         drop(v);
         if store.remove(&id) {
             usage = usage.saturating_sub(bytes);
-            evicted += 1;
             metrics.evictions.inc();
             tracing::info!(version = %&id[..16], bytes, "evicted from the seed cache");
         }
     }
     metrics.tasks.set(tasks.len() as i64);
-    evicted
+    usage
 }
 
 /// Runs [`evict`] every `every` until shutdown.

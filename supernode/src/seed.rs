@@ -252,12 +252,10 @@ async fn make_room(ctx: &SeedContext) -> fetcher::Result<()> {
         ctx.metrics.clone(),
         ctx.cache_size,
     );
-    let usage = tokio::task::spawn_blocking(move || {
-        crate::cache::evict(&store, &tasks, max, &metrics);
-        store.usage()
-    })
-    .await
-    .unwrap_or(u64::MAX);
+    let usage =
+        tokio::task::spawn_blocking(move || crate::cache::evict(&store, &tasks, max, &metrics))
+            .await
+            .unwrap_or(u64::MAX);
     if usage > ctx.cache_size {
         return Err(cache_full(
             ctx,
