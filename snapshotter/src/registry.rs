@@ -287,22 +287,15 @@ impl Registry {
         if !status.is_success() {
             return Err(Error::Registry(format!("{url}: HTTP {status}")));
         }
-        if resp.content_length().is_some_and(|l| l > max as u64) {
-            return Err(Error::Registry(format!("{url}: larger than {max} bytes")));
-        }
         let ct = resp
             .headers()
             .get(reqwest::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_owned();
-        let body = resp
-            .bytes()
+        let body = fetcher::source::read_bounded(resp, max)
             .await
             .map_err(|e| Error::Registry(format!("{url}: {e}")))?;
-        if body.len() > max {
-            return Err(Error::Registry(format!("{url}: larger than {max} bytes")));
-        }
         Ok((body.to_vec(), ct))
     }
 }

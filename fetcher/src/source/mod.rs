@@ -11,6 +11,44 @@ pub use policy::OriginPolicy;
 /// One request header forwarded to the origin (`Authorization`, `Cookie`, `-H ...`).
 pub type HeaderPair = (String, String);
 
+/// Why a body could not be read whole: the connection failed, or it passed the bound.
+#[derive(Debug)]
+pub enum BodyError {
+    Read(reqwest::Error),
+    TooLarge(usize),
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Read(e) => f.write_str(&error_chain(e)),
+            Self::TooLarge(max) => write!(f, "answer larger than {max} bytes"),
+        }
+    }
+}
+
+/// The whole body of `resp`, read in chunks and given up as soon as it passes `max` bytes
+/// (whatever `Content-Length` says or does not say), so a small answer from the network never
+/// becomes an unbounded allocation.
+pub async fn read_bounded(
+    mut resp: reqwest::Response,
+    max: usize,
+) -> Result<bytes::Bytes, BodyError> {
+    if resp.content_length().is_some_and(|n| n > max as u64) {
+        return Err(BodyError::TooLarge(max));
+    }
+    // Sized once from the announced length (already bounded), so the buffer does not double.
+    let announced = resp.content_length().map_or(0, |n| n as usize);
+    let mut body = bytes::BytesMut::with_capacity(announced);
+    while let Some(chunk) = resp.chunk().await.map_err(BodyError::Read)? {
+        if body.len() + chunk.len() > max {
+            return Err(BodyError::TooLarge(max));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
 /// The error's cause chain on one line: `a: b: c`, skipping repeats, with every URL in it
 /// redacted (HTTP clients name the URL, userinfo and signed query included, in their errors).
 pub fn error_chain(e: &dyn std::error::Error) -> String {

@@ -221,20 +221,9 @@ impl TokenCache {
         let status = resp.status().as_u16();
         let content_type = header(http::header::CONTENT_TYPE);
         let www_authenticate = header(http::header::WWW_AUTHENTICATE);
-        if resp.content_length().is_some_and(|n| n > MAX_BODY as u64) {
-            return Err(format!(
-                "token server {host}: answer larger than {MAX_BODY} bytes"
-            ));
-        }
-        let body = resp
-            .bytes()
+        let body = super::read_bounded(resp, MAX_BODY)
             .await
-            .map_err(|e| format!("token server {host}: {}", super::error_chain(&e)))?;
-        if body.len() > MAX_BODY {
-            return Err(format!(
-                "token server {host}: answer larger than {MAX_BODY} bytes"
-            ));
-        }
+            .map_err(|e| format!("token server {host}: {e}"))?;
         Ok(TokenAnswer::new(
             status,
             content_type,
@@ -346,6 +335,33 @@ mod tests {
         let (entries, bytes) = cache.usage();
         assert!(bytes <= MAX_BYTES, "{bytes} bytes kept");
         assert!(entries < 48, "{entries} entries kept");
+    }
+
+    #[tokio::test]
+    async fn an_answer_without_a_length_stops_at_the_bound() {
+        // A chunked body that never ends: refused once past MAX_BODY, not read to the end.
+        let app = Router::new().route(
+            "/token",
+            get(|| async {
+                let chunks = futures::stream::repeat_with(|| {
+                    Ok::<_, std::io::Error>(bytes::Bytes::from_static(&[b't'; 64 * 1024]))
+                });
+                axum::body::Body::from_stream(chunks)
+            }),
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(l, app).await });
+        let cache = TokenCache::new(reqwest::Client::new());
+        let url = url::Url::parse(&format!("http://{addr}/token")).expect("url");
+        let err = tokio::time::timeout(Duration::from_secs(20), cache.get(&url, None))
+            .await
+            .expect("the fetch stops")
+            .expect_err("endless answer");
+        assert!(err.contains("larger than"), "{err}");
+        assert_eq!(cache.usage().1, 0);
     }
 
     #[tokio::test]
