@@ -1,8 +1,10 @@
 //! The piece upload server: `GET /pieces/{version_id}/{piece}` serves a verified piece to other peers
 //! that show a ticket for that version (`Authorization: Bearer <ticket>`, see [`crate::ticket`]:
 //! none → 401, a bad one → 403, both without a byte of content), throttled by the process-wide
-//! upload bucket and capped in concurrency (busy → 503, so the downloader reports it and the
-//! scheduler picks another parent).
+//! upload bucket and capped in concurrency, in all and per peer address ([`slots`]; busy → 503,
+//! so the downloader reports it and the scheduler picks another parent).
+
+pub mod slots;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,7 +16,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
-use tokio::sync::Semaphore;
 
 use crate::error::Result;
 use crate::metrics::PeerMetrics;
@@ -44,7 +45,7 @@ pub struct UploadConfig {
 struct AppState {
     source: Arc<dyn PieceSource>,
     limiter: RateLimiter,
-    slots: Arc<Semaphore>,
+    slots: slots::Slots,
     upload_bytes: prometheus::IntCounter,
     refused: prometheus::IntCounter,
 }
@@ -54,7 +55,10 @@ pub fn router(source: Arc<dyn PieceSource>, cfg: UploadConfig) -> Router {
     let state = Arc::new(AppState {
         source,
         limiter: cfg.limiter,
-        slots: Arc::new(Semaphore::new(cfg.max_concurrent.max(1))),
+        slots: slots::Slots::new(
+            cfg.max_concurrent,
+            slots::per_peer_share(cfg.max_concurrent),
+        ),
         upload_bytes: cfg.upload_bytes,
         refused: cfg.refused,
     });
@@ -179,8 +183,18 @@ async fn serve_piece(
         st.refused.inc();
         return refusal(&e);
     }
-    let Ok(permit) = st.slots.clone().try_acquire_owned() else {
-        return (StatusCode::SERVICE_UNAVAILABLE, "upload slots busy").into_response();
+    let permit = match st.slots.acquire(from.ip()) {
+        Ok(p) => p,
+        Err(slots::Busy::Server) => {
+            return (StatusCode::SERVICE_UNAVAILABLE, "upload slots busy\n").into_response();
+        }
+        Err(slots::Busy::Peer) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this peer holds its share of upload slots\n",
+            )
+                .into_response();
+        }
     };
     let src = st.source.clone();
     let v = version.clone();
@@ -215,4 +229,77 @@ async fn serve_piece(
         .header(axum::http::header::CONTENT_TYPE, "application/octet-stream")
         .body(Body::from_stream(stream))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ticket::{Claims, Issuer, Scope};
+
+    const VID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    /// One version of one 1 MiB piece, opened by `key`.
+    struct OnePiece(crate::ticket::PublicKey);
+
+    impl PieceSource for OnePiece {
+        fn read_piece(&self, version_id: &str, num: u32) -> Result<Option<Bytes>> {
+            Ok((version_id == VID && num == 0).then(|| Bytes::from(vec![7u8; 1 << 20])))
+        }
+        fn ticket_keys(&self, _: &str) -> Vec<crate::ticket::PublicKey> {
+            vec![self.0.clone()]
+        }
+    }
+
+    async fn get(base: &str, ticket: &str, from: &str) -> reqwest::Response {
+        reqwest::Client::builder()
+            .local_address(from.parse::<std::net::IpAddr>().expect("ip"))
+            .no_proxy()
+            .build()
+            .expect("client")
+            .get(format!("{base}/pieces/{VID}/0"))
+            .bearer_auth(ticket)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    #[tokio::test]
+    async fn one_peer_cannot_take_every_upload_slot() {
+        let issuer = Issuer::generate().expect("key");
+        let ticket = |holder: &str| {
+            issuer
+                .issue(&Claims {
+                    scope: Scope::Pieces,
+                    version_id: VID.into(),
+                    holder: holder.parse().expect("ip"),
+                    expires: crate::ticket::now() + 600,
+                })
+                .expect("ticket")
+        };
+        let metrics = PeerMetrics::new();
+        // Slow uploads (64 KiB/s for the whole server) hold their slots while we count.
+        let cfg = upload_config(RateLimiter::new(64 << 10), 4, &metrics);
+        let router = router(Arc::new(OnePiece(issuer.public())), cfg);
+        let shutdown = Shutdown::new();
+        let (addr, _task) = serve(([127, 0, 0, 1], 0).into(), router, None, shutdown.clone())
+            .await
+            .expect("serve");
+        let base = format!("http://{addr}");
+        let (a, b) = (ticket("127.0.0.1"), ticket("127.0.0.2"));
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let r = get(&base, &a, "127.0.0.1").await;
+            assert_eq!(r.status(), StatusCode::OK);
+            held.push(r);
+        }
+        let over = get(&base, &a, "127.0.0.1").await;
+        assert_eq!(over.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(over.text().await.expect("body").contains("share"));
+        // Another peer is still served while the first holds its share.
+        let other = get(&base, &b, "127.0.0.2").await;
+        assert_eq!(other.status(), StatusCode::OK);
+        drop(held);
+        drop(other);
+        shutdown.trigger();
+    }
 }
