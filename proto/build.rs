@@ -16,6 +16,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(files, ["proto"])?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Messages carrying secrets get a Debug that hides them (proto/src/lib.rs).
+    tonic_prost_build::configure()
+        .skip_debug([".damselfly.fusemanager.v1.BasicAuth"])
+        .compile_fds(fds)?;
     Ok(())
 }

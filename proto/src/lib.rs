@@ -19,6 +19,16 @@ pub mod agent {
 /// dfsnapshotter's FUSE manager (`damselfly.fusemanager.v1`).
 pub mod fusemanager {
     tonic::include_proto!("damselfly.fusemanager.v1");
+
+    /// Never prints the password.
+    impl std::fmt::Debug for BasicAuth {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("BasicAuth")
+                .field("user", &self.user)
+                .field("password", &"***")
+                .finish()
+        }
+    }
 }
 
 /// containerd's API that dfsnapshotter serves and calls (module paths follow the proto packages).

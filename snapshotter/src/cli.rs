@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::credentials::{Keyring, Scope, Secret};
 use crate::snapshots::Snapshots;
 
 /// Default socket, the one `packaging/containerd/config.toml` names.
@@ -65,10 +66,11 @@ pub struct RegistryArgs {
     /// A registry (`host:port` as image references name it) spoken to over plain HTTP; repeatable.
     #[arg(long, value_name = "HOST[:PORT]", global = true)]
     pub plain_http: Vec<String>,
-    /// Docker's config.json to take registry credentials from
-    /// [default: $DOCKER_CONFIG/config.json, else ~/.docker/config.json].
-    #[arg(long, value_name = "FILE", global = true)]
-    pub docker_config: Option<PathBuf>,
+    /// containerd's registry host configs, read as containerd reads them
+    /// (`<DIR>/<host[:port]>/hosts.toml`: `server`, mirrors, `ca`, `client`, `skip_verify`), so a
+    /// registry with a private CA is configured once for ctr, CRI and dfsnapshotter.
+    #[arg(long, value_name = "DIR", default_value = fetcher::source::hosts::DEFAULT_DIR, global = true)]
+    pub hosts_dir: PathBuf,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -107,16 +109,28 @@ pub struct PullArgs {
     /// Read the password of --user from standard input (one line).
     #[arg(long, requires = "user")]
     pub password_stdin: bool,
+    /// Without --user: docker's config.json to take the image's credentials from (`auths`,
+    /// `credHelpers`, `credsStore`; helpers are run as `docker-credential-<name> get`)
+    /// [default: $DOCKER_CONFIG/config.json, else ~/.docker/config.json].
+    #[arg(long, value_name = "FILE")]
+    pub docker_config: Option<PathBuf>,
     /// Platform to pick from a multi-platform image [default: this machine's, e.g. linux/amd64].
     #[arg(long, value_name = "OS/ARCH")]
     pub platform: Option<String>,
 }
 
-/// `user:password` from --user and, with --password-stdin, the first line of stdin (at most
-/// 4 KiB; never echoed, never in argv).
-fn credentials(p: &PullArgs) -> crate::Result<Option<String>> {
+/// The image's credentials: --user (with --password-stdin, the password is the first line of
+/// stdin, at most 4 KiB, never echoed, never in argv), else docker's config.json.
+fn credentials(p: &PullArgs, registry: &str) -> crate::Result<Option<Secret>> {
     let Some(user) = &p.user else {
-        return Ok(None);
+        let path = p
+            .docker_config
+            .clone()
+            .or_else(crate::credentials::docker_config::default_path);
+        return match path {
+            Some(path) => crate::credentials::docker_config::read(&path, registry),
+            None => Ok(None),
+        };
     };
     if !p.password_stdin {
         if user.contains(':') {
@@ -124,7 +138,9 @@ fn credentials(p: &PullArgs) -> crate::Result<Option<String>> {
                 "--user USER:PASSWORD puts the password in argv, readable by every local user; use --password-stdin"
             );
         }
-        return Ok(Some(user.clone()));
+        return Secret::from_user_password(user)
+            .map(Some)
+            .map_err(|_| crate::Error::Invalid("--user: give USER with --password-stdin".into()));
     }
     if user.contains(':') {
         return Err(crate::Error::Invalid(
@@ -144,15 +160,17 @@ fn credentials(p: &PullArgs) -> crate::Result<Option<String>> {
             "--password-stdin: no password on standard input".into(),
         ));
     }
-    Ok(Some(format!("{user}:{password}")))
+    Ok(Some(Secret::Basic {
+        user: user.clone(),
+        password: password.to_owned(),
+    }))
 }
 
 impl RegistryArgs {
-    fn config(&self, user: Option<String>) -> crate::registry::RegistryConfig {
+    fn config(&self) -> crate::registry::RegistryConfig {
         crate::registry::RegistryConfig {
             plain_http: self.plain_http.clone(),
-            docker_config: self.docker_config.clone(),
-            user,
+            hosts_dir: Some(self.hosts_dir.clone()),
         }
     }
 }
@@ -161,7 +179,7 @@ impl RegistryArgs {
 pub async fn run(args: Args) -> i32 {
     if let Some(Command::Pull(p)) = &args.command {
         fetcher::cli::init_logging("warn", args.log_json);
-        return pull(&args.registry, p).await;
+        return pull(&args.registry, &args.root, p).await;
     }
     if let Some(Command::FuseManager) = &args.command {
         fetcher::cli::init_logging("info", args.log_json);
@@ -185,7 +203,7 @@ pub async fn run(args: Args) -> i32 {
     }
 }
 
-async fn pull(registry: &RegistryArgs, p: &PullArgs) -> i32 {
+async fn pull(registry: &RegistryArgs, root: &std::path::Path, p: &PullArgs) -> i32 {
     let started = std::time::Instant::now();
     let opts = crate::pull::PullOptions {
         image: p.image.clone(),
@@ -197,12 +215,22 @@ async fn pull(registry: &RegistryArgs, p: &PullArgs) -> i32 {
             .clone()
             .unwrap_or_else(crate::pull::host_platform),
     };
-    let result = match credentials(p)
-        .and_then(|user| crate::registry::Registry::new(registry.config(user)))
-    {
-        Ok(r) => crate::pull::pull(&r, &opts).await,
-        Err(e) => Err(e),
-    };
+    let result = async {
+        let image = crate::registry::Reference::parse(&p.image)?;
+        let scope = Scope::new(&image.registry, &image.repository);
+        let keyring = Arc::new(Keyring::default());
+        if let Some(secret) = credentials(p, &image.registry)? {
+            // The lazy layers are read by the FUSE manager: it gets them for this scope only.
+            crate::fusemanager::ManagerClient::connect(root)
+                .await?
+                .put_credentials(&scope, &secret)
+                .await?;
+            keyring.put(scope, secret);
+        }
+        let registry = crate::registry::Registry::new(registry.config(), keyring)?;
+        crate::pull::pull(&registry, &opts).await
+    }
+    .await;
     match result {
         Ok(s) => {
             println!(
@@ -228,7 +256,7 @@ fn manager_config(args: &Args) -> crate::fusemanager::ManagerConfig {
         agent_socket: args.agent_socket.clone(),
         background_fetch: args.background_fetch,
         cache_mib: args.cache_mib,
-        registry: args.registry.config(None),
+        registry: args.registry.config(),
     }
 }
 

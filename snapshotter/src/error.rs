@@ -26,6 +26,9 @@ pub enum Error {
     /// A registry refused or could not be reached (manifests, configs, tokens).
     #[error("registry: {0}")]
     Registry(String),
+    /// Registry credentials missing, malformed, refused, or a credential helper failed.
+    #[error("credentials: {0}")]
+    Credentials(String),
     /// The local agent (dfdaemon) refused or could not be reached.
     #[error("agent: {0}")]
     Agent(String),
@@ -55,6 +58,7 @@ impl From<Error> for tonic::Status {
             Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
             Error::Invalid(_) => tonic::Status::invalid_argument(msg),
             Error::Io { .. } | Error::Metadata { .. } => tonic::Status::internal(msg),
+            Error::Credentials(_) => tonic::Status::permission_denied(msg),
             Error::Registry(_) | Error::Agent(_) | Error::Containerd(_) => {
                 tonic::Status::unavailable(msg)
             }

@@ -2,8 +2,10 @@
 //! when none runs) that mounts and serves the lazy layers, so that restarting, upgrading or a
 //! kill -9 of dfsnapshotter leaves running containers' layers mounted and served. dfsnapshotter
 //! asks it over `<root>/fusemanager.sock` ([`ManagerClient`], a [`Mounter`]); a restarted
-//! dfsnapshotter finds the layers still mounted. The manager stops on SIGTERM/SIGINT (unmounting
-//! its layers) or when the snapshotter's root is gone.
+//! dfsnapshotter finds the layers still mounted. It also holds the registry credentials handed
+//! over per image scope (`dfsnapshotter pull`, the CRI proxy), in memory only, so they outlive
+//! dfsnapshotter's restarts too; the socket is root's alone. The manager stops on
+//! SIGTERM/SIGINT (unmounting its layers) or when the snapshotter's root is gone.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,12 +14,15 @@ use std::time::Duration;
 use proto::fusemanager::fuse_manager_client::FuseManagerClient;
 use proto::fusemanager::fuse_manager_server::{FuseManager, FuseManagerServer};
 use proto::fusemanager::{
-    MetricsReply, MetricsRequest, MountReply, MountRequest, UnmountReply, UnmountRequest,
+    BasicAuth, CredentialHelper, ForgetCredentialsReply, ForgetCredentialsRequest, MetricsReply,
+    MetricsRequest, MountReply, MountRequest, PutCredentialsReply, PutCredentialsRequest,
+    UnmountReply, UnmountRequest, put_credentials_request,
 };
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use crate::credentials::{Keyring, Scope, Secret};
 use crate::error::{Error, Result};
 use crate::metastore::RemoteRef;
 use crate::registry::{Registry, RegistryConfig};
@@ -40,6 +45,7 @@ pub struct ManagerConfig {
 
 struct Service {
     layers: Arc<RemoteLayers>,
+    keyring: Arc<Keyring>,
 }
 
 #[tonic::async_trait]
@@ -71,6 +77,52 @@ impl FuseManager for Service {
         Ok(Response::new(UnmountReply {}))
     }
 
+    async fn put_credentials(
+        &self,
+        request: Request<PutCredentialsRequest>,
+    ) -> Result<Response<PutCredentialsReply>, Status> {
+        let r = request.into_inner();
+        let secret = match r.secret {
+            Some(put_credentials_request::Secret::Basic(b)) if !b.user.is_empty() => {
+                Secret::Basic {
+                    user: b.user,
+                    password: b.password,
+                }
+            }
+            Some(put_credentials_request::Secret::Helper(h))
+                if crate::credentials::helper::valid_name(&h.name) =>
+            {
+                Secret::Helper {
+                    helper: h.name,
+                    server: h.server,
+                }
+            }
+            _ => {
+                return Err(Status::invalid_argument(
+                    "credentials need a user, or a valid credential helper name",
+                ));
+            }
+        };
+        if r.registry.is_empty() || r.repository.is_empty() {
+            return Err(Status::invalid_argument(
+                "credentials need a registry and a repository",
+            ));
+        }
+        let scope = Scope::new(&r.registry, &r.repository);
+        tracing::info!(%scope, kind = secret.kind(), "credentials kept for a scope");
+        self.keyring.put(scope, secret);
+        Ok(Response::new(PutCredentialsReply {}))
+    }
+
+    async fn forget_credentials(
+        &self,
+        request: Request<ForgetCredentialsRequest>,
+    ) -> Result<Response<ForgetCredentialsReply>, Status> {
+        let r = request.into_inner();
+        let forgotten = self.keyring.forget(&Scope::new(&r.registry, &r.repository));
+        Ok(Response::new(ForgetCredentialsReply { forgotten }))
+    }
+
     async fn metrics(
         &self,
         _request: Request<MetricsRequest>,
@@ -83,7 +135,8 @@ impl FuseManager for Service {
 
 /// Runs the manager until SIGTERM/SIGINT or until `cfg.root` is removed.
 pub async fn serve(cfg: ManagerConfig) -> Result<()> {
-    let registry = Arc::new(Registry::new(cfg.registry.clone())?);
+    let keyring = Arc::new(Keyring::default());
+    let registry = Arc::new(Registry::new(cfg.registry.clone(), keyring.clone())?);
     let layers = Arc::new(RemoteLayers::new(
         cfg.agent_socket.clone(),
         cfg.background_fetch,
@@ -111,6 +164,7 @@ pub async fn serve(cfg: ManagerConfig) -> Result<()> {
     let r = tonic::transport::Server::builder()
         .add_service(FuseManagerServer::new(Service {
             layers: layers.clone(),
+            keyring,
         }))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
             wait.wait().await
@@ -161,6 +215,61 @@ impl ManagerClient {
         }
     }
 
+    /// Connects to the running manager of `root` (no start: a pull needs the dfsnapshotter that
+    /// containerd will ask to prepare the layers, which starts it).
+    pub async fn connect(root: &Path) -> Result<Self> {
+        let path = socket_path(root);
+        fetcher::uds::channel(&path)
+            .await
+            .map(Self::new)
+            .map_err(|e| {
+                Error::FailedPrecondition(format!(
+                    "no fuse manager answers at {} (is dfsnapshotter running with --root {}?): {}",
+                    path.display(),
+                    root.display(),
+                    fetcher::source::error_chain(&e)
+                ))
+            })
+    }
+
+    /// Hands `secret` for `scope` to the manager, for that scope's lazy layers only.
+    pub async fn put_credentials(&self, scope: &Scope, secret: &Secret) -> Result<()> {
+        let secret = match secret {
+            Secret::Basic { user, password } => put_credentials_request::Secret::Basic(BasicAuth {
+                user: user.clone(),
+                password: password.clone(),
+            }),
+            Secret::Helper { helper, server } => {
+                put_credentials_request::Secret::Helper(CredentialHelper {
+                    name: helper.clone(),
+                    server: server.clone(),
+                })
+            }
+        };
+        let mut c = self.client.clone();
+        c.put_credentials(PutCredentialsRequest {
+            registry: scope.registry.clone(),
+            repository: scope.repository.clone(),
+            secret: Some(secret),
+        })
+        .await
+        .map_err(|s| Error::FailedPrecondition(format!("fuse manager: {}", s.message())))?;
+        Ok(())
+    }
+
+    /// Has the manager forget the credentials of `scope`; whether it held any.
+    pub async fn forget_credentials(&self, scope: &Scope) -> Result<bool> {
+        let mut c = self.client.clone();
+        let r = c
+            .forget_credentials(ForgetCredentialsRequest {
+                registry: scope.registry.clone(),
+                repository: scope.repository.clone(),
+            })
+            .await
+            .map_err(|s| Error::FailedPrecondition(format!("fuse manager: {}", s.message())))?;
+        Ok(r.into_inner().forgotten)
+    }
+
     /// The manager's metrics text (empty if it does not answer).
     pub async fn metrics(&self) -> String {
         let mut c = self.client.clone();
@@ -199,8 +308,8 @@ fn start(cfg: &ManagerConfig) -> Result<()> {
     for h in &cfg.registry.plain_http {
         cmd.arg("--plain-http").arg(h);
     }
-    if let Some(d) = &cfg.registry.docker_config {
-        cmd.arg("--docker-config").arg(d);
+    if let Some(d) = &cfg.registry.hosts_dir {
+        cmd.arg("--hosts-dir").arg(d);
     }
     cmd.stdin(std::process::Stdio::null())
         .stdout(log)

@@ -9,7 +9,9 @@
 //!   index from the supernode through the agent, bytes through the agent.
 //! - [`fusemanager`]: the process that mounts and serves lazy layers, apart from this one, so that
 //!   dfsnapshotter's restarts leave running containers' layers served.
-//! - [`registry`]: image references, blob URLs and registry credentials.
+//! - [`credentials`]: registry credentials per image scope, as handed to the FUSE manager
+//!   (user/password or a docker credential helper), and docker's `config.json`.
+//! - [`registry`]: image references, blob URLs and the `Authorization` registries accept.
 //! - [`pull`]: `dfsnapshotter pull`, which makes containerd prepare an image's layers that way.
 //! - [`cli`]: the `dfsnapshotter` command.
 //!
@@ -17,6 +19,7 @@
 //! runs. See `DESIGN.md`, flow 3.
 
 pub mod cli;
+pub mod credentials;
 pub mod error;
 pub mod fusemanager;
 pub mod layerfs;

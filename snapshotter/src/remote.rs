@@ -52,6 +52,13 @@ struct RegistryCredentials {
 }
 
 impl Credentials for RegistryCredentials {
+    fn refresh(&self) {
+        let r = &self.image;
+        self.registry
+            .keyring()
+            .refresh(&crate::credentials::Scope::new(&r.registry, &r.repository));
+    }
+
     fn headers(&self) -> Vec<(String, String)> {
         let r = &self.image;
         match self
@@ -160,7 +167,7 @@ impl RemoteLayers {
             return Ok(size);
         }
         let image = Reference::parse(&layer.image)?;
-        let url = self.registry.blob_url(&image, &layer.digest);
+        let url = self.registry.blob_url(&image, &layer.digest)?;
         let index_path = dir.join(INDEX_FILE);
         let index = match read_index(&index_path) {
             Some(i) => i,

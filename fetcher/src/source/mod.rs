@@ -1,6 +1,7 @@
 //! Sources: where content comes from when it does not come from a peer. Supernodes use them for
 //! back-to-source; peers use them only when no supernode is reachable.
 
+pub mod hosts;
 mod http;
 pub mod policy;
 pub mod token;

@@ -47,6 +47,26 @@ impl BlobReader for FileBlob {
 /// expiring tokens are renewed.
 pub trait Credentials: Send + Sync + 'static {
     fn headers(&self) -> Vec<(String, String)>;
+    /// The registry refused what [`Credentials::headers`] gave: renew them (a helper asked
+    /// again, a new token) before the next call.
+    fn refresh(&self) {}
+}
+
+fn agent_headers(c: &dyn Credentials) -> Vec<proto::agent::Header> {
+    c.headers()
+        .into_iter()
+        .map(|(name, value)| proto::agent::Header { name, value })
+        .collect()
+}
+
+/// Whether the agent's refusal is the registry refusing the credentials.
+fn refused_credentials(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+    ) || ["HTTP 401", "HTTP 403", "401 Unauthorized", "403 Forbidden"]
+        .iter()
+        .any(|m| s.message().contains(m))
 }
 
 /// Fixed headers (none, for public registries).
@@ -77,12 +97,8 @@ impl BlobReader for AgentBlob {
     fn read_at(&self, range: Range<u64>) -> std::io::Result<Vec<u8>> {
         let mut out = Vec::with_capacity(usize::try_from(range.end - range.start).unwrap_or(0));
         let mut at = range.start;
-        let headers: Vec<proto::agent::Header> = self
-            .headers
-            .headers()
-            .into_iter()
-            .map(|(name, value)| proto::agent::Header { name, value })
-            .collect();
+        let mut headers = agent_headers(self.headers.as_ref());
+        let mut refreshed = false;
         while at < range.end {
             let length = (range.end - at).min(AGENT_READ_MAX);
             let req = proto::agent::ReadRangeRequest {
@@ -94,10 +110,17 @@ impl BlobReader for AgentBlob {
                 only_range: self.only_range,
             };
             let mut client = self.client.clone();
-            let reply = self
-                .handle
-                .block_on(client.read_range(req))
-                .map_err(|s| std::io::Error::other(format!("agent: {}", s.message())))?;
+            let reply = match self.handle.block_on(client.read_range(req)) {
+                Ok(r) => r,
+                Err(s) if !refreshed && refused_credentials(&s) => {
+                    // Rotated or expired credentials: renew them once, then read again.
+                    refreshed = true;
+                    self.headers.refresh();
+                    headers = agent_headers(self.headers.as_ref());
+                    continue;
+                }
+                Err(s) => return Err(std::io::Error::other(format!("agent: {}", s.message()))),
+            };
             let data = reply.into_inner().data;
             if data.len() as u64 != length {
                 return Err(std::io::Error::other(format!(

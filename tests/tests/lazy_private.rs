@@ -1,0 +1,242 @@
+//! Lazy starts from a private registry (issue: Kubernetes lazy starts from private registries):
+//! a TLS registry with a test CA and htpasswd, its CA given to dfsnapshotter only through
+//! containerd's `hosts.toml`, no docker config anywhere. `dfsnapshotter pull --user alice
+//! --password-stdin` hands alice's credentials to the FUSE manager for `project/app` alone; the
+//! container starts lazily, reads the big file byte-exact, and goes on reading files it never
+//! read after dfsnapshotter is killed -9 and restarted (the manager kept the credentials). A
+//! pull of another repository gets none of them. The password is in no log, store, label or
+//! argv.
+
+use std::path::Path;
+
+use base64::Engine;
+use damselfly_tests::containerd::{containerd_missing, start_containerd_named, start_snapshotter};
+use damselfly_tests::harness::{Env, bin, free_port, is_root};
+use damselfly_tests::pki::ensure_hosts_entry;
+use damselfly_tests::registry::{
+    CREDS, PrivateRegistry, big_file_sha256, private_registry, skopeo, tools_missing,
+};
+
+fn skip_reason() -> Option<String> {
+    tools_missing()
+        .or_else(containerd_missing)
+        .or_else(|| (!is_root()).then(|| "FUSE mounts need root".to_owned()))
+        .or_else(|| (!Path::new("/dev/fuse").exists()).then(|| "no /dev/fuse".to_owned()))
+        .or_else(|| ensure_hosts_entry().err())
+}
+
+/// `dfsnapshotter pull` with `flags` and `stdin`, with no docker config to fall back on; exit
+/// status and output.
+async fn pull(env: &Env, flags: &[&str], stdin: &str) -> (bool, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(bin("dfsnapshotter"))
+        .arg("pull")
+        .args(flags)
+        .env("HOME", env.path("home"))
+        .env_remove("DOCKER_CONFIG")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run dfsnapshotter pull");
+    let mut input = child.stdin.take().expect("stdin");
+    input.write_all(stdin.as_bytes()).await.expect("stdin");
+    drop(input);
+    let out = child.wait_with_output().await.expect("pull");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Whether any process's argv holds `secret`.
+fn in_some_argv(secret: &str) -> Option<String> {
+    let procs = std::fs::read_dir("/proc").ok()?;
+    for p in procs.flatten() {
+        if let Ok(argv) = std::fs::read(p.path().join("cmdline"))
+            && argv.windows(secret.len()).any(|w| w == secret.as_bytes())
+        {
+            return Some(String::from_utf8_lossy(&argv).replace('\0', " "));
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_images_start_lazily_with_credentials_handed_to_their_scope() {
+    if let Some(why) = skip_reason() {
+        damselfly_tests::harness::skip(
+            "private_images_start_lazily_with_credentials_handed_to_their_scope",
+            &why,
+        );
+        return;
+    }
+    let env = Env::new("lazy-private");
+    let PrivateRegistry {
+        addr,
+        ca,
+        grpc,
+        proc: _registry,
+        supernode: _sn,
+        ..
+    } = private_registry(&env, 8 << 20).await;
+    let big_sha = big_file_sha256(&env);
+    // The same image under another repository (the same blobs).
+    let (code, out) = skopeo(
+        &[
+            "--insecure-policy",
+            "copy",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+            "--src-creds",
+            CREDS,
+            "--dest-creds",
+            CREDS,
+            &format!("docker://{addr}/project/app:v1"),
+            &format!("docker://{addr}/project/other:v1"),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "skopeo copy: {out}");
+
+    // The registry's CA reaches dfsnapshotter only through containerd's host config.
+    let hosts = env.path("certs.d");
+    std::fs::create_dir_all(hosts.join(&addr)).expect("mkdir certs.d");
+    std::fs::write(
+        hosts.join(&addr).join("hosts.toml"),
+        format!("server = \"https://{addr}\"\n[host.\"https://{addr}\"]\n  ca = \"{ca}\"\n"),
+    )
+    .expect("hosts.toml");
+    let hosts_dir = hosts.to_string_lossy().into_owned();
+
+    let (_agent, daemon) = env.dfdaemon("agent", &grpc, &[]).await;
+    let root = env.path("snapshots");
+    let sock = env.path("snapshotter.sock");
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let flags = vec![
+        "--agent-socket".to_owned(),
+        daemon.socket.to_string_lossy().into_owned(),
+        "--hosts-dir".to_owned(),
+        hosts_dir.clone(),
+        "--background-fetch".to_owned(),
+        "false".to_owned(),
+    ];
+    let mut snap = start_snapshotter(&env, "dfsnapshotter", &root, &sock, &metrics, &flags).await;
+    let containerd = start_containerd_named(&env, "containerd", Some(&sock)).await;
+    let root_s = root.to_string_lossy().into_owned();
+    let ctd = containerd.sock.to_string_lossy().into_owned();
+    let (user, password) = CREDS.split_once(':').expect("creds");
+    let image = format!("{addr}/project/app:v1");
+    let base = [
+        "--root",
+        &root_s,
+        "--containerd",
+        &ctd,
+        "-n",
+        "private",
+        "--hosts-dir",
+        &hosts_dir,
+    ];
+
+    // Without credentials the registry refuses, and the pull says so.
+    let (ok, out) = pull(&env, &[&base[..], &[image.as_str()]].concat(), "").await;
+    assert!(!ok, "an anonymous pull of a private image worked: {out}");
+    assert!(out.contains("401"), "{out}");
+
+    // With alice's: every layer mounts lazily.
+    let (ok, out) = pull(
+        &env,
+        &[&base[..], &["--user", user, "--password-stdin", &image]].concat(),
+        &format!("{password}\n"),
+    )
+    .await;
+    assert!(ok, "dfsnapshotter pull: {out}\n{}", snap.output());
+    assert!(
+        out.contains("4 layers") && out.contains("mounted lazily"),
+        "{out}"
+    );
+    let run = |id: &'static str, cmd: &'static [&'static str]| {
+        let (containerd, image) = (&containerd, image.clone());
+        async move {
+            let mut args = vec!["-n", "private", "run", "--rm", "--snapshotter", "damselfly"];
+            args.push(&image);
+            args.push(id);
+            args.extend_from_slice(cmd);
+            containerd.ctr(&args).await
+        }
+    };
+    let (code, out) = run("c1", &["/bin/cat", "/small-file"]).await;
+    assert_eq!(code, 0, "ctr run: {out}\n{}", snap.output());
+    assert!(out.contains("hello from damselfly"), "{out}");
+    let fetched = daemon
+        .metric("damselfly_peer_download_bytes_total", "")
+        .await;
+    assert!(
+        fetched < f64::from(8u32 << 20) * 0.5,
+        "starting fetched {fetched} bytes of an 8 MiB layer"
+    );
+
+    // kill -9 of dfsnapshotter: the FUSE manager keeps alice's credentials, so a file never read
+    // before (the big one, with background fetch off) reads byte-exact after the restart.
+    snap.kill9().await;
+    let _snap = start_snapshotter(&env, "dfsnapshotter-2", &root, &sock, &metrics, &flags).await;
+    let out = containerd
+        .ctr_until_ok(
+            &[
+                "-n",
+                "private",
+                "run",
+                "--rm",
+                "--snapshotter",
+                "damselfly",
+                &image,
+                "c2",
+                "/bin/busybox",
+                "sha256sum",
+                "/big.bin",
+            ],
+            std::time::Duration::from_secs(30),
+        )
+        .await;
+    assert!(out.contains(&big_sha), "big.bin differs: {out}");
+
+    // Alice's credentials were handed over for project/app only: another repository of the
+    // same registry gets none of them.
+    let other = format!("{addr}/project/other:v1");
+    let (ok, out) = pull(&env, &[&base[..], &[other.as_str()]].concat(), "").await;
+    assert!(
+        !ok,
+        "project/other was pulled with project/app's credentials: {out}"
+    );
+    assert!(out.contains("401"), "{out}");
+
+    // The password is in no log, store, index, containerd metadata or label, and in no argv.
+    let snapshots = ["-n", "private", "snapshots", "--snapshotter", "damselfly"];
+    let (code, list) = containerd.ctr(&[&snapshots[..], &["ls"]].concat()).await;
+    assert_eq!(code, 0, "{list}");
+    let mut labels = String::new();
+    for key in list
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+    {
+        let (code, info) = containerd
+            .ctr(&[&snapshots[..], &["info", key]].concat())
+            .await;
+        assert_eq!(code, 0, "{info}");
+        labels.push_str(&info);
+    }
+    assert!(
+        labels.contains("containerd.io/snapshot/cri.image-ref"),
+        "no labels seen: {labels}"
+    );
+    let basic = base64::engine::general_purpose::STANDARD.encode(CREDS);
+    for secret in [password, basic.as_str()] {
+        assert!(!labels.contains(secret), "{secret:?} in a snapshot label");
+        assert_eq!(in_some_argv(secret), None, "{secret:?} in argv");
+    }
+    env.assert_no_secret(&[password, &basic]);
+}
