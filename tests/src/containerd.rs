@@ -92,6 +92,17 @@ pub async fn start_snapshotter(
     metrics: &str,
     extra: &[String],
 ) -> Proc {
+    start_snapshotter_with(env, name, (root, sock, metrics), extra, &[]).await
+}
+
+/// [`start_snapshotter`] with extra environment variables (`PATH` for credential helpers).
+pub async fn start_snapshotter_with(
+    env: &Env,
+    name: &str,
+    (root, sock, metrics): (&Path, &Path, &str),
+    extra: &[String],
+    envs: &[(&str, &str)],
+) -> Proc {
     let _ = std::fs::remove_file(sock);
     let mut args = vec![
         "--root".into(),
@@ -102,7 +113,7 @@ pub async fn start_snapshotter(
         metrics.to_owned(),
     ];
     args.extend_from_slice(extra);
-    let p = env.spawn(name, "dfsnapshotter", &args);
+    let p = env.spawn_with(name, "dfsnapshotter", &args, envs);
     let start = Instant::now();
     while !sock.exists() {
         assert!(

@@ -122,11 +122,23 @@ impl Env {
 
     /// Spawns a workspace binary with output to `<dir>/<name>.log`.
     pub fn spawn(&self, name: &str, bin_name: &str, args: &[String]) -> Proc {
+        self.spawn_with(name, bin_name, args, &[])
+    }
+
+    /// [`Env::spawn`] with extra environment variables.
+    pub fn spawn_with(
+        &self,
+        name: &str,
+        bin_name: &str,
+        args: &[String],
+        envs: &[(&str, &str)],
+    ) -> Proc {
         let log = self.path(&format!("{name}.log"));
         let f = std::fs::File::create(&log).expect("log file");
         let f2 = f.try_clone().expect("log file");
         let child = Command::new(bin(bin_name))
             .args(args)
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(f)
             .stderr(f2)

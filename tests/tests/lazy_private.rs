@@ -4,17 +4,21 @@
 //! --password-stdin` hands alice's credentials to the FUSE manager for `project/app` alone; the
 //! container starts lazily, reads the big file byte-exact, and goes on reading files it never
 //! read after dfsnapshotter is killed -9 and restarted (the manager kept the credentials). A
-//! pull of another repository gets none of them. The password is in no log, store, label or
-//! argv.
+//! pull of another repository gets none of them. A third image's credentials come from a docker
+//! credential helper (`credHelpers` in `config.json`, a test `docker-credential-test`), which the
+//! FUSE manager asks itself. The password is in no log, store, label or argv.
 
 use std::path::Path;
 
 use base64::Engine;
-use damselfly_tests::containerd::{containerd_missing, start_containerd_named, start_snapshotter};
+use damselfly_tests::containerd::{
+    containerd_missing, start_containerd_named, start_snapshotter_with,
+};
 use damselfly_tests::harness::{Env, bin, free_port, is_root};
 use damselfly_tests::pki::ensure_hosts_entry;
 use damselfly_tests::registry::{
-    CREDS, PrivateRegistry, big_file_sha256, private_registry, skopeo, tools_missing,
+    CREDS, PrivateRegistry, big_file_sha256, build_test_image, private_registry, skopeo,
+    tools_missing,
 };
 
 fn skip_reason() -> Option<String> {
@@ -25,14 +29,15 @@ fn skip_reason() -> Option<String> {
         .or_else(|| ensure_hosts_entry().err())
 }
 
-/// `dfsnapshotter pull` with `flags` and `stdin`, with no docker config to fall back on; exit
-/// status and output.
-async fn pull(env: &Env, flags: &[&str], stdin: &str) -> (bool, String) {
+/// `dfsnapshotter pull` with `flags` and `stdin`, `$HOME` in the test's dir (no docker config
+/// there but what the test writes) and `path` as `$PATH`; exit status and output.
+async fn pull(env: &Env, path: &str, flags: &[&str], stdin: &str) -> (bool, String) {
     use tokio::io::AsyncWriteExt;
     let mut child = tokio::process::Command::new(bin("dfsnapshotter"))
         .arg("pull")
         .args(flags)
         .env("HOME", env.path("home"))
+        .env("PATH", path)
         .env_remove("DOCKER_CONFIG")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -112,6 +117,29 @@ async fn private_images_start_lazily_with_credentials_handed_to_their_scope() {
     .expect("hosts.toml");
     let hosts_dir = hosts.to_string_lossy().into_owned();
 
+    // A credential helper, kept outside the test's dir (it knows the password), on the PATH of
+    // the pull and of dfsnapshotter (whose FUSE manager asks it too).
+    let helpers = tempfile::tempdir().expect("helper dir");
+    let helper = helpers.path().join("docker-credential-test");
+    std::fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\nread server\necho \"$server\" >> {log}\n\
+             printf '{{\"ServerURL\":\"%s\",\"Username\":\"{user}\",\"Secret\":\"{pass}\"}}' \"$server\"\n",
+            log = env.path("helper-calls").display(),
+            user = CREDS.split_once(':').expect("creds").0,
+            pass = CREDS.split_once(':').expect("creds").1,
+        ),
+    )
+    .expect("helper");
+    std::fs::set_permissions(&helper, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod helper");
+    let path = format!(
+        "{}:{}",
+        helpers.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+
     let (_agent, daemon) = env.dfdaemon("agent", &grpc, &[]).await;
     let root = env.path("snapshots");
     let sock = env.path("snapshotter.sock");
@@ -124,7 +152,9 @@ async fn private_images_start_lazily_with_credentials_handed_to_their_scope() {
         "--background-fetch".to_owned(),
         "false".to_owned(),
     ];
-    let mut snap = start_snapshotter(&env, "dfsnapshotter", &root, &sock, &metrics, &flags).await;
+    let envs = [("PATH", path.as_str())];
+    let at = (root.as_path(), sock.as_path(), metrics.as_str());
+    let mut snap = start_snapshotter_with(&env, "dfsnapshotter", at, &flags, &envs).await;
     let containerd = start_containerd_named(&env, "containerd", Some(&sock)).await;
     let root_s = root.to_string_lossy().into_owned();
     let ctd = containerd.sock.to_string_lossy().into_owned();
@@ -142,13 +172,14 @@ async fn private_images_start_lazily_with_credentials_handed_to_their_scope() {
     ];
 
     // Without credentials the registry refuses, and the pull says so.
-    let (ok, out) = pull(&env, &[&base[..], &[image.as_str()]].concat(), "").await;
+    let (ok, out) = pull(&env, &path, &[&base[..], &[image.as_str()]].concat(), "").await;
     assert!(!ok, "an anonymous pull of a private image worked: {out}");
     assert!(out.contains("401"), "{out}");
 
     // With alice's: every layer mounts lazily.
     let (ok, out) = pull(
         &env,
+        &path,
         &[&base[..], &["--user", user, "--password-stdin", &image]].concat(),
         &format!("{password}\n"),
     )
@@ -182,7 +213,7 @@ async fn private_images_start_lazily_with_credentials_handed_to_their_scope() {
     // kill -9 of dfsnapshotter: the FUSE manager keeps alice's credentials, so a file never read
     // before (the big one, with background fetch off) reads byte-exact after the restart.
     snap.kill9().await;
-    let _snap = start_snapshotter(&env, "dfsnapshotter-2", &root, &sock, &metrics, &flags).await;
+    let _snap = start_snapshotter_with(&env, "dfsnapshotter-2", at, &flags, &envs).await;
     let out = containerd
         .ctr_until_ok(
             &[
@@ -206,12 +237,69 @@ async fn private_images_start_lazily_with_credentials_handed_to_their_scope() {
     // Alice's credentials were handed over for project/app only: another repository of the
     // same registry gets none of them.
     let other = format!("{addr}/project/other:v1");
-    let (ok, out) = pull(&env, &[&base[..], &[other.as_str()]].concat(), "").await;
+    let (ok, out) = pull(&env, &path, &[&base[..], &[other.as_str()]].concat(), "").await;
     assert!(
         !ok,
         "project/other was pulled with project/app's credentials: {out}"
     );
     assert!(out.contains("401"), "{out}");
+
+    // A third image, with credentials from the helper that docker's config names for the
+    // registry: the pull and the FUSE manager ask it; its big file reads byte-exact.
+    let layout = build_test_image(&env, "image2", 2 << 20).await;
+    let helped = format!("{addr}/project/helped:v1");
+    let (code, out) = skopeo(
+        &[
+            "--insecure-policy",
+            "copy",
+            "--dest-tls-verify=false",
+            "--dest-creds",
+            CREDS,
+            &format!("oci:{layout}"),
+            &format!("docker://{helped}"),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "skopeo copy: {out}");
+    let docker = env.path("home/.docker");
+    std::fs::create_dir_all(&docker).expect("mkdir .docker");
+    std::fs::write(
+        docker.join("config.json"),
+        format!(r#"{{"credHelpers":{{"{addr}":"test"}}}}"#),
+    )
+    .expect("config.json");
+    let (ok, out) = pull(&env, &path, &[&base[..], &[helped.as_str()]].concat(), "").await;
+    assert!(ok, "pull with a credential helper: {out}");
+    let helped_sha =
+        std::fs::read_to_string(env.path("image2").join("big.bin.sha256")).expect("image2's hash");
+    let out = containerd
+        .ctr_until_ok(
+            &[
+                "-n",
+                "private",
+                "run",
+                "--rm",
+                "--snapshotter",
+                "damselfly",
+                &helped,
+                "c3",
+                "/bin/busybox",
+                "sha256sum",
+                "/big.bin",
+            ],
+            std::time::Duration::from_secs(30),
+        )
+        .await;
+    assert!(
+        out.contains(&helped_sha),
+        "big.bin of the helped image: {out}"
+    );
+    let calls = std::fs::read_to_string(env.path("helper-calls")).expect("helper calls");
+    assert!(
+        calls.lines().count() >= 2 && calls.lines().all(|l| l == addr),
+        "the helper was asked {calls:?} (by the pull and by the FUSE manager, for {addr})"
+    );
 
     // The password is in no log, store, index, containerd metadata or label, and in no argv.
     let snapshots = ["-n", "private", "snapshots", "--snapshotter", "damselfly"];
