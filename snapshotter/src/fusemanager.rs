@@ -127,9 +127,10 @@ impl FuseManager for Service {
         &self,
         _request: Request<MetricsRequest>,
     ) -> Result<Response<MetricsReply>, Status> {
-        Ok(Response::new(MetricsReply {
-            text: self.layers.metrics().render(),
-        }))
+        let m = self.layers.metrics();
+        m.credential_scopes
+            .set(i64::try_from(self.keyring.len()).unwrap_or(i64::MAX));
+        Ok(Response::new(MetricsReply { text: m.render() }))
     }
 }
 

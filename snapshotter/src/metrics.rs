@@ -1,6 +1,6 @@
 //! Prometheus metrics of dfsnapshotter (`damselfly_snapshotter_*`), served on `--metrics-addr`.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -16,6 +16,9 @@ pub struct Metrics {
     /// `damselfly_snapshotter_chunk_reads_total{from="memory|disk|inflate"}`: where the
     /// uncompressed chunks FUSE reads touched came from.
     pub chunk_reads: IntCounterVec,
+    /// `damselfly_snapshotter_credential_scopes`: image scopes whose registry credentials the
+    /// FUSE manager holds.
+    pub credential_scopes: IntGauge,
 }
 
 impl Metrics {
@@ -58,7 +61,14 @@ impl Metrics {
         )
         .expect("static metric definition");
         let _ = registry.register(Box::new(chunk_reads.clone()));
+        let credential_scopes = IntGauge::new(
+            "damselfly_snapshotter_credential_scopes",
+            "Image scopes (registry and repository) whose credentials the FUSE manager holds",
+        )
+        .expect("static metric definition");
+        let _ = registry.register(Box::new(credential_scopes.clone()));
         Self {
+            credential_scopes,
             chunk_reads,
             registry,
             fuse_read_bytes,

@@ -15,6 +15,7 @@ use layerindex::LayerIndex;
 use proto::agent::agent_client::AgentClient;
 use tonic::transport::Channel;
 
+use crate::credentials::Scope;
 use crate::error::{Error, Result};
 use crate::layerfs::cache::ChunkCache;
 use crate::layerfs::{AgentBlob, Credentials, LayerFs};
@@ -56,7 +57,7 @@ impl Credentials for RegistryCredentials {
         let r = &self.image;
         self.registry
             .keyring()
-            .refresh(&crate::credentials::Scope::new(&r.registry, &r.repository));
+            .refresh(&Scope::new(&r.registry, &r.repository));
     }
 
     fn headers(&self) -> Vec<(String, String)> {
@@ -92,6 +93,8 @@ struct Mounted {
     session: fuser::BackgroundSession,
     mountpoint: PathBuf,
     size: u64,
+    /// Whose credentials its reads use.
+    scope: Scope,
 }
 
 /// Mounts and unmounts lazy layers: [`RemoteLayers`] in this process, or the FUSE manager
@@ -203,7 +206,7 @@ impl RemoteLayers {
             headers: Arc::new(RegistryCredentials {
                 handle: tokio::runtime::Handle::current(),
                 registry: self.registry.clone(),
-                image,
+                image: image.clone(),
             }),
             digest: layer.digest.clone(),
             only_range: !self.background_fetch,
@@ -232,6 +235,7 @@ impl RemoteLayers {
                     session,
                     mountpoint: dir.join("fs"),
                     size,
+                    scope: Scope::new(&image.registry, &image.repository),
                 },
             );
         }
@@ -307,11 +311,21 @@ impl RemoteLayers {
     }
 
     /// Unmounts the layer of snapshot `id` (before its directory is removed).
+    /// Unmounts the layer; once no mounted layer reads with its scope's credentials (the image
+    /// was removed), they are forgotten.
     pub fn unmount(&self, id: u64, dir: &Path) {
-        match self.sessions.lock().ok().and_then(|mut m| m.remove(&id)) {
-            Some(m) => unmount_session(m.session, &m.mountpoint),
-            None => detach_stale(&dir.join("fs")),
+        let Some((m, last)) = self.sessions.lock().ok().and_then(|mut all| {
+            let m = all.remove(&id)?;
+            let last = !all.values().any(|o| o.scope == m.scope);
+            Some((m, last))
+        }) else {
+            detach_stale(&dir.join("fs"));
+            return;
+        };
+        if last && self.registry.keyring().forget(&m.scope) {
+            tracing::info!(scope = %m.scope, "no layer of the scope is mounted: credentials forgotten");
         }
+        unmount_session(m.session, &m.mountpoint);
     }
 
     /// Unmounts everything (shutdown): a FUSE mount whose daemon is gone only answers ENOTCONN.

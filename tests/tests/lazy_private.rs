@@ -6,7 +6,8 @@
 //! read after dfsnapshotter is killed -9 and restarted (the manager kept the credentials). A
 //! pull of another repository gets none of them. A third image's credentials come from a docker
 //! credential helper (`credHelpers` in `config.json`, a test `docker-credential-test`), which the
-//! FUSE manager asks itself. The password is in no log, store, label or argv.
+//! FUSE manager asks itself. The password is in no log, store, label or argv. Removing the
+//! images unmounts their layers and forgets their credentials.
 
 use std::path::Path;
 
@@ -14,7 +15,7 @@ use base64::Engine;
 use damselfly_tests::containerd::{
     containerd_missing, start_containerd_named, start_snapshotter_with,
 };
-use damselfly_tests::harness::{Env, bin, free_port, is_root};
+use damselfly_tests::harness::{Env, bin, free_port, get_text, is_root, metric};
 use damselfly_tests::pki::ensure_hosts_entry;
 use damselfly_tests::registry::{
     CREDS, PrivateRegistry, big_file_sha256, build_test_image, private_registry, skopeo,
@@ -327,4 +328,31 @@ async fn private_images_start_lazily_with_credentials_handed_to_their_scope() {
         assert_eq!(in_some_argv(secret), None, "{secret:?} in argv");
     }
     env.assert_no_secret(&[password, &basic]);
+
+    // Image removal: containerd's garbage collector removes the snapshots, the layers are
+    // unmounted, and with the last layer of a scope its credentials are forgotten.
+    let scopes = || async {
+        let text = get_text(&format!("http://{metrics}/metrics")).await;
+        metric(&text, "damselfly_snapshotter_credential_scopes", "")
+    };
+    assert_eq!(
+        scopes().await,
+        2.0,
+        "app's and helped's credentials are held"
+    );
+    for name in [&image, &helped] {
+        let (code, out) = containerd
+            .ctr(&["-n", "private", "images", "rm", "--sync", name])
+            .await;
+        assert_eq!(code, 0, "ctr images rm: {out}");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while scopes().await > 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "credentials still held after the images were removed:\n{}",
+            std::fs::read_to_string(root.join("fusemanager.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
