@@ -138,9 +138,11 @@ fn credentials(p: &PullArgs, registry: &str) -> crate::Result<Option<Secret>> {
                 "--user USER:PASSWORD puts the password in argv, readable by every local user; use --password-stdin"
             );
         }
-        return Secret::from_user_password(user)
-            .map(Some)
-            .map_err(|_| crate::Error::Invalid("--user: give USER with --password-stdin".into()));
+        return Secret::from_user_password(user).map(Some).map_err(|_| {
+            crate::Error::Invalid(
+                "--user: give USER:PASSWORD, or USER with --password-stdin".into(),
+            )
+        });
     }
     if user.contains(':') {
         return Err(crate::Error::Invalid(

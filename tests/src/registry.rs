@@ -532,6 +532,24 @@ pub async fn skopeo(args: &[&str], envs: &[(&str, &str)]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
+/// `skopeo copy SRC DEST` into (and from) the test's registries, their certificates unverified,
+/// with `creds` (`user:password`) on each `docker://` side; panics with skopeo's output.
+pub async fn copy_image(src: &str, dest: &str, creds: Option<&str>) {
+    let mut args = vec!["--insecure-policy", "copy", "--dest-tls-verify=false"];
+    if src.starts_with("docker://") {
+        args.push("--src-tls-verify=false");
+        if let Some(c) = creds {
+            args.extend(["--src-creds", c]);
+        }
+    }
+    if let Some(c) = creds {
+        args.extend(["--dest-creds", c]);
+    }
+    args.extend([src, dest]);
+    let (code, out) = skopeo(&args, &[]).await;
+    assert_eq!(code, 0, "skopeo copy {src} {dest}: {out}");
+}
+
 /// Recompresses the layers of at most `max_size` bytes of the OCI layout's only image as zstd
 /// (`application/vnd.oci.image.layer.v1.tar+zstd`), rewriting manifest and index; larger layers
 /// stay gzip (a mixed image).

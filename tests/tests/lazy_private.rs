@@ -18,7 +18,7 @@ use damselfly_tests::containerd::{
 use damselfly_tests::harness::{Env, bin, free_port, get_text, is_root, metric};
 use damselfly_tests::pki::ensure_hosts_entry;
 use damselfly_tests::registry::{
-    CREDS, PrivateRegistry, big_file_sha256, build_test_image, private_registry, skopeo,
+    CREDS, PrivateRegistry, big_file_sha256, build_test_image, copy_image, private_registry,
     tools_missing,
 };
 
@@ -90,23 +90,12 @@ async fn private_images_start_lazily_with_credentials_handed_to_their_scope() {
     } = private_registry(&env, 8 << 20).await;
     let big_sha = big_file_sha256(&env);
     // The same image under another repository (the same blobs).
-    let (code, out) = skopeo(
-        &[
-            "--insecure-policy",
-            "copy",
-            "--src-tls-verify=false",
-            "--dest-tls-verify=false",
-            "--src-creds",
-            CREDS,
-            "--dest-creds",
-            CREDS,
-            &format!("docker://{addr}/project/app:v1"),
-            &format!("docker://{addr}/project/other:v1"),
-        ],
-        &[],
+    copy_image(
+        &format!("docker://{addr}/project/app:v1"),
+        &format!("docker://{addr}/project/other:v1"),
+        Some(CREDS),
     )
     .await;
-    assert_eq!(code, 0, "skopeo copy: {out}");
 
     // The registry's CA reaches dfsnapshotter only through containerd's host config.
     let hosts = env.path("certs.d");
@@ -249,20 +238,12 @@ async fn private_images_start_lazily_with_credentials_handed_to_their_scope() {
     // registry: the pull and the FUSE manager ask it; its big file reads byte-exact.
     let layout = build_test_image(&env, "image2", 2 << 20).await;
     let helped = format!("{addr}/project/helped:v1");
-    let (code, out) = skopeo(
-        &[
-            "--insecure-policy",
-            "copy",
-            "--dest-tls-verify=false",
-            "--dest-creds",
-            CREDS,
-            &format!("oci:{layout}"),
-            &format!("docker://{helped}"),
-        ],
-        &[],
+    copy_image(
+        &format!("oci:{layout}"),
+        &format!("docker://{helped}"),
+        Some(CREDS),
     )
     .await;
-    assert_eq!(code, 0, "skopeo copy: {out}");
     let docker = env.path("home/.docker");
     std::fs::create_dir_all(&docker).expect("mkdir .docker");
     std::fs::write(

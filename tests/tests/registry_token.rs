@@ -8,7 +8,7 @@ use std::time::Duration;
 use damselfly_tests::harness::{Daemon, Env};
 use damselfly_tests::pki::{REGISTRY_HOST, ensure_hosts_entry, make_pki};
 use damselfly_tests::registry::{
-    CREDS, RegistryAuth, count_blob_gets, oci_blobs, push_test_image_as, skopeo,
+    CREDS, RegistryAuth, copy_image, count_blob_gets, oci_blobs, push_test_image_as, skopeo,
     start_registry_with, start_token_server, tokens_issued, tools_missing,
 };
 
@@ -68,23 +68,12 @@ async fn ten_agents_pull_once_per_layer_and_token_and_private_stays_private() {
     )
     .await;
     let layers = push_test_image_as(&env, &registry, "project/app:v1", 8 << 20, Some(CREDS)).await;
-    let (code, out) = skopeo(
-        &[
-            "--insecure-policy",
-            "copy",
-            "--src-tls-verify=false",
-            "--dest-tls-verify=false",
-            "--src-creds",
-            CREDS,
-            "--dest-creds",
-            CREDS,
-            &format!("docker://{registry}/project/app:v1"),
-            &format!("docker://{registry}/project/private:v1"),
-        ],
-        &[],
+    copy_image(
+        &format!("docker://{registry}/project/app:v1"),
+        &format!("docker://{registry}/project/private:v1"),
+        Some(CREDS),
     )
     .await;
-    assert_eq!(code, 0, "{out}");
     let before = tokens_issued(&realm, &pki).await;
     // (Copying into project/private read the blobs once: count from here.)
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -270,12 +270,18 @@ mod tests {
                 }
             }),
         );
+        let addr = serve(app).await;
+        (format!("http://{addr}/token"), hits)
+    }
+
+    /// Serves `app` on a loopback port; its address.
+    async fn serve(app: Router) -> std::net::SocketAddr {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = l.local_addr().expect("addr");
         tokio::spawn(async move { axum::serve(l, app).await });
-        (format!("http://{addr}/token"), hits)
+        addr
     }
 
     #[tokio::test]
@@ -319,11 +325,7 @@ mod tests {
                 format!(r#"{{"token":"{token}","expires_in":1000000000}}"#)
             }),
         );
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = l.local_addr().expect("addr");
-        tokio::spawn(async move { axum::serve(l, app).await });
+        let addr = serve(app).await;
         let cache = TokenCache::new(reqwest::Client::new());
         for i in 0..48 {
             let url = url::Url::parse(&format!("http://{addr}/token?scope=repository:r{i}:pull"))
@@ -349,11 +351,7 @@ mod tests {
                 axum::body::Body::from_stream(chunks)
             }),
         );
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = l.local_addr().expect("addr");
-        tokio::spawn(async move { axum::serve(l, app).await });
+        let addr = serve(app).await;
         let cache = TokenCache::new(reqwest::Client::new());
         let url = url::Url::parse(&format!("http://{addr}/token")).expect("url");
         let err = tokio::time::timeout(Duration::from_secs(20), cache.get(&url, None))
