@@ -5,12 +5,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/scheduler.proto",
         "proto/agent.proto",
         "proto/fusemanager.proto",
+        "proto/cri/images.proto",
         "proto/containerd/snapshots.proto",
         "proto/containerd/mount.proto",
         "proto/containerd/descriptor.proto",
         "proto/containerd/content.proto",
         "proto/containerd/images.proto",
         "proto/containerd/leases.proto",
+        "proto/containerd/diff.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
@@ -18,7 +20,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(files, ["proto"])?;
     // Messages carrying secrets get a Debug that hides them (proto/src/lib.rs).
     tonic_prost_build::configure()
-        .skip_debug([".damselfly.fusemanager.v1.BasicAuth"])
+        .skip_debug([
+            ".damselfly.fusemanager.v1.BasicAuth",
+            ".runtime.v1.AuthConfig",
+        ])
         .compile_fds(fds)?;
     Ok(())
 }

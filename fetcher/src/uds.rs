@@ -21,18 +21,39 @@ pub fn bind(path: &Path) -> Result<UnixListener, (&'static str, std::io::Error)>
     Ok(listener)
 }
 
-/// A gRPC channel to a server on the Unix socket `path` (connects now, reconnects as needed).
-pub async fn channel(path: &Path) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-    let p = path.to_path_buf();
+fn endpoint() -> tonic::transport::Endpoint {
     tonic::transport::Endpoint::from_static("http://local.socket")
         .connect_timeout(std::time::Duration::from_secs(3))
-        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
-            let p = p.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(p).await?,
-                ))
-            }
-        }))
-        .await
+}
+
+/// Connects to the Unix socket `path` (for a channel's connector).
+fn connector(
+    path: &Path,
+) -> impl tower::Service<
+    http::Uri,
+    Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>,
+    Error = std::io::Error,
+    Future = impl Send,
+> + Clone
++ Send
++ 'static {
+    let p = path.to_path_buf();
+    tower::service_fn(move |_: http::Uri| {
+        let p = p.clone();
+        async move {
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                tokio::net::UnixStream::connect(p).await?,
+            ))
+        }
+    })
+}
+
+/// A gRPC channel to a server on the Unix socket `path` (connects now, reconnects as needed).
+pub async fn channel(path: &Path) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    endpoint().connect_with_connector(connector(path)).await
+}
+
+/// Like [`channel`], connecting on first use (the server may start later).
+pub fn lazy_channel(path: &Path) -> tonic::transport::Channel {
+    endpoint().connect_with_connector_lazy(connector(path))
 }

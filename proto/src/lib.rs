@@ -3,6 +3,7 @@
 //! - [`scheduler`]: peer ⇄ supernode (registration, piece metadata, parent assignments, results).
 //! - [`agent`]: dfget ⇄ the host agent (dfdaemon) over its local Unix socket.
 //! - [`fusemanager`]: dfsnapshotter ⇄ its FUSE manager (the process serving lazy layers).
+//! - [`cri`]: what dfsnapshotter's CRI image-service proxy reads of kubelet's calls.
 //! - [`containerd`]: containerd's snapshotter API, which dfsnapshotter serves as a proxy plugin,
 //!   and the content, image and lease APIs `dfsnapshotter pull` calls.
 
@@ -31,6 +32,22 @@ pub mod fusemanager {
     }
 }
 
+/// The subset of Kubernetes' CRI image service (`runtime.v1`) that dfsnapshotter's proxy reads.
+pub mod cri {
+    tonic::include_proto!("runtime.v1");
+
+    /// Never prints the secret.
+    impl std::fmt::Debug for AuthConfig {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("AuthConfig")
+                .field("username", &self.username)
+                .field("server_address", &self.server_address)
+                .field("secret", &"***")
+                .finish()
+        }
+    }
+}
+
 /// containerd's API that dfsnapshotter serves and calls (module paths follow the proto packages).
 pub mod containerd {
     /// `containerd.types` (`Mount`, `Descriptor`).
@@ -48,6 +65,12 @@ pub mod containerd {
             /// `containerd.services.images.v1`: image names.
             pub mod v1 {
                 tonic::include_proto!("containerd.services.images.v1");
+            }
+        }
+        pub mod diff {
+            /// `containerd.services.diff.v1`: unpacking a layer onto mounts.
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.diff.v1");
             }
         }
         pub mod leases {

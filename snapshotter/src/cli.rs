@@ -56,6 +56,18 @@ pub struct Args {
     /// The host agent's (dfdaemon's) socket, through which lazy layers are read.
     #[arg(long, value_name = "PATH", default_value = fetcher::cli::dfget::DEFAULT_AGENT_SOCKET, global = true)]
     pub agent_socket: PathBuf,
+    /// Serve the CRI image service (`runtime.v1.ImageService`) here for kubelet's
+    /// `--image-service-endpoint`: every call is forwarded to containerd's CRI, and each
+    /// `PullImage`'s pull secret is kept for that image's lazy layers. Off unless given.
+    #[arg(long, value_name = "PATH")]
+    pub image_service_socket: Option<PathBuf>,
+    /// containerd's socket, where the CRI image-service proxy forwards to.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/run/containerd/containerd.sock"
+    )]
+    pub containerd_socket: PathBuf,
     #[command(flatten)]
     pub registry: RegistryArgs,
 }
@@ -223,10 +235,16 @@ async fn pull(registry: &RegistryArgs, root: &std::path::Path, p: &PullArgs) -> 
         let keyring = Arc::new(Keyring::default());
         if let Some(secret) = credentials(p, &image.registry)? {
             // The lazy layers are read by the FUSE manager: it gets them for this scope only.
-            crate::fusemanager::ManagerClient::connect(root)
-                .await?
-                .put_credentials(&scope, &secret)
-                .await?;
+            // Without it the layers cannot be mounted lazily and are pulled normally.
+            let handed = async {
+                crate::fusemanager::ManagerClient::connect(root)
+                    .await?
+                    .put_credentials(&scope, &secret)
+                    .await
+            };
+            if let Err(e) = handed.await {
+                tracing::warn!(error = %e, "credentials not handed to the fuse manager: layers will be pulled normally");
+            }
             keyring.put(scope, secret);
         }
         let registry = crate::registry::Registry::new(registry.config(), keyring)?;
@@ -235,14 +253,22 @@ async fn pull(registry: &RegistryArgs, root: &std::path::Path, p: &PullArgs) -> 
     .await;
     match result {
         Ok(s) => {
+            let lazy = s.layers - s.unpacked.len();
             println!(
-                "{}: {} layers ({:.1} MiB) mounted lazily, manifest {} ({:.2}s)",
+                "{}: {lazy} of {} layers ({:.1} MiB) mounted lazily, manifest {} ({:.2}s)",
                 s.name,
                 s.layers,
                 s.layer_bytes as f64 / f64::from(1u32 << 20),
                 s.manifest,
                 started.elapsed().as_secs_f64()
             );
+            if !s.unpacked.is_empty() {
+                println!(
+                    "{} layers could not be mounted lazily (see dfsnapshotter's log) and were pulled normally: {}",
+                    s.unpacked.len(),
+                    s.unpacked.join(", ")
+                );
+            }
             0
         }
         Err(e) => {
@@ -283,6 +309,20 @@ async fn run_inner(args: &Args) -> crate::Result<()> {
     let shutdown = fetcher::Shutdown::new();
     shutdown.on_signals();
     let server = crate::service::serve(&args.socket, snapshots, shutdown.clone()).await?;
+    let cri = match (&args.image_service_socket, &manager) {
+        (Some(path), Some(m)) => {
+            let proxy = crate::cri::ImageServiceProxy::new(&args.containerd_socket, m.clone());
+            let task = crate::cri::serve(path, proxy, shutdown.clone())?;
+            tracing::info!(socket = %path.display(), containerd = %args.containerd_socket.display(), "CRI image-service proxy ready");
+            Some(task)
+        }
+        (Some(_), None) => {
+            return Err(crate::Error::Invalid(
+                "--image-service-socket needs lazy layers (--lazy true)".into(),
+            ));
+        }
+        _ => None,
+    };
     let router = axum::Router::new()
         .route(
             "/metrics",
@@ -305,6 +345,9 @@ async fn run_inner(args: &Args) -> crate::Result<()> {
     tracing::info!(socket = %args.socket.display(), root = %args.root.display(), "dfsnapshotter ready");
     shutdown.wait().await;
     let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+    if let Some(task) = cri {
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    }
     tracing::info!("dfsnapshotter stopped");
     Ok(())
 }

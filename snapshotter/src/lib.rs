@@ -11,6 +11,7 @@
 //!   dfsnapshotter's restarts leave running containers' layers served.
 //! - [`credentials`]: registry credentials per image scope, as handed to the FUSE manager
 //!   (user/password or a docker credential helper), and docker's `config.json`.
+//! - [`cri`]: the CRI image-service proxy for kubelet, which hands pull secrets to lazy layers.
 //! - [`registry`]: image references, blob URLs and the `Authorization` registries accept.
 //! - [`pull`]: `dfsnapshotter pull`, which makes containerd prepare an image's layers that way.
 //! - [`cli`]: the `dfsnapshotter` command.
@@ -20,6 +21,7 @@
 
 pub mod cli;
 pub mod credentials;
+pub mod cri;
 pub mod error;
 pub mod fusemanager;
 pub mod layerfs;

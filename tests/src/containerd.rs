@@ -40,14 +40,51 @@ pub async fn start_containerd_named(
     name: &str,
     snapshotter: Option<&Path>,
 ) -> Containerd {
+    start_containerd_with(env, name, snapshotter, None).await
+}
+
+/// The socket [`start_containerd_named`] gives the containerd `name` (known before it starts).
+pub fn containerd_socket(env: &Env, name: &str) -> PathBuf {
+    env.path(name).join("containerd.sock")
+}
+
+/// [`start_containerd_named`] with its CRI plugin on, as kubelet's containerd runs: snapshotter
+/// `damselfly` with the snapshot annotations, registry host configs under `hosts_dir`, and no
+/// CNI (image calls only).
+pub async fn start_containerd_cri(
+    env: &Env,
+    name: &str,
+    snapshotter: &Path,
+    hosts_dir: &Path,
+) -> Containerd {
+    start_containerd_with(env, name, Some(snapshotter), Some(hosts_dir)).await
+}
+
+async fn start_containerd_with(
+    env: &Env,
+    name: &str,
+    snapshotter: Option<&Path>,
+    cri_hosts_dir: Option<&Path>,
+) -> Containerd {
     let dir = env.path(name);
     std::fs::create_dir_all(&dir).expect("mkdir");
-    let sock = dir.join("containerd.sock");
+    let sock = containerd_socket(env, name);
     let mut config = format!(
-        "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{s}\"\n",
+        "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n",
         d = dir.display(),
-        s = sock.display()
     );
+    match cri_hosts_dir {
+        None => config.push_str("disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n"),
+        Some(hosts) => config.push_str(&format!(
+            "[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"localhost/none:none\"\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"damselfly\"\n  disable_snapshot_annotations = false\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{h}\"\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"{d}/cni/bin\"\n  conf_dir = \"{d}/cni/conf\"\n",
+            h = hosts.display(),
+            d = dir.display(),
+        )),
+    }
+    config.push_str(&format!("[grpc]\n  address = \"{}\"\n", sock.display()));
     if let Some(s) = snapshotter {
         config.push_str(&format!(
             "[proxy_plugins]\n  [proxy_plugins.damselfly]\n    type = \"snapshot\"\n    address = \"{}\"\n",

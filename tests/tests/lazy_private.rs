@@ -176,7 +176,7 @@ async fn private_images_start_lazily_with_credentials_handed_to_their_scope() {
     .await;
     assert!(ok, "dfsnapshotter pull: {out}\n{}", snap.output());
     assert!(
-        out.contains("4 layers") && out.contains("mounted lazily"),
+        out.contains("4 of 4 layers") && out.contains("mounted lazily"),
         "{out}"
     );
     let run = |id: &'static str, cmd: &'static [&'static str]| {
@@ -333,6 +333,123 @@ async fn private_images_start_lazily_with_credentials_handed_to_their_scope() {
             std::time::Instant::now() < deadline,
             "credentials still held after the images were removed:\n{}",
             std::fs::read_to_string(root.join("fusemanager.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layers_that_cannot_be_mounted_lazily_are_pulled_normally() {
+    if let Some(why) = skip_reason() {
+        damselfly_tests::harness::skip(
+            "layers_that_cannot_be_mounted_lazily_are_pulled_normally",
+            &why,
+        );
+        return;
+    }
+    let env = Env::new("lazy-fallback");
+    let PrivateRegistry {
+        addr,
+        ca,
+        proc: registry,
+        layers,
+        ..
+    } = private_registry(&env, 4 << 20).await;
+    let big_sha = big_file_sha256(&env);
+    // This host's supernode was not given the registry's CA: it can seed nothing, so no layer
+    // index can be built and no layer mounts lazily.
+    let (_sn, grpc, _) = env.supernode("sn-without-ca", &[]).await;
+    let hosts = env.path("certs.d");
+    std::fs::create_dir_all(hosts.join(&addr)).expect("mkdir certs.d");
+    std::fs::write(
+        hosts.join(&addr).join("hosts.toml"),
+        format!("server = \"https://{addr}\"\nca = \"{ca}\"\n"),
+    )
+    .expect("hosts.toml");
+    let hosts_dir = hosts.to_string_lossy().into_owned();
+    let (_agent, daemon) = env.dfdaemon("agent", &grpc, &[]).await;
+    let root = env.path("snapshots");
+    let sock = env.path("snapshotter.sock");
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let flags = vec![
+        "--agent-socket".to_owned(),
+        daemon.socket.to_string_lossy().into_owned(),
+        "--hosts-dir".to_owned(),
+        hosts_dir.clone(),
+    ];
+    let at = (root.as_path(), sock.as_path(), metrics.as_str());
+    let snap = start_snapshotter_with(&env, "dfsnapshotter", at, &flags, &[]).await;
+    let containerd = start_containerd_named(&env, "containerd", Some(&sock)).await;
+    let (root_s, ctd) = (
+        root.to_string_lossy().into_owned(),
+        containerd.sock.to_string_lossy().into_owned(),
+    );
+    let image = format!("{addr}/project/app:v1");
+    let (user, password) = CREDS.split_once(':').expect("creds");
+    let path = std::env::var("PATH").unwrap_or_default();
+    let (ok, out) = pull(
+        &env,
+        &path,
+        &[
+            "--root",
+            &root_s,
+            "--containerd",
+            &ctd,
+            "-n",
+            "fallback",
+            "--hosts-dir",
+            &hosts_dir,
+            "--user",
+            user,
+            "--password-stdin",
+            &image,
+        ],
+        &format!("{password}\n"),
+    )
+    .await;
+    assert!(
+        ok,
+        "the pull failed instead of falling back: {out}\n{}",
+        snap.output()
+    );
+    assert!(
+        out.contains("0 of 4 layers") && out.contains("4 layers could not be mounted lazily"),
+        "{out}"
+    );
+    assert_eq!(
+        out.matches("could not be mounted lazily").count(),
+        1,
+        "said more than once: {out}"
+    );
+    let out = containerd
+        .ctr_until_ok(
+            &[
+                "-n",
+                "fallback",
+                "run",
+                "--rm",
+                "--snapshotter",
+                "damselfly",
+                &image,
+                "c1",
+                "/bin/busybox",
+                "sha256sum",
+                "/big.bin",
+            ],
+            std::time::Duration::from_secs(30),
+        )
+        .await;
+    assert!(out.contains(&big_sha), "big.bin differs: {out}");
+    // The pull itself read every layer from the registry.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !layers
+        .iter()
+        .all(|d| damselfly_tests::registry::count_blob_gets(&registry.output(), d) >= 1)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not every layer was read from the registry:\n{}",
+            registry.output()
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }

@@ -135,7 +135,7 @@ async fn dfsnapshotter_pull_starts_containers_lazily_on_two_hosts() {
     // Host A: pull (manifest and config only), then run.
     let mut a = host(&env, "a", &grpc, &registry, true).await;
     let out = pull(&a, &image, &registry).await;
-    assert!(out.contains("4 layers"), "{out}");
+    assert!(out.contains("4 of 4 layers"), "{out}");
     let (code, out) = a.containerd.ctr(&["images", "ls"]).await;
     assert!(
         code == 0 && out.contains(&image),

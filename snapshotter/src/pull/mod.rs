@@ -3,10 +3,12 @@
 //! layer becomes a snapshot prepared through containerd with the remote-layer labels, which this
 //! snapshotter answers by mounting the layer lazily; then containerd's content store gets the
 //! manifest and config, and the image its name. A lease keeps it all from containerd's garbage
-//! collector until the image names it.
+//! collector until the image names it. A layer the snapshotter could not mount lazily is pulled
+//! normally ([`unpack`]) and counted, so the pull still succeeds.
 
 mod containerd;
 pub mod image;
+mod unpack;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -43,8 +45,10 @@ pub struct PullSummary {
     pub name: String,
     pub manifest: String,
     pub layers: usize,
-    /// Bytes of the layers, which were not downloaded.
+    /// Bytes of the layers.
     pub layer_bytes: u64,
+    /// Layers that could not be mounted lazily and were pulled normally.
+    pub unpacked: Vec<String>,
 }
 
 /// The platform this machine runs, as OCI names it (`linux/amd64`).
@@ -100,7 +104,7 @@ pub async fn pull(registry: &Registry, opts: &PullOptions) -> Result<PullSummary
     };
     let lease = ctd.lease().await?;
     let result = async {
-        prepare_layers(&ctd, opts, &image, &docs, &lease).await?;
+        let unpacked = prepare_layers(&ctd, registry, opts, &image, &docs, &lease).await?;
         store_documents(&ctd, opts, &docs).await?;
         ctd.name_image(image_record(&image, &docs)).await?;
         Ok(PullSummary {
@@ -108,6 +112,7 @@ pub async fn pull(registry: &Registry, opts: &PullOptions) -> Result<PullSummary
             manifest: docs.manifest.digest.clone(),
             layers: docs.layers.len(),
             layer_bytes: docs.layers.iter().map(|l| l.size).sum(),
+            unpacked,
         })
     }
     .await;
@@ -163,16 +168,19 @@ async fn resolve(registry: &Registry, image: &Reference, opts: &PullOptions) -> 
 }
 
 /// Prepares each layer's snapshot with the remote-layer labels: the snapshotter mounts it
-/// lazily and answers `AlreadyExists`. A snapshot it could not mount lazily is taken back.
+/// lazily and answers `AlreadyExists`. A snapshot it prepared normally instead (it could not
+/// mount the layer lazily) gets the layer pulled and unpacked into it. The digests of those.
 async fn prepare_layers(
     ctd: &Containerd,
+    registry: &Registry,
     opts: &PullOptions,
     image: &Reference,
     docs: &Resolved,
     lease: &str,
-) -> Result<()> {
+) -> Result<Vec<String>> {
     let mut sc = snapshots::snapshots_client::SnapshotsClient::new(ctd.channel.clone());
     let mut parent = String::new();
+    let mut unpacked = Vec::new();
     for (i, layer) in docs.layers.iter().enumerate() {
         let key = format!("extract-{lease}-{i}-{}", layer.chain_id);
         let labels = HashMap::from([
@@ -195,23 +203,31 @@ async fn prepare_layers(
         match r {
             Err(s) if s.code() == tonic::Code::AlreadyExists => {}
             Err(s) => return Err(Containerd::err(&format!("layer {}", layer.digest))(s)),
-            Ok(_) => {
-                // Not mounted lazily: an empty snapshot would be wrong; take it back.
-                let _ = sc
-                    .remove(ctd.req(snapshots::RemoveSnapshotRequest {
-                        snapshotter: opts.snapshotter.clone(),
-                        key,
-                    }))
-                    .await;
-                return Err(Error::Containerd(format!(
-                    "layer {} could not be mounted lazily (see dfsnapshotter's log); \
-                     pull this image with `ctr images pull --snapshotter {}` instead",
-                    layer.digest, opts.snapshotter
-                )));
+            Ok(prepared) => {
+                let mounts = prepared.into_inner().mounts;
+                let done = unpack::unpack(
+                    ctd,
+                    registry,
+                    image,
+                    layer,
+                    (&opts.snapshotter, &key, mounts),
+                )
+                .await;
+                if let Err(e) = done {
+                    // An empty snapshot would be wrong: take it back.
+                    let _ = sc
+                        .remove(ctd.req(snapshots::RemoveSnapshotRequest {
+                            snapshotter: opts.snapshotter.clone(),
+                            key,
+                        }))
+                        .await;
+                    return Err(e);
+                }
+                unpacked.push(layer.digest.clone());
             }
         }
     }
-    Ok(())
+    Ok(unpacked)
 }
 
 /// Puts the config, manifest (and index) into containerd's content store, each labelled with

@@ -156,6 +156,32 @@ impl Registry {
         Ok(route.url(hop, &r.repository, &format!("blobs/{digest}")))
     }
 
+    /// The layer blob `digest` of `r` from the endpoint blobs are read from, to stream (for a
+    /// layer pulled normally; lazy layers are read through the agent).
+    pub async fn open_blob(&self, r: &Reference, digest: &str) -> Result<reqwest::Response> {
+        let route = self.route(&r.registry)?;
+        let hop = route.blobs()?;
+        let url = route.url(hop, &r.repository, &format!("blobs/{digest}"));
+        let mut req = hop
+            .client
+            .get(&url)
+            .timeout(std::time::Duration::from_secs(3600));
+        for (n, v) in self.auth_at(hop, &r.registry, &r.repository).await? {
+            req = req.header(n, v);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| Error::Registry(format!("{url}: {}", fetcher::source::error_chain(&e))))?;
+        match resp.status() {
+            s if s.is_success() => Ok(resp),
+            s @ (reqwest::StatusCode::UNAUTHORIZED | reqwest::StatusCode::FORBIDDEN) => {
+                Err(Error::Credentials(format!("{url}: HTTP {s}")))
+            }
+            s => Err(Error::Registry(format!("{url}: HTTP {s}"))),
+        }
+    }
+
     async fn challenge(&self, hop: &Hop) -> Result<Challenge> {
         if let Some(c) = self
             .challenges
