@@ -39,6 +39,11 @@ pub struct Args {
     /// Extra CA certificates (PEM) for HTTPS origins; system roots are always trusted.
     #[arg(long, value_name = "FILE")]
     pub upstream_ca: Option<PathBuf>,
+    /// containerd's registry host configs (`<DIR>/<host[:port]>/hosts.toml`): each registry's
+    /// `ca`, `client` certificate and `skip_verify`, for seeds and token requests
+    /// [default: none].
+    #[arg(long, value_name = "DIR")]
+    pub hosts_dir: Option<PathBuf>,
     /// Cap on all piece uploads of this supernode (e.g. 40MiB) [default: none].
     #[arg(long, value_name = "RATE")]
     pub upload_rate: Option<String>,
@@ -74,6 +79,8 @@ pub struct Config {
     pub advertise_ip: Option<IpAddr>,
     pub cache_size: String,
     pub upstream_ca: Option<PathBuf>,
+    /// containerd's registry host configs, for per-registry TLS.
+    pub hosts_dir: Option<PathBuf>,
     pub upload_rate: String,
     /// Base piece size (grown for content over 4096 pieces).
     pub piece_size: String,
@@ -115,6 +122,7 @@ impl Default for Config {
             advertise_ip: None,
             cache_size: "100GiB".into(),
             upstream_ca: None,
+            hosts_dir: None,
             upload_rate: "0".into(),
             piece_size: "4MiB".into(),
             peer_window: 4,
@@ -168,6 +176,9 @@ pub fn load(args: &Args) -> Result<Config> {
     }
     if args.upstream_ca.is_some() {
         c.upstream_ca = args.upstream_ca.clone();
+    }
+    if args.hosts_dir.is_some() {
+        c.hosts_dir = args.hosts_dir.clone();
     }
     if let Some(v) = &args.upload_rate {
         c.upload_rate = v.clone();

@@ -113,7 +113,10 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
         .map(|p| p.as_path())
         .chain(tls.as_ref().map(|t| t.ca_path()))
         .collect();
-    let source = HttpSource::with_policy(&cas, policy)?;
+    let mut source = HttpSource::with_policy(&cas, policy)?;
+    if let Some(dir) = &c.hosts_dir {
+        source = source.with_hosts_dir(dir, &cas);
+    }
     let metrics = Metrics::new();
     let tasks = Arc::new(Tasks::default());
 
@@ -136,7 +139,7 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
         per_host: Default::default(),
         realms: Default::default(),
         tasks: tasks.clone(),
-        tokens: fetcher::source::token::TokenCache::new(source.client().clone()),
+        tokens: fetcher::source::token::TokenCache::for_source(source.clone()),
         indexes: layer_index::Indexes::new(&c.data_dir, tasks.clone()),
         seed: Arc::new(SeedContext {
             source,

@@ -1,8 +1,8 @@
 //! Kubernetes lazy starts from a private registry, kubelet emulated: a CRI client (the test)
 //! calls dfsnapshotter's image-service proxy the way kubelet does with
 //! `--image-service-endpoint`, and the proxy forwards to a real containerd with its CRI plugin
-//! (snapshotter `damselfly`, snapshot annotations on, the registry's CA in its `hosts.toml`, the
-//! same file dfsnapshotter reads). `PullImage` with the pod's pull secret mounts every layer
+//! (snapshotter `damselfly`, snapshot annotations on). The registry's private CA is given only
+//! in containerd's `hosts.toml`, which containerd's CRI, dfsnapshotter and the supernode all read. `PullImage` with the pod's pull secret mounts every layer
 //! lazily and the container (run with `ctr` on the CRI-pulled image: no CNI or pause image here)
 //! reads the big file byte-exact; a pull of another repository without a secret is refused;
 //! `RemoveImage` unmounts the layers and forgets the secret; it is in no label, log or argv.
@@ -46,7 +46,6 @@ async fn kubelet_pulls_with_a_pull_secret_start_lazily() {
     let PrivateRegistry {
         addr,
         ca,
-        grpc,
         proc: _registry,
         supernode: _sn,
         ..
@@ -67,6 +66,10 @@ async fn kubelet_pulls_with_a_pull_secret_start_lazily() {
     )
     .expect("hosts.toml");
 
+    // This host's supernode knows the registry's CA from the same host config only.
+    let (_sn_hosts, grpc, _) = env
+        .supernode("sn-hosts", &["--hosts-dir", &hosts.to_string_lossy()])
+        .await;
     let (_agent, daemon) = env.dfdaemon("agent", &grpc, &[]).await;
     let root = env.path("snapshots");
     let sock = env.path("snapshotter.sock");

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use toml::Value;
 
+use crate::error::{Error, Result};
+
 /// containerd's own default `config_path` for host configs.
 pub const DEFAULT_DIR: &str = "/etc/containerd/certs.d";
 
@@ -263,6 +265,48 @@ fn endpoint(
             skip_verify,
         },
     })
+}
+
+/// Trusts the PEM certificates in the file `path` too.
+pub fn add_ca(mut b: reqwest::ClientBuilder, path: &Path) -> Result<reqwest::ClientBuilder> {
+    let pem = std::fs::read(path).map_err(|e| Error::io("cannot read CA file", path, e))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| Error::invalid("CA file", format!("{}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(Error::invalid(
+            "CA file",
+            format!("{}: no PEM certificate in it", path.display()),
+        ));
+    }
+    for c in certs {
+        b = b.add_root_certificate(c);
+    }
+    Ok(b)
+}
+
+/// Adds a host's CA certificates, client certificate and `skip_verify` to `b`.
+pub fn apply_tls(
+    mut b: reqwest::ClientBuilder,
+    tls: &TlsSettings,
+) -> Result<reqwest::ClientBuilder> {
+    for ca in &tls.ca {
+        b = add_ca(b, ca)?;
+    }
+    if let Some((cert, key)) = tls.client.first() {
+        let mut pem = std::fs::read(cert)
+            .map_err(|e| Error::io("cannot read client certificate", cert, e))?;
+        if let Some(key) = key {
+            pem.push(b'\n');
+            pem.extend(
+                std::fs::read(key).map_err(|e| Error::io("cannot read client key", key, e))?,
+            );
+        }
+        let id = reqwest::Identity::from_pem(&pem).map_err(|e| {
+            Error::invalid("client certificate", format!("{}: {e}", cert.display()))
+        })?;
+        b = b.identity(id);
+    }
+    Ok(b.danger_accept_invalid_certs(tls.skip_verify))
 }
 
 #[cfg(test)]

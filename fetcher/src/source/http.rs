@@ -1,6 +1,10 @@
-//! HTTP(S) origins through `reqwest` (rustls; system roots plus an optional extra CA file).
+//! HTTP(S) origins through `reqwest` (rustls; system roots plus optional extra CA files, and per
+//! registry host the CA, client certificate and `skip_verify` of containerd's `hosts.toml`
+//! files, [`super::hosts`], when a hosts directory is given).
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,7 +20,21 @@ pub struct HttpSource {
     client: reqwest::Client,
     /// Checked before every request and redirect (supernodes); `None`: a peer's own fetches.
     policy: Option<super::OriginPolicy>,
+    /// Per-host TLS from containerd's host configs, if a directory was given.
+    hosts: Option<Arc<HostClients>>,
 }
+
+/// Clients for origins whose `hosts.toml` sets TLS, built on first use.
+#[derive(Debug)]
+struct HostClients {
+    dir: PathBuf,
+    extra_ca: Vec<PathBuf>,
+    /// By `scheme://host:port`; `None`: the host has no TLS settings of its own.
+    built: Mutex<HashMap<String, Option<reqwest::Client>>>,
+}
+
+/// Host configs remembered at most (a supernode talks to a handful of registries).
+const MAX_HOST_CLIENTS: usize = 256;
 
 /// Request headers a caller may not set: the connection's framing and target are ours.
 const NOT_FORWARDED: [&str; 6] = [
@@ -66,47 +84,55 @@ impl HttpSource {
         self.policy.as_ref()
     }
 
-    fn build(extra_ca: &[&Path], policy: Option<super::OriginPolicy>) -> Result<Self> {
-        let redirect = match policy.clone() {
-            None => reqwest::redirect::Policy::limited(10),
-            Some(p) => reqwest::redirect::Policy::custom(move |attempt| {
-                if attempt.previous().len() >= 10 {
-                    return attempt.error("more than 10 redirects");
-                }
-                match p.check(attempt.url()) {
-                    Ok(()) => attempt.follow(),
-                    Err(e) => attempt.error(e.to_string()),
-                }
-            }),
+    /// Takes each registry host's TLS settings (CA, client certificate, `skip_verify`) from the
+    /// containerd host configs under `dir` (`<dir>/<host[:port]>/hosts.toml`).
+    pub fn with_hosts_dir(mut self, dir: &Path, extra_ca: &[&Path]) -> Self {
+        self.hosts = Some(Arc::new(HostClients {
+            dir: dir.to_path_buf(),
+            extra_ca: extra_ca.iter().map(|p| p.to_path_buf()).collect(),
+            built: Mutex::new(HashMap::new()),
+        }));
+        self
+    }
+
+    /// The client for requests to `url`: its host's own when its hosts.toml sets TLS for it.
+    pub fn client_for(&self, url: &url::Url) -> Result<reqwest::Client> {
+        let Some(h) = &self.hosts else {
+            return Ok(self.client.clone());
         };
-        let mut b = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .read_timeout(Duration::from_secs(60))
-            .redirect(redirect)
-            .user_agent(concat!("damselfly/", env!("CARGO_PKG_VERSION")));
-        if let Some(p) = &policy {
-            b = b.dns_resolver(std::sync::Arc::new(super::policy::PolicyResolver(
-                p.clone(),
-            )));
+        let origin = format!(
+            "{}://{}:{}",
+            url.scheme(),
+            url.host_str().unwrap_or(""),
+            url.port_or_known_default().unwrap_or(0)
+        );
+        if let Some(c) = h.built.lock().ok().and_then(|m| m.get(&origin).cloned()) {
+            return Ok(c.unwrap_or_else(|| self.client.clone()));
         }
-        for path in extra_ca {
-            let pem = std::fs::read(path).map_err(|e| Error::io("cannot read CA file", path, e))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| Error::invalid("CA file", format!("{}: {e}", path.display())))?;
-            if certs.is_empty() {
-                return Err(Error::invalid(
-                    "CA file",
-                    format!("{}: no PEM certificate in it", path.display()),
-                ));
+        let tls = host_tls(&h.dir, url)?;
+        let client = match tls {
+            Some(tls) => {
+                let cas: Vec<&Path> = h.extra_ca.iter().map(PathBuf::as_path).collect();
+                Some(builder(self.policy.clone(), &cas, Some(&tls))?)
             }
-            for c in certs {
-                b = b.add_root_certificate(c);
+            None => None,
+        };
+        if let Ok(mut m) = h.built.lock() {
+            if m.len() >= MAX_HOST_CLIENTS {
+                m.clear();
             }
+            m.insert(origin, client.clone());
         }
-        let client = b
-            .build()
-            .map_err(|e| Error::invalid("HTTP client", error_chain(&e)))?;
-        Ok(Self { client, policy })
+        Ok(client.unwrap_or_else(|| self.client.clone()))
+    }
+
+    fn build(extra_ca: &[&Path], policy: Option<super::OriginPolicy>) -> Result<Self> {
+        let client = builder(policy.clone(), extra_ca, None)?;
+        Ok(Self {
+            client,
+            policy,
+            hosts: None,
+        })
     }
 
     /// GETs `url` with `headers`, optionally a byte range (inclusive end). Fails on non-2xx.
@@ -116,12 +142,12 @@ impl HttpSource {
         headers: &[HeaderPair],
         range: Option<(u64, u64)>,
     ) -> Result<OriginResponse> {
+        let parsed = url::Url::parse(url)
+            .map_err(|e| Error::invalid("URL", format!("{}: {e}", super::redact(url))))?;
         if let Some(p) = &self.policy {
-            let parsed = url::Url::parse(url)
-                .map_err(|e| Error::invalid("URL", format!("{}: {e}", super::redact(url))))?;
             p.check(&parsed)?;
         }
-        let mut req = self.client.get(url);
+        let mut req = self.client_for(&parsed)?.get(url);
         for (k, v) in headers {
             if NOT_FORWARDED.iter().any(|n| k.eq_ignore_ascii_case(n)) {
                 continue;
@@ -276,6 +302,79 @@ where
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(f(tx));
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// A client trusting the system roots and `extra_ca`, with `policy` on every request, redirect and
+/// resolved address, and a host's own TLS settings when given.
+fn builder(
+    policy: Option<super::OriginPolicy>,
+    extra_ca: &[&Path],
+    host: Option<&super::hosts::TlsSettings>,
+) -> Result<reqwest::Client> {
+    let redirect = match policy.clone() {
+        None => reqwest::redirect::Policy::limited(10),
+        Some(p) => reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() >= 10 {
+                return attempt.error("more than 10 redirects");
+            }
+            match p.check(attempt.url()) {
+                Ok(()) => attempt.follow(),
+                Err(e) => attempt.error(e.to_string()),
+            }
+        }),
+    };
+    let mut b = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .read_timeout(Duration::from_secs(60))
+        .redirect(redirect)
+        .user_agent(concat!("damselfly/", env!("CARGO_PKG_VERSION")));
+    if let Some(p) = &policy {
+        b = b.dns_resolver(std::sync::Arc::new(super::policy::PolicyResolver(
+            p.clone(),
+        )));
+    }
+    for path in extra_ca {
+        b = super::hosts::add_ca(b, path)?;
+    }
+    if let Some(tls) = host {
+        b = super::hosts::apply_tls(b, tls)?;
+    }
+    b.build()
+        .map_err(|e| Error::invalid("HTTP client", error_chain(&e)))
+}
+
+/// The TLS settings `hosts.toml` gives the endpoint `url` is on (its server or a mirror).
+fn host_tls(dir: &Path, url: &url::Url) -> Result<Option<super::hosts::TlsSettings>> {
+    let host = url.host_str().unwrap_or("");
+    let origin = |u: &url::Url| {
+        (
+            u.scheme().to_owned(),
+            u.host_str().map(str::to_owned),
+            u.port_or_known_default(),
+        )
+    };
+    // containerd names a registry's directory as image references name it: with the port when
+    // it is not the scheme's default, and sometimes with it anyway.
+    let mut names = vec![host.to_owned()];
+    if let Some(port) = url.port_or_known_default() {
+        names.insert(0, format!("{host}:{port}"));
+    }
+    for name in names {
+        let Ok(server) = url::Url::parse(&format!("{}://{name}", url.scheme())) else {
+            continue;
+        };
+        let hosts = super::hosts::load(dir, &name, &server)
+            .map_err(|e| Error::invalid("registry host config", e))?;
+        if let Some(h) = hosts
+            && let Some(e) = h.endpoints.iter().find(|e| origin(&e.url) == origin(url))
+        {
+            let t = &e.tls;
+            return Ok(
+                (t.skip_verify || !t.ca.is_empty() || !t.client.is_empty()).then(|| t.clone())
+            );
+        }
+    }
+    Ok(None)
 }
 
 #[cfg(test)]

@@ -105,9 +105,15 @@ fn reuse_for(status: u16, body: &[u8]) -> Duration {
     Duration::from_secs(expires_in / 2).min(MAX_REUSE)
 }
 
+/// Which HTTP client reaches a token server.
+enum Clients {
+    One(reqwest::Client),
+    PerHost(super::HttpSource),
+}
+
 /// Coalescing, reusing token fetcher. Cheap to share behind an `Arc`.
 pub struct TokenCache {
-    client: reqwest::Client,
+    clients: Clients,
     /// Bounded by count ([`MAX_ENTRIES`]) and by body bytes ([`MAX_BYTES`]).
     entries: Mutex<lru::LruCache<[u8; 32], Arc<OnceCell<TokenAnswer>>>>,
     upstream: std::sync::atomic::AtomicU64,
@@ -115,8 +121,17 @@ pub struct TokenCache {
 
 impl TokenCache {
     pub fn new(client: reqwest::Client) -> Self {
+        Self::with(Clients::One(client))
+    }
+
+    /// Fetches with `source`'s client for each token server (its host's TLS settings).
+    pub fn for_source(source: super::HttpSource) -> Self {
+        Self::with(Clients::PerHost(source))
+    }
+
+    fn with(clients: Clients) -> Self {
         Self {
-            client,
+            clients,
             entries: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(MAX_ENTRIES).unwrap_or(std::num::NonZeroUsize::MIN),
             )),
@@ -197,7 +212,11 @@ impl TokenCache {
     ) -> Result<TokenAnswer, String> {
         self.upstream
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut req = self.client.get(url.clone());
+        let client = match &self.clients {
+            Clients::One(c) => c.clone(),
+            Clients::PerHost(s) => s.client_for(url).map_err(|e| e.to_string())?,
+        };
+        let mut req = client.get(url.clone());
         if let Some(a) = authorization {
             req = req.header(http::header::AUTHORIZATION, a);
         }

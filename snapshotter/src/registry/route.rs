@@ -109,40 +109,12 @@ fn hop(e: &Endpoint, mirror: bool) -> Result<Hop> {
 
 /// An HTTP client with the endpoint's TLS settings.
 fn client(tls: &TlsSettings) -> Result<reqwest::Client> {
-    let mut b = reqwest::Client::builder()
+    let b = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
         .timeout(Duration::from_secs(120));
-    for ca in &tls.ca {
-        let pem = std::fs::read(ca).map_err(|e| Error::io("cannot read registry CA", ca, e))?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem)
-            .map_err(|e| Error::Registry(format!("registry CA {}: {e}", ca.display())))?;
-        if certs.is_empty() {
-            return Err(Error::Registry(format!(
-                "registry CA {}: no certificate in it",
-                ca.display()
-            )));
-        }
-        for c in certs {
-            b = b.add_root_certificate(c);
-        }
-    }
-    if let Some((cert, key)) = tls.client.first() {
-        let mut pem = std::fs::read(cert)
-            .map_err(|e| Error::io("cannot read client certificate", cert, e))?;
-        if let Some(key) = key {
-            pem.push(b'\n');
-            pem.extend(
-                std::fs::read(key).map_err(|e| Error::io("cannot read client key", key, e))?,
-            );
-        }
-        let id = reqwest::Identity::from_pem(&pem)
-            .map_err(|e| Error::Registry(format!("client certificate {}: {e}", cert.display())))?;
-        b = b.identity(id);
-    }
-    if tls.skip_verify {
-        b = b.danger_accept_invalid_certs(true);
-    }
-    b.build()
+    hosts::apply_tls(b, tls)
+        .map_err(|e| Error::Registry(format!("registry TLS: {e}")))?
+        .build()
         .map_err(|e| Error::Registry(format!("HTTP client: {e}")))
 }
 

@@ -70,7 +70,8 @@ impl Realms {
             p.check(&url).map_err(|e| e.to_string())?;
         }
         let resp = source
-            .client()
+            .client_for(&url)
+            .map_err(|e| e.to_string())?
             .get(url.clone())
             .timeout(Duration::from_secs(20))
             .send()
