@@ -8,7 +8,7 @@ use proto::agent::agent_client::AgentClient;
 use proto::agent::agent_server::{Agent, AgentServer};
 use proto::agent::{DownloadProgress, DownloadRequest as PbRequest};
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::download::{BackSource, Destination, DownloadRequest, Progress};
@@ -18,26 +18,10 @@ use crate::shutdown::Shutdown;
 use crate::task_id;
 
 /// Serves the agent API on the Unix socket at `path` until `shutdown`.
-pub async fn serve(
-    path: &Path,
-    peer: Peer,
-    shutdown: Shutdown,
-) -> Result<tokio::task::JoinHandle<()>> {
-    let listener = crate::uds::bind(path).map_err(|(what, e)| Error::io(what, path, e))?;
-    let svc = AgentServer::new(AgentService { peer });
-    let socket = path.to_path_buf();
-    Ok(tokio::spawn(async move {
-        let r = tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
-                shutdown.wait().await
-            })
-            .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, "agent API failed");
-        }
-        let _ = std::fs::remove_file(&socket);
-    }))
+pub fn serve(path: &Path, peer: Peer, shutdown: Shutdown) -> Result<crate::uds::Served> {
+    let router =
+        tonic::transport::Server::builder().add_service(AgentServer::new(AgentService { peer }));
+    crate::uds::serve(path, router, shutdown, "agent").map_err(|(what, e)| Error::io(what, path, e))
 }
 
 /// Connects to the agent at `path`.

@@ -1,8 +1,12 @@
-//! Unix sockets for local APIs (the agent's, the snapshotter's): root-owned, mode 0660.
+//! Unix sockets for local APIs (the agent's, the snapshotter's, the FUSE manager's, the CRI
+//! proxy's): root-owned, mode 0660, served by one loop ([`serve`]).
 
 use std::path::Path;
 
 use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::Shutdown;
 
 /// Binds a Unix socket at `path`: creates its directory, replaces a stale socket left by a
 /// previous run, sets mode 0660. On failure, says which step failed.
@@ -19,6 +23,34 @@ pub fn bind(path: &Path) -> Result<UnixListener, (&'static str, std::io::Error)>
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660));
     Ok(listener)
+}
+
+/// A local API being served: ends when the server stops, with its error if it failed.
+pub type Served = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;
+
+/// Serves `router` (a tonic server and its services) on the Unix socket `path` ([`bind`]) until
+/// `shutdown`, then removes the socket. The task ends with the server's error, if it failed,
+/// after logging it as `api`'s.
+pub fn serve(
+    path: &Path,
+    router: tonic::transport::server::Router,
+    shutdown: Shutdown,
+    api: &'static str,
+) -> Result<Served, (&'static str, std::io::Error)> {
+    let listener = bind(path)?;
+    let socket = path.to_path_buf();
+    Ok(tokio::spawn(async move {
+        let r = router
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+                shutdown.wait().await
+            })
+            .await;
+        if let Err(e) = &r {
+            tracing::error!(error = %e, api, "local API failed");
+        }
+        let _ = std::fs::remove_file(&socket);
+        r
+    }))
 }
 
 fn endpoint() -> tonic::transport::Endpoint {

@@ -308,7 +308,7 @@ async fn run_inner(args: &Args) -> crate::Result<()> {
     }
     let shutdown = fetcher::Shutdown::new();
     shutdown.on_signals();
-    let server = crate::service::serve(&args.socket, snapshots, shutdown.clone()).await?;
+    let server = crate::service::serve(&args.socket, snapshots, shutdown.clone())?;
     let cri = match (&args.image_service_socket, &manager) {
         (Some(path), Some(m)) => {
             let proxy = crate::cri::ImageServiceProxy::new(&args.containerd_socket, m.clone());

@@ -18,7 +18,6 @@ use proto::fusemanager::{
     MetricsRequest, MountReply, MountRequest, PutCredentialsReply, PutCredentialsRequest,
     UnmountReply, UnmountRequest, put_credentials_request,
 };
-use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
@@ -147,7 +146,6 @@ pub async fn serve(cfg: ManagerConfig) -> Result<()> {
     ));
     fetcher::private::dir(&cfg.root).map_err(|e| Error::io("cannot create", &cfg.root, e))?;
     let path = socket_path(&cfg.root);
-    let listener = fetcher::uds::bind(&path).map_err(|(what, e)| Error::io(what, &path, e))?;
     let shutdown = fetcher::Shutdown::new();
     shutdown.on_signals();
     let (watch, root) = (shutdown.clone(), cfg.root.clone());
@@ -160,23 +158,25 @@ pub async fn serve(cfg: ManagerConfig) -> Result<()> {
             }
         }
     });
+    let router = tonic::transport::Server::builder().add_service(FuseManagerServer::new(Service {
+        layers: layers.clone(),
+        keyring,
+    }));
+    let served = fetcher::uds::serve(&path, router, shutdown, "fuse manager")
+        .map_err(|(what, e)| Error::io(what, &path, e))?;
     tracing::info!(socket = %path.display(), "fuse manager ready");
-    let wait = shutdown.clone();
-    let r = tonic::transport::Server::builder()
-        .add_service(FuseManagerServer::new(Service {
-            layers: layers.clone(),
-            keyring,
-        }))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
-            wait.wait().await
-        })
-        .await;
-    let _ = std::fs::remove_file(&path);
+    let r = served.await;
     tokio::task::spawn_blocking(move || layers.unmount_all())
         .await
         .map_err(|e| Error::FailedPrecondition(format!("unmount task failed: {e}")))?;
     tracing::info!("fuse manager stopped");
-    r.map_err(|e| Error::FailedPrecondition(format!("fuse manager API: {e}")))
+    match r {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Error::FailedPrecondition(format!("fuse manager API: {e}"))),
+        Err(e) => Err(Error::FailedPrecondition(format!(
+            "fuse manager API task: {e}"
+        ))),
+    }
 }
 
 /// dfsnapshotter's side: mounts through the manager.

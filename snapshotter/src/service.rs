@@ -17,7 +17,6 @@ use proto::containerd::services::snapshots::v1 as api;
 use proto::containerd::services::snapshots::v1::snapshots_server::{
     Snapshots as SnapshotsApi, SnapshotsServer,
 };
-use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
 
 use crate::error::{Error, Result};
@@ -179,24 +178,13 @@ impl SnapshotsApi for Service {
 }
 
 /// Serves the snapshotter on the Unix socket `path` until `shutdown`.
-pub async fn serve(
+pub fn serve(
     path: &Path,
     snapshots: Arc<Snapshots>,
     shutdown: fetcher::Shutdown,
-) -> Result<tokio::task::JoinHandle<()>> {
-    let listener = fetcher::uds::bind(path).map_err(|(what, e)| Error::io(what, path, e))?;
-    let svc = SnapshotsServer::new(Service { snapshots });
-    let socket = path.to_path_buf();
-    Ok(tokio::spawn(async move {
-        let r = tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
-                shutdown.wait().await
-            })
-            .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, "snapshotter API failed");
-        }
-        let _ = std::fs::remove_file(&socket);
-    }))
+) -> Result<fetcher::uds::Served> {
+    let router = tonic::transport::Server::builder()
+        .add_service(SnapshotsServer::new(Service { snapshots }));
+    fetcher::uds::serve(path, router, shutdown, "snapshotter")
+        .map_err(|(what, e)| Error::io(what, path, e))
 }

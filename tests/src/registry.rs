@@ -41,6 +41,22 @@ pub fn tools_missing() -> Option<String> {
     }
 }
 
+/// Writes the `htpasswd` file of the registry of `env` (bcrypt, `htpasswd -Bbn`) for `users`
+/// `(user, password)`; returns its path. A running docker-registry reads a rewritten file on
+/// its next request: this is how tests rotate a password.
+pub async fn set_htpasswd(env: &Env, users: &[(String, String)]) -> PathBuf {
+    let mut lines = String::new();
+    for (u, p) in users {
+        lines.push_str(run_ok("htpasswd", &["-Bbn", u, p]).await.trim());
+        lines.push('\n');
+    }
+    let file = env.path("registry").join("htpasswd");
+    let tmp = file.with_extension("new");
+    std::fs::write(&tmp, lines).expect("write htpasswd");
+    std::fs::rename(&tmp, &file).expect("replace htpasswd");
+    file
+}
+
 /// Runs a command to completion; panics with its output unless it exits 0. Returns stdout.
 async fn run_ok(program: &str, args: &[&str]) -> String {
     let out = Command::new(program)
@@ -114,13 +130,7 @@ pub async fn start_registry_with(
     match auth {
         RegistryAuth::None => {}
         RegistryAuth::Htpasswd(users) => {
-            let mut lines = String::new();
-            for (u, p) in &users {
-                lines.push_str(run_ok("htpasswd", &["-Bbn", u, p]).await.trim());
-                lines.push('\n');
-            }
-            let file = dir.join("htpasswd");
-            std::fs::write(&file, lines).expect("write htpasswd");
+            let file = set_htpasswd(env, &users).await;
             yaml.push_str(&format!(
                 "auth:\n  htpasswd:\n    realm: damselfly-registry\n    path: {}\n",
                 file.display()

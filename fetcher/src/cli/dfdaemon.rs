@@ -253,7 +253,7 @@ async fn run_inner(args: Args) -> Result<()> {
     shutdown.on_signals();
     let metrics = PeerMetrics::new();
     let peer = Peer::start(peer_cfg, metrics.clone(), shutdown.clone()).await?;
-    let api = agent::serve(&c.agent_socket, peer.clone(), shutdown.clone()).await?;
+    let api = agent::serve(&c.agent_socket, peer.clone(), shutdown.clone())?;
     let m = metrics.clone();
     let router = Router::new()
         .route("/metrics", get(move || std::future::ready(m.render())))

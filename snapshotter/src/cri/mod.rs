@@ -10,13 +10,12 @@
 mod raw;
 pub mod secret;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use prost::Message;
-use tokio_stream::wrappers::UnixListenerStream;
 use tonic::codegen::{BoxFuture, Service, http};
 use tonic::transport::Channel;
 
@@ -163,19 +162,8 @@ pub fn serve(
     path: &Path,
     proxy: ImageServiceProxy,
     shutdown: fetcher::Shutdown,
-) -> Result<tokio::task::JoinHandle<()>> {
-    let listener = fetcher::uds::bind(path).map_err(|(what, e)| Error::io(what, path, e))?;
-    let socket: PathBuf = path.to_path_buf();
-    Ok(tokio::spawn(async move {
-        let r = tonic::transport::Server::builder()
-            .add_service(proxy)
-            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
-                shutdown.wait().await
-            })
-            .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, "CRI image-service proxy failed");
-        }
-        let _ = std::fs::remove_file(&socket);
-    }))
+) -> Result<fetcher::uds::Served> {
+    let router = tonic::transport::Server::builder().add_service(proxy);
+    fetcher::uds::serve(path, router, shutdown, "CRI image-service proxy")
+        .map_err(|(what, e)| Error::io(what, path, e))
 }
