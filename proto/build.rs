@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/agent.proto",
         "proto/fusemanager.proto",
         "proto/cri/images.proto",
+        "proto/cri/runtime.proto",
         "proto/containerd/snapshots.proto",
         "proto/containerd/mount.proto",
         "proto/containerd/descriptor.proto",

@@ -3,7 +3,8 @@
 //! - [`scheduler`]: peer ⇄ supernode (registration, piece metadata, parent assignments, results).
 //! - [`agent`]: dfget ⇄ the host agent (dfdaemon) over its local Unix socket.
 //! - [`fusemanager`]: dfsnapshotter ⇄ its FUSE manager (the process serving lazy layers).
-//! - [`cri`]: what dfsnapshotter's CRI image-service proxy reads of kubelet's calls.
+//! - [`cri`]: what dfsnapshotter's CRI image-service proxy reads of kubelet's calls, and the
+//!   runtime calls the tests' kubelet emulation makes to containerd.
 //! - [`containerd`]: containerd's snapshotter API, which dfsnapshotter serves as a proxy plugin,
 //!   and the content, image and lease APIs `dfsnapshotter pull` calls.
 
@@ -32,7 +33,8 @@ pub mod fusemanager {
     }
 }
 
-/// The subset of Kubernetes' CRI image service (`runtime.v1`) that dfsnapshotter's proxy reads.
+/// The subset of Kubernetes' CRI (`runtime.v1`): the image service, as dfsnapshotter's proxy
+/// reads it, and the runtime calls of the tests' kubelet emulation.
 pub mod cri {
     tonic::include_proto!("runtime.v1");
 

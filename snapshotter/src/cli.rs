@@ -233,22 +233,33 @@ async fn pull(registry: &RegistryArgs, root: &std::path::Path, p: &PullArgs) -> 
         let image = crate::registry::Reference::parse(&p.image)?;
         let scope = Scope::new(&image.registry, &image.repository);
         let keyring = Arc::new(Keyring::default());
+        let mut handover = None;
         if let Some(secret) = credentials(p, &image.registry)? {
             // The lazy layers are read by the FUSE manager: it gets them for this scope only.
             // Without it the layers cannot be mounted lazily and are pulled normally.
             let handed = async {
-                crate::fusemanager::ManagerClient::connect(root)
-                    .await?
-                    .put_credentials(&scope, &secret)
-                    .await
+                let manager = crate::fusemanager::ManagerClient::connect(root).await?;
+                let generation = manager.put_credentials(&scope, &secret).await?;
+                Ok::<_, crate::Error>((manager, generation))
             };
-            if let Err(e) = handed.await {
-                tracing::warn!(error = %e, "credentials not handed to the fuse manager: layers will be pulled normally");
+            match handed.await {
+                Ok(h) => handover = Some(h),
+                Err(e) => {
+                    tracing::warn!(error = %e, "credentials not handed to the fuse manager: layers will be pulled normally");
+                }
             }
-            keyring.put(scope, secret);
+            keyring.put(scope.clone(), secret);
         }
         let registry = crate::registry::Registry::new(registry.config(), keyring)?;
-        crate::pull::pull(&registry, &opts).await
+        let pulled = crate::pull::pull(&registry, &opts).await;
+        if let Some((manager, generation)) = handover
+            && let Err(e) = manager
+                .settle_credentials(&scope, generation, pulled.is_ok())
+                .await
+        {
+            tracing::warn!(error = %e, "cannot settle the credentials with the fuse manager");
+        }
+        pulled
     }
     .await;
     match result {

@@ -14,14 +14,14 @@ use std::time::Duration;
 use proto::fusemanager::fuse_manager_client::FuseManagerClient;
 use proto::fusemanager::fuse_manager_server::{FuseManager, FuseManagerServer};
 use proto::fusemanager::{
-    BasicAuth, CredentialHelper, ForgetCredentialsReply, ForgetCredentialsRequest, MetricsReply,
-    MetricsRequest, MountReply, MountRequest, PutCredentialsReply, PutCredentialsRequest,
+    BasicAuth, CredentialHelper, MetricsReply, MetricsRequest, MountReply, MountRequest,
+    PutCredentialsReply, PutCredentialsRequest, SettleCredentialsReply, SettleCredentialsRequest,
     UnmountReply, UnmountRequest, put_credentials_request,
 };
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::credentials::{Keyring, Scope, Secret};
+use crate::credentials::{Keyring, Scope, Secret, Settled};
 use crate::error::{Error, Result};
 use crate::metastore::RemoteRef;
 use crate::registry::{Registry, RegistryConfig};
@@ -109,17 +109,24 @@ impl FuseManager for Service {
         }
         let scope = Scope::new(&r.registry, &r.repository);
         tracing::info!(%scope, kind = secret.kind(), "credentials kept for a scope");
-        self.keyring.put(scope, secret);
-        Ok(Response::new(PutCredentialsReply {}))
+        let generation = self.keyring.put(scope, secret);
+        Ok(Response::new(PutCredentialsReply { generation }))
     }
 
-    async fn forget_credentials(
+    async fn settle_credentials(
         &self,
-        request: Request<ForgetCredentialsRequest>,
-    ) -> Result<Response<ForgetCredentialsReply>, Status> {
+        request: Request<SettleCredentialsRequest>,
+    ) -> Result<Response<SettleCredentialsReply>, Status> {
         let r = request.into_inner();
-        let forgotten = self.keyring.forget(&Scope::new(&r.registry, &r.repository));
-        Ok(Response::new(ForgetCredentialsReply { forgotten }))
+        let scope = Scope::new(&r.registry, &r.repository);
+        let in_use = self.layers.scope_in_use(&scope);
+        let outcome = self.keyring.settle(&scope, r.generation, r.pulled, in_use);
+        if outcome != Settled::Kept {
+            tracing::info!(%scope, pulled = r.pulled, outcome = outcome.as_str(), "credentials settled");
+        }
+        Ok(Response::new(SettleCredentialsReply {
+            outcome: outcome.as_str().to_owned(),
+        }))
     }
 
     async fn metrics(
@@ -233,8 +240,9 @@ impl ManagerClient {
             })
     }
 
-    /// Hands `secret` for `scope` to the manager, for that scope's lazy layers only.
-    pub async fn put_credentials(&self, scope: &Scope, secret: &Secret) -> Result<()> {
+    /// Hands `secret` for `scope` to the manager, for that scope's lazy layers only; the
+    /// handover's number, to [`ManagerClient::settle_credentials`] once the pull has ended.
+    pub async fn put_credentials(&self, scope: &Scope, secret: &Secret) -> Result<u64> {
         let secret = match secret {
             Secret::Basic { user, password } => put_credentials_request::Secret::Basic(BasicAuth {
                 user: user.clone(),
@@ -248,27 +256,36 @@ impl ManagerClient {
             }
         };
         let mut c = self.client.clone();
-        c.put_credentials(PutCredentialsRequest {
-            registry: scope.registry.clone(),
-            repository: scope.repository.clone(),
-            secret: Some(secret),
-        })
-        .await
-        .map_err(|s| Error::FailedPrecondition(format!("fuse manager: {}", s.message())))?;
-        Ok(())
-    }
-
-    /// Has the manager forget the credentials of `scope`; whether it held any.
-    pub async fn forget_credentials(&self, scope: &Scope) -> Result<bool> {
-        let mut c = self.client.clone();
         let r = c
-            .forget_credentials(ForgetCredentialsRequest {
+            .put_credentials(PutCredentialsRequest {
                 registry: scope.registry.clone(),
                 repository: scope.repository.clone(),
+                secret: Some(secret),
             })
             .await
             .map_err(|s| Error::FailedPrecondition(format!("fuse manager: {}", s.message())))?;
-        Ok(r.into_inner().forgotten)
+        Ok(r.into_inner().generation)
+    }
+
+    /// Settles handover `generation` of `scope` now that its pull has ended (`pulled`: it
+    /// succeeded); what became of it ([`Settled`]'s words).
+    pub async fn settle_credentials(
+        &self,
+        scope: &Scope,
+        generation: u64,
+        pulled: bool,
+    ) -> Result<String> {
+        let mut c = self.client.clone();
+        let r = c
+            .settle_credentials(SettleCredentialsRequest {
+                registry: scope.registry.clone(),
+                repository: scope.repository.clone(),
+                generation,
+                pulled,
+            })
+            .await
+            .map_err(|s| Error::FailedPrecondition(format!("fuse manager: {}", s.message())))?;
+        Ok(r.into_inner().outcome)
     }
 
     /// The manager's metrics text (empty if it does not answer).

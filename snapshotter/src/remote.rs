@@ -310,8 +310,14 @@ impl RemoteLayers {
         Ok(bytes)
     }
 
-    /// Unmounts the layer of snapshot `id` (before its directory is removed).
-    /// Unmounts the layer; once no mounted layer reads with its scope's credentials (the image
+    /// Whether a mounted layer reads with `scope`'s credentials.
+    pub fn scope_in_use(&self, scope: &Scope) -> bool {
+        self.sessions
+            .lock()
+            .is_ok_and(|all| all.values().any(|m| &m.scope == scope))
+    }
+
+    /// Unmounts the layer of snapshot `id` (before its directory is removed); once no mounted layer reads with its scope's credentials (the image
     /// was removed), they are forgotten.
     pub fn unmount(&self, id: u64, dir: &Path) {
         let Some((m, last)) = self.sessions.lock().ok().and_then(|mut all| {

@@ -48,23 +48,32 @@ pub fn containerd_socket(env: &Env, name: &str) -> PathBuf {
     env.path(name).join("containerd.sock")
 }
 
+/// How containerd's CRI plugin is set up.
+pub struct Cri<'a> {
+    /// containerd's registry host configs (`registry.config_path`).
+    pub hosts_dir: &'a Path,
+    /// The pod sandbox ("pause") image, present before any pod runs (no CNI: pods run with
+    /// host networking).
+    pub sandbox_image: &'a str,
+}
+
 /// [`start_containerd_named`] with its CRI plugin on, as kubelet's containerd runs: snapshotter
-/// `damselfly` with the snapshot annotations, registry host configs under `hosts_dir`, and no
-/// CNI (image calls only).
+/// `damselfly` with the snapshot annotations, registry host configs and the sandbox image of
+/// `cri`, and no CNI.
 pub async fn start_containerd_cri(
     env: &Env,
     name: &str,
     snapshotter: &Path,
-    hosts_dir: &Path,
+    cri: &Cri<'_>,
 ) -> Containerd {
-    start_containerd_with(env, name, Some(snapshotter), Some(hosts_dir)).await
+    start_containerd_with(env, name, Some(snapshotter), Some(cri)).await
 }
 
 async fn start_containerd_with(
     env: &Env,
     name: &str,
     snapshotter: Option<&Path>,
-    cri_hosts_dir: Option<&Path>,
+    cri: Option<&Cri<'_>>,
 ) -> Containerd {
     let dir = env.path(name);
     std::fs::create_dir_all(&dir).expect("mkdir");
@@ -73,14 +82,15 @@ async fn start_containerd_with(
         "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n",
         d = dir.display(),
     );
-    match cri_hosts_dir {
+    match cri {
         None => config.push_str("disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n"),
-        Some(hosts) => config.push_str(&format!(
-            "[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"localhost/none:none\"\n\
+        Some(cri) => config.push_str(&format!(
+            "[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"{s}\"\n  restrict_oom_score_adj = true\n\
              [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"damselfly\"\n  disable_snapshot_annotations = false\n\
              [plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{h}\"\n\
              [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"{d}/cni/bin\"\n  conf_dir = \"{d}/cni/conf\"\n",
-            h = hosts.display(),
+            h = cri.hosts_dir.display(),
+            s = cri.sandbox_image,
             d = dir.display(),
         )),
     }

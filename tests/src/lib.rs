@@ -3,6 +3,7 @@ pub mod containerd;
 pub mod docker;
 pub mod harness;
 pub mod host;
+pub mod kubelet;
 pub mod origin;
 pub mod pki;
 pub mod registry;

@@ -311,6 +311,35 @@ pub async fn push_test_image_as(
     layer_digests(&raw)
 }
 
+/// Pushes a pod sandbox ("pause") image to `<registry>/<reference>`: the test image that
+/// [`push_test_image`] built in `env` (same layers), whose command sleeps for good.
+pub async fn push_pause_image(env: &Env, registry: &str, reference: &str, creds: Option<&str>) {
+    let layout = env.path("image").join("oci");
+    let (app, pause) = (
+        format!("{}:app", layout.display()),
+        format!("{}:pause", layout.display()),
+    );
+    run_ok(
+        "umoci",
+        &[
+            "config",
+            "--image",
+            &app,
+            "--tag",
+            "pause",
+            "--config.cmd",
+            "/bin/busybox",
+            "--config.cmd",
+            "sleep",
+            "--config.cmd",
+            "2147483647",
+        ],
+    )
+    .await;
+    let dest = format!("docker://{registry}/{reference}");
+    copy_image(&format!("oci:{pause}"), &dest, creds).await;
+}
+
 /// The layer digests of an image manifest (JSON text).
 pub fn layer_digests(raw: &str) -> Vec<String> {
     let manifest: serde_json::Value =

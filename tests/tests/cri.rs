@@ -1,35 +1,30 @@
-//! Kubernetes lazy starts from a private registry, kubelet emulated: a CRI client (the test)
-//! calls dfsnapshotter's image-service proxy the way kubelet does with
-//! `--image-service-endpoint`, and the proxy forwards to a real containerd with its CRI plugin
-//! (snapshotter `damselfly`, snapshot annotations on). The registry's private CA is given only
-//! in containerd's `hosts.toml`, which containerd's CRI, dfsnapshotter and the supernode all
-//! read. Containers run with `ctr` on the CRI-pulled image in CRI's namespace: these machines
-//! have no CNI plugins or pause image for `RunPodSandbox`.
+//! Kubernetes lazy starts from a private registry, kubelet emulated ([`Kubelet`]): image calls
+//! go to dfsnapshotter's image-service proxy (kubelet's `--image-service-endpoint`), which
+//! forwards them to a real containerd with its CRI plugin (snapshotter `damselfly`, snapshot
+//! annotations on); runtime calls go to containerd's CRI directly, and run a pod with host
+//! networking whose sandbox image is pushed by the test. The registry's private CA is given only
+//! in containerd's `hosts.toml`, which containerd's CRI, dfsnapshotter and the supernode all read.
 //!
-//! `PullImage` with the pod's pull secret mounts every layer lazily. A running container reads
-//! a layer nobody fetched before after dfsnapshotter is killed -9 and restarted, and a new
-//! container starts. The registry rotates the password, kubelet pulls again with the new
-//! secret, and the running container reads the big file (its layer first read then) byte-exact.
-//! A pull of another repository without a secret is refused; `RemoveImage` unmounts the layers
-//! and forgets the secret; neither password is in a label, log or argv.
+//! `PullImage` with the pod's pull secret mounts every layer lazily. The pod's container reads a
+//! layer nobody fetched before after dfsnapshotter is killed -9 and restarted, and a new
+//! container starts. The registry rotates the password, kubelet pulls again with the new secret,
+//! a pull with the stale one is refused (and does not replace the new one), and the running
+//! container reads the big file (its layer first read then) byte-exact. A pull
+//! of another repository without a secret is refused; after the pod is deleted, `RemoveImage`
+//! unmounts the layers and forgets the secret; neither password is in a label, log or argv.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use damselfly_tests::containerd::{
-    containerd_missing, containerd_socket, start_containerd_cri, start_snapshotter,
+    Cri, containerd_missing, containerd_socket, start_containerd_cri, start_snapshotter,
 };
 use damselfly_tests::harness::{Env, free_port, get_text, is_root, metric};
+use damselfly_tests::kubelet::{Kubelet, unauthorized};
 use damselfly_tests::pki::ensure_hosts_entry;
 use damselfly_tests::registry::{
-    CREDS, PrivateRegistry, big_file_sha256, copy_image, private_registry, set_htpasswd,
-    tools_missing,
-};
-use fetcher::uds::lazy_channel;
-use proto::cri::image_service_client::ImageServiceClient;
-use proto::cri::{
-    AuthConfig, ImageSpec, ImageStatusRequest, PullImageRequest, PullImageResponse,
-    RemoveImageRequest,
+    CREDS, PrivateRegistry, big_file_sha256, copy_image, private_registry, push_pause_image,
+    set_htpasswd, tools_missing,
 };
 
 fn skip_reason() -> Option<String> {
@@ -38,52 +33,6 @@ fn skip_reason() -> Option<String> {
         .or_else(|| (!is_root()).then(|| "FUSE mounts need root".to_owned()))
         .or_else(|| (!Path::new("/dev/fuse").exists()).then(|| "no /dev/fuse".to_owned()))
         .or_else(|| ensure_hosts_entry().err())
-}
-
-fn spec(image: &str) -> Option<ImageSpec> {
-    Some(ImageSpec {
-        image: image.to_owned(),
-        ..Default::default()
-    })
-}
-
-/// Whether the registry refused the pull's credentials.
-fn unauthorized(s: &tonic::Status) -> bool {
-    s.message().contains("401") || s.message().contains("nauthorized")
-}
-
-/// `PullImage` of `image` with a pull secret `auth` (user, password), as kubelet sends it, on a
-/// new connection to the proxy at `sock` (kubelet reconnects too). A refused dial (containerd
-/// reaching a snapshotter that is still starting, or the proxy itself) is tried again for a
-/// while; any other answer is returned.
-async fn pull_image(
-    sock: &Path,
-    image: &str,
-    auth: Option<(&str, &str)>,
-) -> Result<PullImageResponse, tonic::Status> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let r = ImageServiceClient::new(lazy_channel(sock))
-            .pull_image(PullImageRequest {
-                image: spec(image),
-                auth: auth.map(|(username, password)| AuthConfig {
-                    username: username.into(),
-                    password: password.into(),
-                    ..Default::default()
-                }),
-            })
-            .await;
-        match r {
-            Ok(r) => return Ok(r.into_inner()),
-            Err(s)
-                if Instant::now() < deadline
-                    && (s.message().contains("dial") || s.code() == tonic::Code::Unavailable) =>
-            {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(s) => return Err(s),
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,12 +90,26 @@ async fn kubelet_pulls_with_a_pull_secret_start_lazily() {
     .map(|s| (*s).to_owned())
     .collect();
     let mut snap = start_snapshotter(&env, "dfsnapshotter", &root, &sock, &metrics, &flags).await;
-    let containerd = start_containerd_cri(&env, "containerd", &sock, &hosts).await;
+    let (image, pause) = (
+        format!("{addr}/project/app:v1"),
+        format!("{addr}/project/pause:v1"),
+    );
+    push_pause_image(&env, &addr, "project/pause:v1", Some(CREDS)).await;
+    let cri = Cri {
+        hosts_dir: &hosts,
+        sandbox_image: &pause,
+    };
+    let containerd = start_containerd_cri(&env, "containerd", &sock, &cri).await;
+    let kubelet = Kubelet {
+        image_service: images,
+        runtime: containerd.sock.clone(),
+        log_dir: env.path("pods"),
+    };
     let (user, password) = CREDS.split_once(':').expect("creds");
-    let image = format!("{addr}/project/app:v1");
 
     // PullImage with the pod's pull secret, as kubelet sends it.
-    let pulled = pull_image(&images, &image, Some((user, password)))
+    let pulled = kubelet
+        .pull_image(&image, Some((user, password)))
         .await
         .unwrap_or_else(|s| {
             panic!(
@@ -157,14 +120,7 @@ async fn kubelet_pulls_with_a_pull_secret_start_lazily() {
         });
     assert!(pulled.image_ref.starts_with("sha256:"), "{pulled:?}");
     // Other calls pass through unchanged.
-    let status = ImageServiceClient::new(lazy_channel(&images))
-        .image_status(ImageStatusRequest {
-            image: spec(&image),
-            verbose: false,
-        })
-        .await
-        .expect("ImageStatus")
-        .into_inner();
+    let status = kubelet.image_status(&image).await.expect("ImageStatus");
     assert_eq!(
         status.image.as_ref().map(|i| i.id.as_str()),
         Some(pulled.image_ref.as_str())
@@ -183,100 +139,77 @@ async fn kubelet_pulls_with_a_pull_secret_start_lazily() {
         "{log}"
     );
 
-    // A pod's container runs (ctr on the CRI-pulled image); nothing has read /etc/release or
+    // A pod runs (its sandbox image pulled like any other); nothing has read /etc/release or
     // /big.bin yet, so their layers have not been fetched by anyone.
-    let k8s = |args: &[&str]| -> Vec<String> {
-        ["-n", "k8s.io"]
-            .iter()
-            .chain(args)
-            .map(|s| (*s).to_owned())
-            .collect()
-    };
-    let ctr = |args: Vec<String>| {
-        let containerd = &containerd;
-        async move {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            containerd.ctr(&args).await
-        }
-    };
-    let (code, out) = ctr(k8s(&[
-        "run",
-        "-d",
-        "--snapshotter",
-        "damselfly",
-        &image,
-        "pod",
-        "/bin/busybox",
-        "sleep",
-        "600",
-    ]))
-    .await;
-    assert_eq!(code, 0, "ctr run -d: {out}\n{}", snap.output());
+    kubelet
+        .pull_image(&pause, Some((user, password)))
+        .await
+        .expect("PullImage of the sandbox image");
+    let pod = kubelet
+        .run_pod("web")
+        .await
+        .unwrap_or_else(|s| panic!("RunPodSandbox: {s:?}\n{}", containerd.proc.output()));
+    let app = kubelet
+        .start_container(&pod, "app", &image, &["/bin/busybox", "sleep", "600"])
+        .await
+        .unwrap_or_else(|s| panic!("app container: {s:?}\n{}", containerd.proc.output()));
 
     // kill -9 of dfsnapshotter, proxy and all: the FUSE manager keeps serving and keeps the
     // secret, so the running container reads a file of a layer nobody fetched before.
     snap.kill9().await;
     let snap = start_snapshotter(&env, "dfsnapshotter-2", &root, &sock, &metrics, &flags).await;
-    let (code, out) = ctr(k8s(&[
-        "tasks",
-        "exec",
-        "--exec-id",
-        "e1",
-        "pod",
-        "/bin/cat",
-        "/etc/release",
-    ]))
-    .await;
+    let (code, out) = kubelet
+        .exec(&app, &["/bin/cat", "/etc/release"])
+        .await
+        .expect("ExecSync");
     assert_eq!(code, 0, "exec after kill -9: {out}\n{}", snap.output());
     assert!(out.contains("damselfly test image"), "{out}");
     // A new container of the image starts (containerd redials the new snapshotter).
-    let args = k8s(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "damselfly",
-        &image,
-        "c1",
-        "/bin/cat",
-        "/small-file",
-    ]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = containerd
-        .ctr_until_ok(&args, Duration::from_secs(30))
-        .await;
-    assert!(out.contains("hello from damselfly"), "{out}");
+    let c1 = kubelet
+        .start_container(&pod, "c1", &image, &["/bin/cat", "/small-file"])
+        .await
+        .unwrap_or_else(|s| panic!("c1 after the restart: {s:?}\n{}", snap.output()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !kubelet
+        .container_log(&pod, "c1")
+        .contains("hello from damselfly")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "c1 wrote: {:?}",
+            kubelet.container_log(&pod, "c1")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
-    // The registry rotates alice's password; the old one stops working there...
+    // The registry rotates alice's password, and kubelet pulls again with the new secret (the
+    // registry takes it once it has read the new htpasswd)...
     let rotated = "through-the-looking-glass";
     set_htpasswd(&env, &[(user.to_owned(), rotated.to_owned())]).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match pull_image(&images, &image, Some((user, password))).await {
-            Err(s) if unauthorized(&s) => break,
-            r => assert!(
-                Instant::now() < deadline,
-                "the registry still takes the old password: {r:?}"
+        match kubelet.pull_image(&image, Some((user, rotated))).await {
+            Ok(_) => break,
+            Err(s) => assert!(
+                unauthorized(&s) && Instant::now() < deadline,
+                "PullImage with the rotated password: {s:?}"
             ),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // ...and kubelet pulls again with the new secret: the running container reads the big
-    // file (a layer first read now, so the supernode asks the registry with what the FUSE
-    // manager holds) byte-exact.
-    pull_image(&images, &image, Some((user, rotated)))
+    // ...while another pod still has the old secret: its pull is refused, and must not leave
+    // the stale secret in place of the working one.
+    let stale = kubelet
+        .pull_image(&image, Some((user, password)))
         .await
-        .expect("PullImage with the rotated password");
-    let (code, out) = ctr(k8s(&[
-        "tasks",
-        "exec",
-        "--exec-id",
-        "e2",
-        "pod",
-        "/bin/busybox",
-        "sha256sum",
-        "/big.bin",
-    ]))
-    .await;
+        .expect_err("the registry still takes the old password");
+    assert!(unauthorized(&stale), "{stale:?}");
+    // The running container reads the big file (a layer first read now, so the supernode asks
+    // the registry with what the FUSE manager holds) byte-exact.
+    let (code, out) = kubelet
+        .exec(&app, &["/bin/busybox", "sha256sum", "/big.bin"])
+        .await
+        .expect("ExecSync");
     assert_eq!(
         code,
         0,
@@ -284,13 +217,14 @@ async fn kubelet_pulls_with_a_pull_secret_start_lazily() {
         std::fs::read_to_string(root.join("fusemanager.log")).unwrap_or_default()
     );
     assert!(out.contains(&big_sha), "big.bin differs: {out}");
-    let (code, out) = ctr(k8s(&["tasks", "rm", "-f", "pod"])).await;
-    assert_eq!(code, 0, "{out}");
-    let (code, out) = ctr(k8s(&["containers", "rm", "pod"])).await;
-    assert_eq!(code, 0, "{out}");
+    kubelet
+        .delete_pod(pod, &[app, c1])
+        .await
+        .expect("delete the pod");
 
     // Another private repository without a secret is refused, whatever the first pull left.
-    let refused = pull_image(&images, &format!("{addr}/project/other:v1"), None)
+    let refused = kubelet
+        .pull_image(&format!("{addr}/project/other:v1"), None)
         .await
         .expect_err("project/other pulled without a secret");
     assert!(unauthorized(&refused), "{refused:?}");
@@ -320,13 +254,10 @@ async fn kubelet_pulls_with_a_pull_secret_start_lazily() {
         }
     }
 
-    // RemoveImage (kubelet's image GC): the layers go, and with them the secret.
-    ImageServiceClient::new(lazy_channel(&images))
-        .remove_image(RemoveImageRequest {
-            image: spec(&image),
-        })
-        .await
-        .expect("RemoveImage");
+    // RemoveImage (kubelet's image GC) of both images: the layers go, and with them the secret.
+    for i in [&image, &pause] {
+        kubelet.remove_image(i).await.expect("RemoveImage");
+    }
     let scopes = || async {
         let text = get_text(&format!("http://{metrics}/metrics")).await;
         metric(&text, "damselfly_snapshotter_credential_scopes", "")

@@ -90,15 +90,49 @@ impl Secret {
     }
 }
 
+#[derive(Clone)]
 struct Entry {
     secret: Secret,
     /// A helper's last answer (`user`, `password`) and when it came.
     answered: Option<(Instant, String, String)>,
 }
 
+/// A scope's credentials: the latest handover (and its number), and the one it replaced, kept
+/// until the pull the latest was made for has settled.
+struct Slot {
+    generation: u64,
+    current: Entry,
+    previous: Option<(u64, Entry)>,
+}
+
+/// What settling a handover did ([`Keyring::settle`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settled {
+    /// The pull succeeded and mounted layers read with them.
+    Kept,
+    /// Nothing reads with them: forgotten.
+    Forgotten,
+    /// The pull failed: the credentials it replaced are back.
+    Restored,
+    /// A later handover replaced them already.
+    Superseded,
+}
+
+impl Settled {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Kept => "kept",
+            Self::Forgotten => "forgotten",
+            Self::Restored => "restored",
+            Self::Superseded => "superseded",
+        }
+    }
+}
+
 /// The credentials handed to this process, by scope.
 pub struct Keyring {
-    entries: Mutex<lru::LruCache<Scope, Entry>>,
+    entries: Mutex<lru::LruCache<Scope, Slot>>,
+    handovers: std::sync::atomic::AtomicU64,
 }
 
 impl Default for Keyring {
@@ -107,21 +141,68 @@ impl Default for Keyring {
             entries: Mutex::new(lru::LruCache::new(
                 NonZeroUsize::new(MAX_SCOPES).unwrap_or(NonZeroUsize::MIN),
             )),
+            handovers: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
 
 impl Keyring {
-    /// Keeps `secret` for `scope`, replacing what was kept (a new pull brings fresh ones).
-    pub fn put(&self, scope: Scope, secret: Secret) {
+    /// Keeps `secret` for `scope`, replacing what was kept (a new pull brings fresh ones) but
+    /// remembering it until [`Keyring::settle`]; returns the handover's number.
+    pub fn put(&self, scope: Scope, secret: Secret) -> u64 {
+        let generation = 1 + self
+            .handovers
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let current = Entry {
+            secret,
+            answered: None,
+        };
         if let Ok(mut m) = self.entries.lock() {
+            let previous = m.pop(&scope).map(|s| (s.generation, s.current));
             m.put(
                 scope,
-                Entry {
-                    secret,
-                    answered: None,
+                Slot {
+                    generation,
+                    current,
+                    previous,
                 },
             );
+        }
+        generation
+    }
+
+    /// Settles handover `generation` of `scope` once its pull has ended (`pulled`: it
+    /// succeeded), `in_use` telling whether a mounted layer reads with the scope's credentials.
+    pub fn settle(&self, scope: &Scope, generation: u64, pulled: bool, in_use: bool) -> Settled {
+        let Ok(mut m) = self.entries.lock() else {
+            return Settled::Superseded;
+        };
+        let Some(slot) = m.get_mut(scope) else {
+            return Settled::Superseded;
+        };
+        if slot.generation != generation {
+            // A later handover replaced this one; a failed one is no good to fall back on.
+            if !pulled
+                && slot
+                    .previous
+                    .as_ref()
+                    .is_some_and(|(g, _)| *g == generation)
+            {
+                slot.previous = None;
+            }
+            return Settled::Superseded;
+        }
+        match (pulled, slot.previous.take()) {
+            (false, Some((g, e))) => {
+                slot.generation = g;
+                slot.current = e;
+                Settled::Restored
+            }
+            _ if in_use => Settled::Kept,
+            _ => {
+                m.pop(scope);
+                Settled::Forgotten
+            }
         }
     }
 
@@ -147,7 +228,7 @@ impl Keyring {
         if let Ok(mut m) = self.entries.lock()
             && let Some(e) = m.get_mut(scope)
         {
-            e.answered = None;
+            e.current.answered = None;
         }
     }
 
@@ -157,7 +238,7 @@ impl Keyring {
             let Ok(mut m) = self.entries.lock() else {
                 return Ok(None);
             };
-            let Some(e) = m.get(scope) else {
+            let Some(Slot { current: e, .. }) = m.get(scope) else {
                 return Ok(None);
             };
             match (&e.secret, &e.answered) {
@@ -175,7 +256,7 @@ impl Keyring {
         };
         let (user, password) = helper::get(helper, server).await?;
         if let Ok(mut m) = self.entries.lock()
-            && let Some(e) = m.get_mut(scope)
+            && let Some(Slot { current: e, .. }) = m.get_mut(scope)
             && e.secret == secret
         {
             e.answered = Some((Instant::now(), user.clone(), password.clone()));
@@ -221,6 +302,51 @@ mod tests {
         assert!(k.forget(&a));
         assert_eq!(k.basic(&a).await.expect("gone"), None);
         assert!(k.is_empty());
+    }
+
+    async fn password(k: &Keyring, scope: &Scope) -> Option<String> {
+        k.basic(scope).await.expect("basic").map(|(_, p)| p)
+    }
+
+    #[tokio::test]
+    async fn a_failed_pull_gives_the_working_credentials_back() {
+        let k = Keyring::default();
+        let a = Scope::new("reg.example", "team/app");
+        let good = k.put(a.clone(), basic("alice", "good"));
+        assert_eq!(k.settle(&a, good, true, true), Settled::Kept);
+        // A pull with a stale secret fails: the one its layers read with comes back.
+        let stale = k.put(a.clone(), basic("alice", "stale"));
+        assert_eq!(password(&k, &a).await.as_deref(), Some("stale"));
+        assert_eq!(k.settle(&a, stale, false, true), Settled::Restored);
+        assert_eq!(password(&k, &a).await.as_deref(), Some("good"));
+        // Rotated: the new secret's pull succeeds and stays; settling twice changes nothing.
+        let rotated = k.put(a.clone(), basic("alice", "rotated"));
+        assert_eq!(k.settle(&a, rotated, true, true), Settled::Kept);
+        assert_eq!(k.settle(&a, rotated, false, true), Settled::Kept);
+        assert_eq!(password(&k, &a).await.as_deref(), Some("rotated"));
+        // Two pulls at once: the first fails after the second handed over; the second fails
+        // too and the failed first is not what comes back.
+        let first = k.put(a.clone(), basic("alice", "first"));
+        let second = k.put(a.clone(), basic("alice", "second"));
+        assert_eq!(k.settle(&a, first, false, true), Settled::Superseded);
+        assert_eq!(password(&k, &a).await.as_deref(), Some("second"));
+        assert_eq!(k.settle(&a, second, false, true), Settled::Kept);
+        assert_eq!(password(&k, &a).await.as_deref(), Some("second"));
+    }
+
+    #[test]
+    fn credentials_no_layer_reads_with_are_forgotten() {
+        let k = Keyring::default();
+        let a = Scope::new("reg.example", "team/pause");
+        // Its layers were all present already (mounted for another scope): nothing to keep.
+        let g = k.put(a.clone(), basic("alice", "pw"));
+        assert_eq!(k.settle(&a, g, true, false), Settled::Forgotten);
+        assert!(k.is_empty());
+        // A failed first pull leaves nothing behind either.
+        let g = k.put(a.clone(), basic("alice", "wrong"));
+        assert_eq!(k.settle(&a, g, false, false), Settled::Forgotten);
+        assert!(k.is_empty());
+        assert_eq!(k.settle(&a, g, true, true), Settled::Superseded);
     }
 
     #[test]

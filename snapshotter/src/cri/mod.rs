@@ -3,8 +3,9 @@
 //! own (kubelet's `--image-service-endpoint`) and forwards every call to containerd's CRI, byte
 //! for byte ([`raw`]). Of a `PullImage` it reads the image and the pull secret first and hands
 //! the secret to the FUSE manager for that image's registry and repository, so the lazy layers
-//! containerd then prepares read with the pod's credentials; each new pull replaces them. The
-//! secret is never logged. A secret the proxy cannot use (token forms) leaves the pull to go on
+//! containerd then prepares read with the pod's credentials; each new pull replaces them, once
+//! it has succeeded: a failed pull (a stale secret) gives the previous ones back, and a pull that
+//! mounted none of the scope's layers leaves nothing behind. The secret is never logged. A secret the proxy cannot use (token forms) leaves the pull to go on
 //! unchanged; its layers then fall back to a normal unpack.
 
 mod raw;
@@ -50,28 +51,42 @@ impl ImageServiceProxy {
         }
     }
 
-    /// Reads a `PullImage` request's image and pull secret, and hands the secret over.
-    async fn capture(&self, request: &Bytes) {
-        let Ok(pull) = proto::cri::PullImageRequest::decode(request.as_ref()) else {
-            return; // containerd will refuse it with its own error.
-        };
+    /// Reads a `PullImage` request's image and pull secret, and hands the secret over; the
+    /// handover, to settle once the pull has ended.
+    async fn capture(&self, request: &Bytes) -> Option<(Scope, u64)> {
+        // Undecodable: containerd will refuse it with its own error.
+        let pull = proto::cri::PullImageRequest::decode(request.as_ref()).ok()?;
         let image = pull.image.map(|i| i.image).unwrap_or_default();
-        let reference = match Reference::parse(&image) {
-            Ok(r) => r,
-            Err(_) => return,
-        };
+        let reference = Reference::parse(&image).ok()?;
         let scope = Scope::new(&reference.registry, &reference.repository);
         match secret::secret(pull.auth.as_ref()) {
             Ok(s) => match self.manager.put_credentials(&scope, &s).await {
-                Ok(()) => tracing::info!(%scope, "pull secret kept for the image's lazy layers"),
+                Ok(generation) => {
+                    tracing::info!(%scope, "pull secret kept for the image's lazy layers");
+                    Some((scope, generation))
+                }
                 Err(e) => {
-                    tracing::warn!(%scope, error = %e, "cannot hand the pull secret over: the image's layers will be unpacked normally")
+                    tracing::warn!(%scope, error = %e, "cannot hand the pull secret over: the image's layers will be unpacked normally");
+                    None
                 }
             },
-            Err(secret::Unusable::None) => {}
+            Err(secret::Unusable::None) => None,
             Err(why) => {
-                tracing::warn!(%scope, ?why, "pull secret unusable for lazy layers: they will be unpacked normally")
+                tracing::warn!(%scope, ?why, "pull secret unusable for lazy layers: they will be unpacked normally");
+                None
             }
+        }
+    }
+
+    /// The pull of `handover` has ended (`pulled`: it succeeded): a failed pull's secret gives
+    /// way to the scope's previous one, one no mounted layer reads with is forgotten.
+    async fn settle(&self, (scope, generation): (Scope, u64), pulled: bool) {
+        if let Err(e) = self
+            .manager
+            .settle_credentials(&scope, generation, pulled)
+            .await
+        {
+            tracing::warn!(%scope, error = %e, "cannot settle the pull secret with the fuse manager");
         }
     }
 
@@ -107,10 +122,16 @@ impl tonic::server::UnaryService<Bytes> for Call {
     fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
         let (proxy, path, pull) = (self.proxy.clone(), self.path.clone(), self.pull);
         Box::pin(async move {
-            if pull {
-                proxy.capture(request.get_ref()).await;
+            let handover = if pull {
+                proxy.capture(request.get_ref()).await
+            } else {
+                None
+            };
+            let answer = proxy.forward(request, path).await;
+            if let Some(h) = handover {
+                proxy.settle(h, answer.is_ok()).await;
             }
-            proxy.forward(request, path).await
+            answer
         })
     }
 }
