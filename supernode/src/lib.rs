@@ -23,7 +23,6 @@ use fetcher::piece_store::Store;
 use fetcher::rate::{parse_rate, parse_size};
 use fetcher::source::HttpSource;
 use proto::scheduler::scheduler_server::SchedulerServer;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use error::{Error, Result};
 
@@ -185,9 +184,11 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
             .http2_keepalive_interval(Some(Duration::from_secs(15)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(svc)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
-                sd.wait().await
-            })
+            // Scheduling is many small round trips: no Nagle delay against delayed ACKs.
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+                async move { sd.wait().await },
+            )
             .await;
         if let Err(e) = r {
             tracing::error!(error = %e, "scheduler server failed");

@@ -286,7 +286,17 @@ async fn publish(
     })
     .await
     .map_err(|e| fetcher::Error::Download(format!("store task failed: {e}")))??;
-    v.lock().pieces.extend(metas);
-    v.notify();
+    let first = {
+        let mut st = v.lock();
+        let (first, n) = (st.pieces.is_empty(), metas.len());
+        st.pieces.extend(metas);
+        // Each new piece goes to about one peer from the supernode: wake a few who wait.
+        st.wake_starved(n.saturating_mul(2).min(64));
+        first
+    };
+    if first {
+        // The first piece is news for everyone (proofs of access wait on it).
+        v.notify();
+    }
     Ok(())
 }

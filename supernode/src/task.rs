@@ -2,15 +2,16 @@
 //! downloading what from whom. One [`Version`] per (task, origin content); [`Tasks`] maps task ids to
 //! their current version and version ids to versions (for piece serving and eviction).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use fetcher::piece::PieceMeta;
 use fetcher::piece_store::TaskStore;
 use fetcher::source::HeaderPair;
+use indexmap::IndexSet;
 use proto::scheduler::TaskError;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 /// What the origin told the seed about the content.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,24 +38,51 @@ pub enum Status {
     Failed(TaskError),
 }
 
+/// Piece numbers (hashed fast: the scheduler looks them up on every decision).
+pub type PieceSet = HashSet<u32, foldhash::fast::RandomState>;
+/// Piece number → something.
+pub type PieceMap<V> = HashMap<u32, V, foldhash::fast::RandomState>;
+
 /// A peer connected to a version.
 #[derive(Debug)]
 pub struct PeerState {
     /// The host as the connection shows it (see `scheduler::identity`), not as the peer claims.
     pub host_id: String,
     pub base_url: String,
-    pub have: HashSet<u32>,
+    pub have: PieceSet,
     /// piece → parent id, for assignments not yet reported.
-    pub outstanding: HashMap<u32, String>,
+    pub outstanding: PieceMap<String>,
     /// Parents that failed this peer: never assigned to it again for this version.
     pub failed_parents: HashSet<String>,
     /// Pieces a lazy reader waits on: assigned before any other.
-    pub wanted: HashSet<u32>,
+    pub wanted: PieceSet,
     /// Assign wanted pieces only (lazy reader, background fetching off).
     pub only_wanted: bool,
     /// Joined a content-keyed task through another origin than the seed's: gets pieces only
     /// once the seed matched the digest (the seed's origin is not this peer's to trust).
     pub verified_only: bool,
+    /// Wakes this peer's session to be scheduled again.
+    pub wake: Arc<Notify>,
+    /// In [`State::starved`]: its window had room that nothing could fill.
+    pub starved: bool,
+}
+
+impl PeerState {
+    /// A peer that joined holding `have`.
+    pub fn new(host_id: String, base_url: String, have: PieceSet) -> Self {
+        Self {
+            host_id,
+            base_url,
+            have,
+            outstanding: PieceMap::default(),
+            failed_parents: HashSet::new(),
+            wanted: PieceSet::default(),
+            only_wanted: false,
+            verified_only: false,
+            wake: Arc::new(Notify::new()),
+            starved: false,
+        }
+    }
 }
 
 /// Mutable state of a version (under one mutex; never held across an await).
@@ -68,7 +96,16 @@ pub struct State {
     /// Outstanding uploads per parent id (the supernode included).
     pub load: HashMap<String, usize>,
     /// Outstanding assignments per piece.
-    pub in_flight: HashMap<u32, usize>,
+    pub in_flight: PieceMap<usize>,
+    /// Piece → the peers holding it (kept with [`State::add_peer`], [`State::hold`] and
+    /// [`State::remove_peer`]): parents are looked for among a piece's holders, not among all
+    /// peers.
+    pub holders: PieceMap<IndexSet<String>>,
+    /// Sessions waiting for something to assign them, oldest first (see [`State::wake_starved`]).
+    pub starved: VecDeque<String>,
+    /// Peers with a free upload slot (see `scheduler::assign`): parents are looked for among
+    /// them.
+    pub free: IndexSet<String>,
     /// Parents taken out of scheduling for this version.
     pub bad_parents: HashSet<String>,
     /// Parent → hosts that reported it for bad data or unreachability.
@@ -77,6 +114,92 @@ pub struct State {
     pub validated: HashSet<String>,
     pub last_access: Instant,
     pub last_validated: Instant,
+}
+
+impl State {
+    /// Adds peer `id` and its holdings.
+    pub fn add_peer(&mut self, id: String, peer: PeerState) {
+        for n in &peer.have {
+            self.holders.entry(*n).or_default().insert(id.clone());
+        }
+        self.free.insert(id.clone());
+        self.peers.insert(id, peer);
+    }
+
+    /// Peer `id` now holds piece `n`; whether that is news.
+    pub fn hold(&mut self, id: &str, n: u32) -> bool {
+        let Some(p) = self.peers.get_mut(id) else {
+            return false;
+        };
+        if !p.have.insert(n) {
+            return false;
+        }
+        self.holders.entry(n).or_default().insert(id.to_owned());
+        true
+    }
+
+    /// Removes peer `id` (it left) from the peers and the holder sets.
+    pub fn remove_peer(&mut self, id: &str) -> Option<PeerState> {
+        let p = self.peers.remove(id)?;
+        self.free.swap_remove(id);
+        for n in &p.have {
+            if let Some(h) = self.holders.get_mut(n) {
+                h.swap_remove(id);
+            }
+        }
+        Some(p)
+    }
+
+    /// Peer `id` could not fill its window: it waits in line for the next change that may help.
+    pub fn starve(&mut self, id: &str) {
+        if let Some(p) = self.peers.get_mut(id)
+            && !p.starved
+        {
+            p.starved = true;
+            self.starved.push_back(id.to_owned());
+        }
+    }
+
+    /// Wakes up to `n` starved sessions, oldest first (a change freed a slot or added a holder:
+    /// only so many peers can use it).
+    pub fn wake_starved(&mut self, n: usize) {
+        self.wake_starved_if(n, |_, _| true);
+    }
+
+    /// Wakes up to `n` starved sessions, oldest first, among those `helps` says the change can
+    /// serve (they lack a piece it offers); the others keep waiting. Looks at a bounded number
+    /// of them, so a change costs the same however many peers wait.
+    pub fn wake_starved_if(&mut self, n: usize, helps: impl Fn(&State, &PeerState) -> bool) {
+        if n == 0 {
+            return;
+        }
+        let look = n.saturating_mul(16).min(self.starved.len());
+        let seen: Vec<String> = self.starved.drain(..look).collect();
+        let mut wake = Vec::new();
+        let mut keep = Vec::new();
+        for id in seen {
+            match self.peers.get(&id) {
+                Some(p) if p.starved && wake.len() < n && helps(self, p) => wake.push(id),
+                Some(p) if p.starved => keep.push(id),
+                _ => {} // left, or woken since
+            }
+        }
+        for id in &wake {
+            if let Some(p) = self.peers.get_mut(id) {
+                p.starved = false;
+                p.wake.notify_one();
+            }
+        }
+        // The ones passed over keep their place ahead of those behind them.
+        for id in keep.into_iter().rev() {
+            self.starved.push_front(id);
+        }
+    }
+
+    /// Whether `peer` lacks (and is not fetching) piece `n`.
+    pub fn lacks(peer: &PeerState, n: u32) -> bool {
+        !peer.have.contains(&n) && !peer.outstanding.contains_key(&n)
+    }
 }
 
 /// One version of a task.
@@ -117,8 +240,11 @@ impl Version {
                 status: Status::Seeding,
                 pieces: Vec::new(),
                 peers: HashMap::new(),
+                holders: PieceMap::default(),
+                starved: VecDeque::new(),
+                free: IndexSet::new(),
                 load: HashMap::new(),
-                in_flight: HashMap::new(),
+                in_flight: PieceMap::default(),
                 bad_parents: HashSet::new(),
                 fault_reporters: HashMap::new(),
                 validated,
@@ -135,7 +261,9 @@ impl Version {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Wakes every session of this version.
+    /// Wakes every session and waiter of this version: for what all of them must see (the
+    /// origin's answer, the first piece, completion, failure). Scheduling changes wake only the
+    /// sessions they can help ([`State::wake_starved`]).
     pub fn notify(&self) {
         self.changed.send_modify(|g| *g = g.wrapping_add(1));
     }

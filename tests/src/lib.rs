@@ -4,6 +4,7 @@ pub mod docker;
 pub mod harness;
 pub mod host;
 pub mod kubelet;
+pub mod loadgen;
 pub mod origin;
 pub mod pki;
 pub mod registry;

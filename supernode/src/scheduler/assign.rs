@@ -1,16 +1,26 @@
 //! Choosing parents: which piece a peer should fetch next, and from whom.
 //!
 //! Policy: a peer keeps at most `window` assignments outstanding. Pieces other peers hold are taken
-//! from the least-loaded such peer (under `peer_cap` concurrent uploads each), rarest piece first;
+//! from a lightly loaded such peer (under `peer_cap` concurrent uploads each), rarest piece first;
 //! only when no peer can serve does the supernode, under its own cap, serve the rarest piece. That
 //! spreads load, keeps the supernode's bytes near one copy per piece, and keeps faulty parents out.
+//!
+//! Cost: parents are looked for among the peers with a free upload slot ([`State::free`]),
+//! sampling at most [`PROBES`] of them, each offering the rarest piece it holds that the peer
+//! needs; rarity comes from per-piece holder sets ([`State::holders`]). One call costs
+//! O(pieces · log pieces + PROBES · pieces), whatever the number of peers.
 
+use rand::Rng;
 use rand::seq::IndexedRandom;
 
 use crate::task::{PeerState, State, Status};
 
 /// The supernode's parent id.
 pub const SUPERNODE_ID: &str = "supernode";
+
+/// Free peers sampled for a parent (all of them when there are fewer): the best of a few random
+/// candidates spreads uploads about as well as the best of all, at a bounded cost.
+pub const PROBES: usize = 16;
 
 /// Limits the policy works with.
 #[derive(Clone, Copy, Debug)]
@@ -20,129 +30,224 @@ pub struct Limits {
     pub supernode_cap: usize,
 }
 
+/// A piece `me` still needs and is not fetching, with its supply (holders plus copies on their
+/// way).
+type Needed = (usize, u32);
+
+/// The pieces `me` still needs and is not fetching, each list rarest first: those a lazy reader
+/// waits on, then the rest.
+fn needed_by_rarity(state: &State, me: &PeerState) -> (Vec<Needed>, Vec<Needed>) {
+    let supply = |n: u32| {
+        state.holders.get(&n).map_or(0, |h| h.len()) + state.in_flight.get(&n).copied().unwrap_or(0)
+    };
+    let mut rng = rand::rng();
+    let (mut urgent, mut rest) = (Vec::new(), Vec::new());
+    for n in state.pieces.iter().map(|p| p.num) {
+        if me.have.contains(&n) || me.outstanding.contains_key(&n) {
+            continue;
+        }
+        // Ties broken at random, so that peers starting together spread over the pieces.
+        let entry = (supply(n), rng.random::<u32>(), n);
+        if me.wanted.contains(&n) {
+            urgent.push(entry);
+        } else {
+            rest.push(entry);
+        }
+    }
+    let ranked = |mut v: Vec<(usize, u32, u32)>| {
+        v.sort_unstable();
+        v.into_iter().map(|(s, _, n)| (s, n)).collect()
+    };
+    (ranked(urgent), ranked(rest))
+}
+
+/// Whether `id` may serve `peer_id` at all (its load aside): not `peer_id` itself, not
+/// isolated for the task or host-wide, and it has not failed `peer_id` before.
+fn may_serve(
+    state: &State,
+    me: &PeerState,
+    peer_id: &str,
+    id: &str,
+    usable: &dyn Fn(&str) -> bool,
+) -> bool {
+    id != peer_id
+        && !state.bad_parents.contains(id)
+        && !me.failed_parents.contains(id)
+        && state.peers.get(id).is_some_and(|p| usable(&p.host_id))
+}
+
+/// The rarest untaken piece of `needed` that a free, usable peer holds, and the least loaded
+/// such peer among up to [`PROBES`] free peers sampled (all of them when there are fewer).
+fn free_parent(
+    state: &State,
+    peer_id: &str,
+    needed: &[Needed],
+    taken: &[bool],
+    (limits, usable): (Limits, &dyn Fn(&str) -> bool),
+) -> Option<(usize, String)> {
+    let me = state.peers.get(peer_id)?;
+    let load = |id: &str| state.load.get(id).copied().unwrap_or(0);
+    let free = &state.free;
+    let len = free.len();
+    if len == 0 {
+        return None;
+    }
+    let sample: Box<dyn Iterator<Item = &String>> = if len <= PROBES {
+        Box::new(free.iter())
+    } else {
+        // A random start and stride: distinct peers while the stride and the set's size are
+        // coprime, repeats otherwise (harmless).
+        let mut rng = rand::rng();
+        let (start, stride) = (rng.random_range(0..len), rng.random_range(1..len));
+        Box::new((0..PROBES).filter_map(move |k| free.get_index((start + k * stride) % len)))
+    };
+    let mut best: Option<(usize, usize, &String)> = None;
+    for id in sample {
+        if load(id) >= limits.peer_cap || !may_serve(state, me, peer_id, id, usable) {
+            continue;
+        }
+        let Some(parent) = state.peers.get(id) else {
+            continue;
+        };
+        // Only a piece rarer than the best so far can do better.
+        let upto = best.map_or(needed.len(), |(i, _, _)| i + 1);
+        let offered = (0..upto).find(|i| !taken[*i] && parent.have.contains(&needed[*i].1));
+        if let Some(i) = offered {
+            let l = load(id);
+            if best.is_none_or(|(bi, bl, _)| (i, l) < (bi, bl)) {
+                best = Some((i, l, id));
+            }
+        }
+    }
+    best.map(|(i, _, id)| (i, id.clone()))
+}
+
 /// Picks the next assignments for `peer_id`, updating loads and outstanding sets.
-/// `usable(parent_peer_id, host_id)` says whether a parent is allowed (not isolated host-wide).
+/// `usable(host_id)` says whether a parent's host is allowed (not isolated host-wide).
 pub fn next(
     state: &mut State,
     peer_id: &str,
     limits: Limits,
     usable: &dyn Fn(&str) -> bool,
 ) -> Vec<(u32, String)> {
+    let Some(me) = state.peers.get(peer_id) else {
+        return Vec::new();
+    };
+    let room = limits.window.saturating_sub(me.outstanding.len());
+    if room == 0 {
+        return Vec::new();
+    }
+    let only_wanted = me.only_wanted;
+    let (urgent, rest) = needed_by_rarity(state, me);
+    // A lazy reader's wanted pieces go first; in want-only mode nothing else goes.
     let mut out = Vec::new();
-    let mut rng = rand::rng();
-    while let Some(me) = state.peers.get(peer_id) {
-        if me.outstanding.len() >= limits.window {
+    fill(state, peer_id, &urgent, (limits, usable), room, &mut out);
+    if !only_wanted {
+        let room = room - out.len();
+        fill(state, peer_id, &rest, (limits, usable), room, &mut out);
+    }
+    out
+}
+
+/// Assigns up to `room` of `needed` (rarest first) to `peer_id`, into `out`. Rarest first from
+/// peers: a piece without a free parent now stays without one in this call (loads only grow), so
+/// one pass over the list serves the whole window; then the supernode.
+fn fill(
+    state: &mut State,
+    peer_id: &str,
+    needed: &[Needed],
+    (limits, usable): (Limits, &dyn Fn(&str) -> bool),
+    mut room: usize,
+    out: &mut Vec<(u32, String)>,
+) {
+    let mut taken = vec![false; needed.len()];
+    while room > 0 {
+        let choice = free_parent(state, peer_id, needed, &taken, (limits, usable));
+        let choice = choice.or_else(|| {
+            supernode_piece(state, peer_id, needed, &taken, (limits, usable))
+                .map(|i| (i, SUPERNODE_ID.to_owned()))
+        });
+        let Some((i, parent)) = choice else {
             break;
+        };
+        taken[i] = true;
+        let piece = needed[i].1;
+        let load = state.load.entry(parent.clone()).or_default();
+        *load += 1;
+        if *load >= limits.peer_cap {
+            state.free.swap_remove(&parent);
         }
-        // Pieces this peer still needs and is not already fetching.
-        let needed: Vec<u32> = state
-            .pieces
-            .iter()
-            .map(|p| p.num)
-            .filter(|n| !me.have.contains(n) && !me.outstanding.contains_key(n))
-            .collect();
-        // A lazy reader's wanted pieces go first; in want-only mode nothing else goes.
-        let urgent: Vec<u32> = needed
-            .iter()
-            .copied()
-            .filter(|n| me.wanted.contains(n))
-            .collect();
-        let needed = if !urgent.is_empty() {
-            urgent
-        } else if me.only_wanted {
-            break;
-        } else {
-            needed
-        };
-        if needed.is_empty() {
-            break;
-        }
-        // A parent is usable for this peer when it holds the piece, is not isolated (for the task
-        // or host-wide), has not failed this peer, and has a free upload slot (`with_slot`).
-        let usable_parent = |id: &str, p: &PeerState, n: u32| {
-            id != peer_id
-                && p.have.contains(&n)
-                && !state.bad_parents.contains(id)
-                && !me.failed_parents.contains(id)
-                && usable(&p.host_id)
-        };
-        // Supply of a piece: usable holders plus copies already on their way to some peer.
-        let supply = |n: u32| {
-            let holders = state
-                .peers
-                .iter()
-                .filter(|(id, p)| usable_parent(id, p, n))
-                .count();
-            holders + state.in_flight.get(&n).copied().unwrap_or(0)
-        };
-        // Best (piece, peer parent): rarest piece among those a usable peer can serve now.
-        let mut best: Option<(usize, u32, Vec<&str>)> = None;
-        for &n in &needed {
-            let parents: Vec<&str> = state
-                .peers
-                .iter()
-                .filter(|(id, p)| {
-                    usable_parent(id, p, n)
-                        && state.load.get(id.as_str()).copied().unwrap_or(0) < limits.peer_cap
-                })
-                .map(|(id, _)| id.as_str())
-                .collect();
-            if parents.is_empty() {
-                continue;
-            }
-            let r = supply(n);
-            if best.as_ref().is_none_or(|(br, _, _)| r < *br) {
-                best = Some((r, n, parents));
-            }
-        }
-        let sn_load = state.load.get(SUPERNODE_ID).copied().unwrap_or(0);
-        let choice = if let Some((_, n, parents)) = best {
-            let min_load = parents
-                .iter()
-                .map(|p| state.load.get(*p).copied().unwrap_or(0))
-                .min()
-                .unwrap_or(0);
-            let least: Vec<&str> = parents
-                .into_iter()
-                .filter(|p| state.load.get(*p).copied().unwrap_or(0) == min_load)
-                .collect();
-            least.choose(&mut rng).map(|p| (n, (*p).to_owned()))
-        } else if sn_load < limits.supernode_cap {
-            // The supernode sends pieces no peer has or is getting (each piece leaves it about once);
-            // a second copy only when it is otherwise idle after seeding.
-            let min_s = needed.iter().map(|n| supply(*n)).min().unwrap_or(0);
-            let rarest: Vec<u32> = needed
-                .iter()
-                .copied()
-                .filter(|n| supply(*n) == min_s)
-                .collect();
-            // While seeding, the supernode's uplink belongs to pieces nobody has yet.
-            let seeded = matches!(state.status, Status::Complete { .. });
-            if min_s == 0 || (sn_load == 0 && seeded) {
-                rarest
-                    .choose(&mut rng)
-                    .map(|n| (*n, SUPERNODE_ID.to_owned()))
-            } else {
-                None
-            }
-        } else {
-            None
-        };
-        let Some((piece, parent)) = choice else { break };
-        *state.load.entry(parent.clone()).or_default() += 1;
         *state.in_flight.entry(piece).or_default() += 1;
         if let Some(me) = state.peers.get_mut(peer_id) {
             me.outstanding.insert(piece, parent.clone());
         }
         out.push((piece, parent));
+        room -= 1;
     }
-    out
+}
+
+/// Which of the untaken `needed` the supernode serves `peer_id`, when no peer can: a piece no
+/// usable peer has or is getting (each piece leaves the supernode about once), or, when it is
+/// otherwise idle after seeding, the rarest for a second copy.
+fn supernode_piece(
+    state: &State,
+    peer_id: &str,
+    needed: &[Needed],
+    taken: &[bool],
+    (limits, usable): (Limits, &dyn Fn(&str) -> bool),
+) -> Option<usize> {
+    let sn_load = state.load.get(SUPERNODE_ID).copied().unwrap_or(0);
+    if sn_load >= limits.supernode_cap {
+        return None;
+    }
+    let me = state.peers.get(peer_id)?;
+    let open = || (0..needed.len()).filter(|i| !taken[*i]);
+    // No copy anywhere this peer could take: nobody fetching it, no holder allowed to serve it
+    // (the search stops at the first one that is).
+    let absent: Vec<usize> = open()
+        .filter(|i| {
+            let n = needed[*i].1;
+            state.in_flight.get(&n).copied().unwrap_or(0) == 0
+                && !state
+                    .holders
+                    .get(&n)
+                    .is_some_and(|h| h.iter().any(|id| may_serve(state, me, peer_id, id, usable)))
+        })
+        .collect();
+    let mut rng = rand::rng();
+    if let Some(i) = absent.choose(&mut rng) {
+        return Some(*i);
+    }
+    let seeded = matches!(state.status, Status::Complete { .. });
+    if sn_load != 0 || !seeded {
+        return None;
+    }
+    // Lists are rarest first: the first untaken is a rarest.
+    open().next()
+}
+
+/// Whether `peer_id` has room in its window and pieces it could take once a parent frees up or
+/// appears (so a change should wake it); a peer with everything, or a lazy reader waiting on
+/// nothing, is not.
+pub fn starved(state: &State, peer_id: &str, limits: Limits) -> bool {
+    let Some(me) = state.peers.get(peer_id) else {
+        return false;
+    };
+    if me.outstanding.len() >= limits.window {
+        return false;
+    }
+    let seeding = !matches!(state.status, Status::Complete { .. });
+    let (urgent, rest) = needed_by_rarity(state, me);
+    !urgent.is_empty() || (!me.only_wanted && (seeding || !rest.is_empty()))
 }
 
 /// Releases the bookkeeping of an outstanding assignment (reported, or its peer left).
-pub fn release(state: &mut State, piece: u32, parent: &str) {
+pub fn release(state: &mut State, piece: u32, parent: &str, limits: Limits) {
     if let Some(l) = state.load.get_mut(parent) {
         *l = l.saturating_sub(1);
+        if *l < limits.peer_cap && state.peers.contains_key(parent) {
+            state.free.insert(parent.to_owned());
+        }
     }
     if let Some(f) = state.in_flight.get_mut(&piece) {
         *f = f.saturating_sub(1);
@@ -156,16 +261,7 @@ mod tests {
     use fetcher::piece::PieceMeta;
 
     fn peer(have: &[u32]) -> PeerState {
-        PeerState {
-            host_id: "h".into(),
-            base_url: String::new(),
-            have: have.iter().copied().collect(),
-            outstanding: Default::default(),
-            failed_parents: Default::default(),
-            wanted: Default::default(),
-            only_wanted: false,
-            verified_only: false,
-        }
+        PeerState::new("h".into(), String::new(), have.iter().copied().collect())
     }
 
     fn state_with(pieces: u32) -> std::sync::Arc<Version> {
@@ -192,7 +288,7 @@ mod tests {
         let v = state_with(8);
         let mut st = v.lock();
         for p in ["a", "b"] {
-            st.peers.insert(p.into(), peer(&[]));
+            st.add_peer(p.into(), peer(&[]));
         }
         let a = next(&mut st, "a", LIMITS, &|_| true);
         let b = next(&mut st, "b", LIMITS, &|_| true);
@@ -211,9 +307,9 @@ mod tests {
     fn prefers_peers_and_skips_bad_or_failed_parents() {
         let v = state_with(4);
         let mut st = v.lock();
-        st.peers.insert("seed1".into(), peer(&[0, 1, 2, 3]));
-        st.peers.insert("evil".into(), peer(&[0, 1, 2, 3]));
-        st.peers.insert("me".into(), peer(&[]));
+        st.add_peer("seed1".into(), peer(&[0, 1, 2, 3]));
+        st.add_peer("evil".into(), peer(&[0, 1, 2, 3]));
+        st.add_peer("me".into(), peer(&[]));
         st.bad_parents.insert("evil".into());
         let got = next(&mut st, "me", LIMITS, &|_| true);
         assert_eq!(
@@ -234,7 +330,7 @@ mod tests {
         assert_eq!(more.len(), 1);
         assert_eq!(more[0].1, SUPERNODE_ID);
         for (n, p) in got.iter().chain(&more) {
-            release(&mut st, *n, p);
+            release(&mut st, *n, p, LIMITS);
         }
         assert!(st.load.values().all(|l| *l == 0));
     }
@@ -243,8 +339,8 @@ mod tests {
     fn isolated_hosts_are_not_used() {
         let v = state_with(1);
         let mut st = v.lock();
-        st.peers.insert("p".into(), peer(&[0]));
-        st.peers.insert("me".into(), peer(&[]));
+        st.add_peer("p".into(), peer(&[0]));
+        st.add_peer("me".into(), peer(&[]));
         let got = next(&mut st, "me", LIMITS, &|h| h != "h");
         assert_eq!(got, vec![(0, SUPERNODE_ID.to_owned())]);
     }
@@ -253,12 +349,11 @@ mod tests {
     fn wanted_pieces_go_first_and_want_only_peers_get_nothing_else() {
         let v = state_with(8);
         let mut st = v.lock();
-        st.peers
-            .insert("seed".into(), peer(&[0, 1, 2, 3, 4, 5, 6, 7]));
+        st.add_peer("seed".into(), peer(&[0, 1, 2, 3, 4, 5, 6, 7]));
         let mut me = peer(&[]);
         me.wanted = [6, 7].into_iter().collect();
         me.only_wanted = true;
-        st.peers.insert("me".into(), me);
+        st.add_peer("me".into(), me);
         let got = next(&mut st, "me", LIMITS, &|_| true);
         let mut pieces: Vec<u32> = got.iter().map(|(n, _)| *n).collect();
         pieces.sort();
@@ -269,7 +364,7 @@ mod tests {
         );
         // Background mode: wanted first, then the rest within the window.
         for (n, p) in &got {
-            release(&mut st, *n, p);
+            release(&mut st, *n, p, LIMITS);
         }
         if let Some(me) = st.peers.get_mut("me") {
             me.outstanding.clear();

@@ -17,7 +17,7 @@ use super::Scheduling;
 use super::assign::{self, SUPERNODE_ID};
 use super::identity::Caller;
 use super::register;
-use crate::task::{PeerState, Status as SeedStatus, Version};
+use crate::task::{PeerState, State, Status as SeedStatus, Version};
 
 type Tx = mpsc::Sender<Result<SchedulerMessage, Status>>;
 
@@ -133,22 +133,25 @@ async fn run_registered(
     };
     let pieces = piece_count(info.content_length, info.piece_size);
     let peer_id = reg.peer_id.clone();
-    version.lock().peers.insert(
-        peer_id.clone(),
-        PeerState {
-            host_id: caller.host(&reg.host_id),
-            base_url: s.cfg.base_url(upload),
-            have: existing(have, pieces).collect(),
-            outstanding: Default::default(),
-            failed_parents: Default::default(),
-            wanted: Default::default(),
-            only_wanted: reg.only_wanted,
-            verified_only: version.expected_digest.is_some()
-                && crate::task::url_key(&reg.url) != crate::task::url_key(&version.url),
-        },
+    let mut me = PeerState::new(
+        caller.host(&reg.host_id),
+        s.cfg.base_url(upload),
+        existing(have, pieces).collect(),
     );
+    me.only_wanted = reg.only_wanted;
+    me.verified_only = version.expected_digest.is_some()
+        && crate::task::url_key(&reg.url) != crate::task::url_key(&version.url);
+    let wake = me.wake.clone();
+    {
+        let mut st = version.lock();
+        let held: Vec<u32> = me.have.iter().copied().collect();
+        st.add_peer(peer_id.clone(), me);
+        // What it holds can serve peers waiting for a parent.
+        st.wake_starved_if(wake_for(held.len(), s.cfg.limits), |_, c| {
+            held.iter().any(|n| State::lacks(c, *n))
+        });
+    }
     s.metrics.peers.inc();
-    version.notify();
     tracing::info!(version = %&info.version_id[..16], "peer joined");
 
     let sn_ip = s
@@ -185,15 +188,27 @@ async fn run_registered(
                 return leave(&s, &version, &peer_id);
             }
         }
+        // Re-evaluate now and then while waiting: isolation cool-downs expire without a wake-up.
+        let idle = if version
+            .lock()
+            .peers
+            .get(&peer_id)
+            .is_some_and(|p| p.starved)
+        {
+            Duration::from_secs(1)
+        } else {
+            // Often enough for the ticket renewal above.
+            (s.tickets.ttl / 4).min(Duration::from_secs(15))
+        };
         tokio::select! {
             r = changes.changed() => if r.is_err() { break },
+            () = wake.notified() => {}
             m = inbound.message() => match m {
                 Ok(Some(PeerMessage { msg: Some(peer_message::Msg::PieceResult(r)) })) => on_result(&s, &version, &peer_id, r),
                 Ok(Some(PeerMessage { msg: Some(peer_message::Msg::Have(h)) })) => {
-                    if let Some(p) = version.lock().peers.get_mut(&peer_id) {
-                        p.have.extend(existing(h.pieces, pieces));
-                    }
-                    version.notify();
+                    let mut st = version.lock();
+                    let new: Vec<u32> = existing(h.pieces, pieces).filter(|n| st.hold(&peer_id, *n)).collect();
+                    st.wake_starved_if(wake_for(new.len(), s.cfg.limits), |_, c| new.iter().any(|n| State::lacks(c, *n)));
                 }
                 Ok(Some(PeerMessage { msg: Some(peer_message::Msg::Want(w)) })) => {
                     if let Some(p) = version.lock().peers.get_mut(&peer_id) {
@@ -205,8 +220,7 @@ async fn run_registered(
                 Ok(None) | Err(_) => break,
             },
             _ = s.shutdown.wait() => break,
-            // Re-evaluate now and then: isolation cool-downs expire without a notification.
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep(idle) => {}
         }
     }
     leave(&s, &version, &peer_id);
@@ -253,7 +267,11 @@ fn step(
         _ => {}
     }
     let usable = |host: &str| !s.isolation.is_isolated(host);
-    for (piece, parent) in assign::next(&mut st, peer_id, s.cfg.limits, &usable) {
+    let assigned = assign::next(&mut st, peer_id, s.cfg.limits, &usable);
+    if assign::starved(&st, peer_id, s.cfg.limits) {
+        st.starve(peer_id);
+    }
+    for (piece, parent) in assigned {
         let (base_url, is_supernode) = if parent == SUPERNODE_ID {
             (supernode_base.to_owned(), true)
         } else {
@@ -309,12 +327,22 @@ fn on_result(s: &Scheduling, version: &Version, peer_id: &str, r: pb::PieceResul
     else {
         return;
     };
-    assign::release(&mut st, r.piece, &parent);
-    if r.success {
-        if let Some(p) = st.peers.get_mut(peer_id) {
-            p.have.insert(r.piece);
-        }
+    assign::release(&mut st, r.piece, &parent, s.cfg.limits);
+    // The parent has a free slot again: for one waiting peer that lacks something it holds.
+    if parent == SUPERNODE_ID {
+        st.wake_starved(1);
     } else {
+        st.wake_starved_if(1, |st, c| {
+            st.peers
+                .get(&parent)
+                .is_some_and(|y| y.have.iter().any(|n| State::lacks(c, *n)))
+        });
+    }
+    // On success the reporter holds one more piece: for as many waiting peers as it can serve.
+    if r.success && st.hold(peer_id, r.piece) {
+        st.wake_starved_if(s.cfg.limits.peer_cap, |_, c| State::lacks(c, r.piece));
+    }
+    if !r.success {
         let reason = FailureReason::try_from(r.reason).unwrap_or(FailureReason::Unspecified);
         s.metrics
             .piece_failures
@@ -352,21 +380,26 @@ fn on_result(s: &Scheduling, version: &Version, peer_id: &str, r: pb::PieceResul
             }
         }
     }
-    drop(st);
-    version.notify();
+}
+
+/// Starved sessions to wake when `pieces` new holdings appear (each can serve `peer_cap` peers
+/// at once), bounded.
+fn wake_for(pieces: usize, limits: assign::Limits) -> usize {
+    pieces.saturating_mul(limits.peer_cap).min(64)
 }
 
 /// Removes the peer from the version and frees what it had outstanding.
 fn leave(s: &Scheduling, version: &Version, peer_id: &str) {
     let mut st = version.lock();
-    if let Some(p) = st.peers.remove(peer_id) {
+    if let Some(p) = st.remove_peer(peer_id) {
+        let freed = p.outstanding.len();
         for (piece, parent) in p.outstanding {
-            assign::release(&mut st, piece, &parent);
+            assign::release(&mut st, piece, &parent, s.cfg.limits);
         }
+        st.wake_starved(freed);
         s.metrics.peers.dec();
     }
     drop(st);
-    version.notify();
     tracing::info!("peer left");
 }
 

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Benchmark: the supernode's scheduler under load. PEERS simulated peers (damselfly-loadgen: real
+# gRPC sessions over cluster TLS, each from its own loopback address, no piece bytes, each piece
+# reported done after PIECE_DELAY) download TASKS tasks of PIECES pieces from one supernode.
+# Prints one line:
+#   loadgen peers=.. tasks=.. completed=.. failed=.. results=.. results_per_s=.. p50_ms=.. p99_ms=.. elapsed_s=.. sn_cpu_s=.. sn_rss_mib=.. rss_kib_per_peer=..
+# Env: PEERS (1000), TASKS (1), PIECES (64), PIECE_DELAY (20ms), DEADLINE (120s), PROFILE
+# (release; `dev` uses the tests' optimized dev build).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+. scripts/lib.sh
+PEERS=${PEERS:-1000}
+TASKS=${TASKS:-1}
+PIECES=${PIECES:-64}
+PIECE_DELAY=${PIECE_DELAY:-20ms}
+DEADLINE=${DEADLINE:-120s}
+need_tools curl
+
+PROFILE=${PROFILE:-release}
+cargo build --profile "$PROFILE" --locked --workspace --bins -q
+BIN=target/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")
+WORK=$(mktemp -d /tmp/damselfly-bench.XXXXXX)
+cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+mkdir -p "$WORK/www"
+# Small pieces: the load is the scheduling, not the seed.
+printf 'piece_size = "64KiB"\n' > "$WORK/supernode.toml"
+urls=()
+for t in $(seq 1 "$TASKS"); do
+  head -c "$((PIECES * 64 * 1024))" /dev/urandom > "$WORK/www/task$t"
+done
+start_origin "$WORK/www"
+start_supernode --config "$WORK/supernode.toml"
+SN_PID=$(jobs -p | tail -1)
+for t in $(seq 1 "$TASKS"); do urls+=(--url "http://$ORIGIN/files/task$t"); done
+# shellcheck disable=SC2046
+"$BIN/damselfly-loadgen" --supernode "$GRPC" "${urls[@]}" --peers "$PEERS" \
+  --piece-delay "$PIECE_DELAY" --deadline "$DEADLINE" --supernode-pid "$SN_PID" $(tls_flags loadgen)
