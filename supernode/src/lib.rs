@@ -49,12 +49,24 @@ impl Running {
 }
 
 /// Binds a listener; returns it with the address it got (port 0 picks a free port).
+/// Connections waiting to be accepted, per listener.
+const LISTEN_BACKLOG: u32 = 8192;
+
 async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr)> {
     let err = |source| Error::Bind {
         addr: addr.to_string(),
         source,
     };
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(err)?;
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    // Thousands of peers connect at once after a supernode (re)starts: a deep accept queue
+    // (the kernel caps it at net.core.somaxconn) instead of resets.
+    let listener = socket.listen(LISTEN_BACKLOG).map_err(err)?;
     let local = listener.local_addr().map_err(err)?;
     Ok((listener, local))
 }

@@ -43,6 +43,8 @@ pub struct LoadReport {
     pub peers: usize,
     pub completed: usize,
     pub results: u64,
+    /// Connections tried again (refused or reset at first).
+    pub reconnects: u64,
     pub elapsed: Duration,
     /// From the first assignment to the last result.
     pub busy: Duration,
@@ -100,9 +102,18 @@ async fn client(
     Ok(SchedulerClient::new(channel))
 }
 
+/// Connection attempts per simulated peer.
+const CONNECT_ATTEMPTS: u32 = 5;
+
+/// Waits before connection attempt `attempt` (200 ms, 400 ms, ...).
+async fn backoff(attempt: u32) {
+    tokio::time::sleep(Duration::from_millis(200 << attempt.min(5))).await;
+}
+
 /// Shared counters of a run.
 struct Shared {
     results: AtomicU64,
+    reconnects: AtomicU64,
     first_assign: std::sync::Mutex<Option<Instant>>,
     last_result: std::sync::Mutex<Option<Instant>>,
     latencies: std::sync::Mutex<Vec<u32>>,
@@ -119,7 +130,19 @@ type Idle = (
 /// still connected, until the run ends.
 async fn peer(cfg: Arc<LoadConfig>, i: usize, shared: Arc<Shared>) -> Result<(), String> {
     let url = &cfg.urls[i % cfg.urls.len()];
-    let mut client = client(&cfg, i).await?;
+    // As agents do, a refused or reset connection is tried again after a moment.
+    let mut attempt = 0;
+    let mut client = loop {
+        match client(&cfg, i).await {
+            Ok(c) => break c,
+            Err(_) if attempt < CONNECT_ATTEMPTS => {
+                attempt += 1;
+                shared.reconnects.fetch_add(1, Ordering::Relaxed);
+                backoff(attempt).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let (tx, rx) = mpsc::channel::<PeerMessage>(64);
     let send = |m: peer_message::Msg| PeerMessage { msg: Some(m) };
     let task_id = fetcher::task_id::task_id(url, "", &[]).map_err(|e| e.to_string())?;
@@ -220,6 +243,7 @@ pub async fn run(cfg: LoadConfig, probe: Probe) -> LoadReport {
     let cfg = Arc::new(cfg);
     let shared = Arc::new(Shared {
         results: AtomicU64::new(0),
+        reconnects: AtomicU64::new(0),
         first_assign: Default::default(),
         last_result: Default::default(),
         latencies: Default::default(),
@@ -262,6 +286,7 @@ pub async fn run(cfg: LoadConfig, probe: Probe) -> LoadReport {
     probe();
     drop(shared.idle.lock().map(|mut v| std::mem::take(&mut *v)));
     report.results = shared.results.load(Ordering::Relaxed);
+    report.reconnects = shared.reconnects.load(Ordering::Relaxed);
     let first = shared.first_assign.lock().ok().and_then(|t| *t);
     let last = shared.last_result.lock().ok().and_then(|t| *t);
     if let (Some(f), Some(l)) = (first, last) {

@@ -35,6 +35,9 @@ struct Args {
     tls_cert: Option<std::path::PathBuf>,
     #[arg(long)]
     tls_key: Option<std::path::PathBuf>,
+    /// Without cluster TLS (the supernode runs `--plaintext`): the security-off baseline.
+    #[arg(long, conflicts_with_all = ["tls_ca", "tls_cert", "tls_key"])]
+    plaintext: bool,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -44,6 +47,11 @@ fn duration(s: &str) -> Result<Duration, String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    if !a.plaintext && a.tls_ca.is_none() {
+        anyhow::bail!(
+            "give the cluster TLS files (--tls-ca, --tls-cert, --tls-key) or --plaintext"
+        );
+    }
     let tls = fetcher::tls::ClusterTls::from_config(
         a.tls_ca.as_deref(),
         a.tls_cert.as_deref(),
@@ -72,10 +80,11 @@ async fn main() -> anyhow::Result<()> {
     )
     .await;
     let mut line = format!(
-        "loadgen peers={} tasks={tasks} completed={} failed={} results={} results_per_s={:.0} p50_ms={:.2} p99_ms={:.2} elapsed_s={:.2}",
+        "loadgen peers={} tasks={tasks} completed={} failed={} reconnects={} results={} results_per_s={:.0} p50_ms={:.2} p99_ms={:.2} elapsed_s={:.2}",
         report.peers,
         report.completed,
         report.failed,
+        report.reconnects,
         report.results,
         report.results_per_sec(),
         report.p50.as_secs_f64() * 1e3,
