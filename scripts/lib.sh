@@ -1,9 +1,11 @@
 # Shared by scripts/demo.sh and tests/bench/*.sh: build, install missing Debian tools, start the
 # test origin and a supernode on loopback with ephemeral ports.
 
+# need_tools CMD[:PACKAGE]...: installs the Debian package (default: named like the command) of every
+# missing command when run as root.
 need_tools() {
-  local missing=()
-  for t in "$@"; do command -v "$t" >/dev/null || missing+=("$t"); done
+  local missing=() t
+  for t in "$@"; do command -v "${t%%:*}" >/dev/null || missing+=("${t#*:}"); done
   [ "${#missing[@]}" -eq 0 ] && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
@@ -22,12 +24,12 @@ start_origin() {
   [ -n "$ORIGIN" ] || { echo "origin did not start" >&2; cat "$WORK/origin.log" >&2; return 1; }
 }
 
-# tls_flags NAME: the --tls-* flags of a new host certificate NAME (SAN 127.0.0.1) under the
-# cluster CA in $WORK/pki, both made by `supernode certs`; `--plaintext` when PLAINTEXT=1 (the
-# benchmarks' security-off baseline).
+# tls_flags NAME [IP]: the --tls-* flags of a new host certificate NAME (SAN IP, default 127.0.0.1)
+# under the cluster CA in $WORK/pki, both made by `supernode certs`; `--plaintext` when PLAINTEXT=1
+# (the benchmarks' security-off baseline).
 tls_flags() {
   if [ "${PLAINTEXT:-0}" = 1 ]; then echo --plaintext; return; fi
-  "$BIN/supernode" certs --dir "$WORK/pki" --name "$1" --san 127.0.0.1 > /dev/null
+  "$BIN/supernode" certs --dir "$WORK/pki" --name "$1" --san "${2:-127.0.0.1}" > /dev/null
   echo --tls-ca "$WORK/pki/ca.crt" --tls-cert "$WORK/pki/$1.crt" --tls-key "$WORK/pki/$1.key"
 }
 

@@ -6,8 +6,10 @@ cd "$(dirname "$0")/.."
 
 # Debian packages the tests use: mount/umount (tmpfs test) from util-linux; a real registry, image
 # tools, busybox, containerd and runc for the registry tests; htpasswd (apache2-utils) for registry auth;
-# dockerd (docker.io) and podman as real registry clients.
-PACKAGES=(util-linux ca-certificates docker-registry apache2-utils skopeo umoci busybox-static containerd runc docker.io podman)
+# dockerd (docker.io) and podman as real registry clients; ip/tc (iproute2), aria2, opentracker and
+# mktorrent for the namespaced cluster's smoke run (tests/bench/cluster.sh).
+PACKAGES=(util-linux ca-certificates docker-registry apache2-utils skopeo umoci busybox-static containerd runc docker.io podman
+  iproute2 aria2 opentracker mktorrent)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
   for p in "${PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

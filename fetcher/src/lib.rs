@@ -10,6 +10,7 @@ pub mod cli;
 pub mod download;
 pub mod error;
 pub mod layer_index;
+pub mod location;
 pub mod metrics;
 pub mod output;
 pub mod peer;

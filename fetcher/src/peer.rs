@@ -42,6 +42,8 @@ pub struct PeerConfig {
     pub keep_seeding: bool,
     /// Cluster TLS towards the supernodes (`None`: plaintext gRPC).
     pub tls: Option<crate::tls::ClusterTls>,
+    /// Where this host sits (sent when registering; the supernode prefers parents nearby).
+    pub location: crate::location::Location,
 }
 
 impl Default for PeerConfig {
@@ -57,6 +59,7 @@ impl Default for PeerConfig {
             upstream_ca: None,
             keep_seeding: false,
             tls: None,
+            location: Default::default(),
         }
     }
 }

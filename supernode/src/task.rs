@@ -6,10 +6,11 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
+use fetcher::location::Location;
 use fetcher::piece::PieceMeta;
 use fetcher::piece_store::TaskStore;
 use fetcher::source::HeaderPair;
-use indexmap::IndexSet;
+use indexmap::{IndexMap, IndexSet};
 use proto::scheduler::TaskError;
 use tokio::sync::{Notify, watch};
 
@@ -65,6 +66,10 @@ pub struct PeerState {
     pub wake: Arc<Notify>,
     /// In [`State::starved`]: its window had room that nothing could fill.
     pub starved: bool,
+    /// Where the host says it sits (see [`Site`]).
+    pub location: Location,
+    /// Isolated for the version ([`State::isolate`]): its holdings no longer count for its site.
+    pub isolated: bool,
 }
 
 impl PeerState {
@@ -81,6 +86,37 @@ impl PeerState {
             verified_only: false,
             wake: Arc::new(Notify::new()),
             starved: false,
+            location: Location::default(),
+            isolated: false,
+        }
+    }
+}
+
+/// What the scheduler keeps per location: the peers there with a free upload slot, and per piece
+/// how many usable peers there hold it and how many copies are on their way to it (a piece
+/// enters a location from outside only while it has neither; see `scheduler::assign`).
+#[derive(Debug, Default)]
+pub struct Site {
+    pub peers: usize,
+    pub free: IndexSet<String>,
+    pub holders: PieceMap<usize>,
+    pub in_flight: PieceMap<usize>,
+}
+
+impl Site {
+    /// Whether the location has no usable copy of piece `n` and none on its way.
+    pub fn lacks(&self, n: u32) -> bool {
+        self.holders.get(&n).is_none_or(|c| *c == 0)
+            && self.in_flight.get(&n).is_none_or(|c| *c == 0)
+    }
+}
+
+/// `map[n] -= 1`, dropping the entry at zero.
+fn decrement(map: &mut PieceMap<usize>, n: u32) {
+    if let Some(c) = map.get_mut(&n) {
+        *c = c.saturating_sub(1);
+        if *c == 0 {
+            map.remove(&n);
         }
     }
 }
@@ -103,9 +139,9 @@ pub struct State {
     pub holders: PieceMap<IndexSet<String>>,
     /// Sessions waiting for something to assign them, oldest first (see [`State::wake_starved`]).
     pub starved: VecDeque<String>,
-    /// Peers with a free upload slot (see `scheduler::assign`): parents are looked for among
-    /// them.
-    pub free: IndexSet<String>,
+    /// Per location: peers with a free upload slot (parents are looked for among them), holders
+    /// and copies on their way (see `scheduler::assign`).
+    pub sites: IndexMap<Location, Site>,
     /// Parents taken out of scheduling for this version.
     pub bad_parents: HashSet<String>,
     /// Parent → hosts that reported it for bad data or unreachability.
@@ -119,10 +155,13 @@ pub struct State {
 impl State {
     /// Adds peer `id` and its holdings.
     pub fn add_peer(&mut self, id: String, peer: PeerState) {
+        let site = self.sites.entry(peer.location.clone()).or_default();
+        site.peers += 1;
+        site.free.insert(id.clone());
         for n in &peer.have {
+            *site.holders.entry(*n).or_default() += 1;
             self.holders.entry(*n).or_default().insert(id.clone());
         }
-        self.free.insert(id.clone());
         self.peers.insert(id, peer);
     }
 
@@ -134,20 +173,85 @@ impl State {
         if !p.have.insert(n) {
             return false;
         }
+        if !p.isolated
+            && let Some(site) = self.sites.get_mut(&p.location)
+        {
+            *site.holders.entry(n).or_default() += 1;
+        }
         self.holders.entry(n).or_default().insert(id.to_owned());
         true
     }
 
-    /// Removes peer `id` (it left) from the peers and the holder sets.
+    /// Removes peer `id` (it left) from the peers, the holder sets and its site.
     pub fn remove_peer(&mut self, id: &str) -> Option<PeerState> {
         let p = self.peers.remove(id)?;
-        self.free.swap_remove(id);
         for n in &p.have {
             if let Some(h) = self.holders.get_mut(n) {
                 h.swap_remove(id);
             }
         }
+        if let Some(site) = self.sites.get_mut(&p.location) {
+            site.peers -= 1;
+            site.free.swap_remove(id);
+            if !p.isolated {
+                for n in &p.have {
+                    decrement(&mut site.holders, *n);
+                }
+            }
+            if site.peers == 0 {
+                self.sites.swap_remove(&p.location);
+            }
+        }
         Some(p)
+    }
+
+    /// Takes parent `id` out of scheduling for this version; whether it was in.
+    pub fn isolate(&mut self, id: &str) -> bool {
+        if !self.bad_parents.insert(id.to_owned()) {
+            return false;
+        }
+        if let Some(p) = self.peers.get_mut(id)
+            && !std::mem::replace(&mut p.isolated, true)
+            && let Some(site) = self.sites.get_mut(&p.location)
+        {
+            for n in &p.have {
+                decrement(&mut site.holders, *n);
+            }
+        }
+        true
+    }
+
+    /// Books an assignment of piece `n` to a peer of `location`.
+    pub fn send(&mut self, location: &Location, n: u32) {
+        *self.in_flight.entry(n).or_default() += 1;
+        if let Some(site) = self.sites.get_mut(location) {
+            *site.in_flight.entry(n).or_default() += 1;
+        }
+    }
+
+    /// Books the end of an assignment of piece `n` to a peer of `location` (reported, or the
+    /// peer left).
+    pub fn unsend(&mut self, location: &Location, n: u32) {
+        decrement(&mut self.in_flight, n);
+        if let Some(site) = self.sites.get_mut(location) {
+            decrement(&mut site.in_flight, n);
+        }
+    }
+
+    /// Peer `id`'s upload slots: it has a free one again, or not.
+    pub fn set_free(&mut self, id: &str, free: bool) {
+        let Some(site) = self
+            .peers
+            .get(id)
+            .and_then(|p| self.sites.get_mut(&p.location))
+        else {
+            return;
+        };
+        if free {
+            site.free.insert(id.to_owned());
+        } else {
+            site.free.swap_remove(id);
+        }
     }
 
     /// Peer `id` could not fill its window: it waits in line for the next change that may help.
@@ -242,7 +346,7 @@ impl Version {
                 peers: HashMap::new(),
                 holders: PieceMap::default(),
                 starved: VecDeque::new(),
-                free: IndexSet::new(),
+                sites: IndexMap::new(),
                 load: HashMap::new(),
                 in_flight: PieceMap::default(),
                 bad_parents: HashSet::new(),

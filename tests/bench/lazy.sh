@@ -18,7 +18,7 @@ cd "$(dirname "$0")/../.."
 IMAGE_MIB=${IMAGE_MIB:-1024}
 RATE_MIB=${RATE_MIB:-40}
 [ "$(id -u)" = 0 ] || { echo "bench: lazy.sh needs root (containerd, FUSE)" >&2; exit 1; }
-need_tools curl docker-registry skopeo umoci busybox containerd ctr runc
+need_tools curl docker-registry skopeo umoci busybox:busybox-static containerd ctr:containerd runc
 
 cargo build --release --locked --workspace --bins -q
 BIN=$PWD/target/release

@@ -581,6 +581,32 @@ pub async fn agent_layer_index(
     Ok(bytes)
 }
 
+/// Where `name` is found on `PATH` (an executable regular file), if anywhere.
+pub fn which(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// `None` when every one of `tools` is on `PATH`; otherwise the reason to skip, e.g.
+/// `"skopeo, umoci not installed"`.
+pub fn missing_tools(tools: &[&str]) -> Option<String> {
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|t| which(t).is_none())
+        .collect();
+    if missing.is_empty() {
+        None
+    } else {
+        Some(format!("{} not installed", missing.join(", ")))
+    }
+}
+
 /// Reports a test that cannot run on this machine (a missing tool or capability): under
 /// `CI=true` that is a failure, elsewhere a printed SKIP.
 pub fn skip(test: &str, why: &str) {

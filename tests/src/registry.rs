@@ -9,36 +9,16 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
-use crate::harness::{Env, Proc, free_port, random_file};
+use crate::harness::{Env, Proc, free_port, missing_tools, random_file, which};
 use crate::pki::{Pki, REGISTRY_HOST};
 
 /// The external tools these helpers need.
 const TOOLS: [&str; 5] = ["docker-registry", "skopeo", "umoci", "busybox", "htpasswd"];
 
-/// Where `name` is found on `PATH` (an executable regular file), if anywhere.
-fn which(name: &str) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| {
-            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
-}
-
 /// `None` when docker-registry, skopeo, umoci, busybox and htpasswd are all on `PATH`; otherwise the reason
 /// to skip, e.g. `"docker-registry, skopeo not installed"`.
 pub fn tools_missing() -> Option<String> {
-    let missing: Vec<&str> = TOOLS
-        .iter()
-        .copied()
-        .filter(|t| which(t).is_none())
-        .collect();
-    if missing.is_empty() {
-        None
-    } else {
-        Some(format!("{} not installed", missing.join(", ")))
-    }
+    missing_tools(&TOOLS)
 }
 
 /// Writes the `htpasswd` file of the registry of `env` (bcrypt, `htpasswd -Bbn`) for `users`

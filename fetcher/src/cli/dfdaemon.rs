@@ -70,6 +70,10 @@ pub struct Args {
     /// Host-wide upload cap (e.g. 40MiB, 100Mbit) [default: none].
     #[arg(long, value_name = "RATE")]
     pub upload_rate: Option<String>,
+    /// Where this host sits, outermost first (e.g. zone-a/rack-3): the supernode prefers parents in
+    /// the same location [default: unknown].
+    #[arg(long, value_name = "PATH")]
+    pub location: Option<crate::location::Location>,
     /// Host-wide download cap shared by all downloads [default: none].
     #[arg(long, value_name = "RATE")]
     pub download_rate: Option<String>,
@@ -101,6 +105,7 @@ pub struct DaemonConfig {
     pub data_dir: PathBuf,
     pub agent_socket: PathBuf,
     pub advertise_ip: Option<IpAddr>,
+    pub location: crate::location::Location,
     pub upload_rate: String,
     pub download_rate: String,
     pub max_upload_concurrency: usize,
@@ -151,6 +156,7 @@ impl Default for DaemonConfig {
             data_dir: PathBuf::from("/var/lib/damselfly"),
             agent_socket: PathBuf::from(super::dfget::DEFAULT_AGENT_SOCKET),
             advertise_ip: None,
+            location: Default::default(),
             upload_rate: "0".into(),
             download_rate: "0".into(),
             max_upload_concurrency: 16,
@@ -180,7 +186,8 @@ fn merge(args: &Args) -> Result<DaemonConfig> {
         data_dir,
         agent_socket,
         upload_rate,
-        download_rate
+        download_rate,
+        location
     );
     if args.advertise_ip.is_some() {
         c.advertise_ip = args.advertise_ip;
@@ -242,6 +249,7 @@ async fn run_inner(args: Args) -> Result<()> {
         upstream_ca: c.upstream_ca.clone(),
         keep_seeding: true,
         tls,
+        location: c.location.clone(),
     };
     let gc_age = parse_duration(&c.gc.max_age).map_err(|e| field("gc.max_age", e))?;
     let gc_size = parse_size(&c.gc.max_size).map_err(|e| field("gc.max_size", e))?;

@@ -90,6 +90,10 @@ pub struct Args {
     /// Upload cap of the embedded peer (e.g. 40MiB).
     #[arg(long, value_name = "RATE")]
     pub upload_rate: Option<String>,
+    /// Where the embedded peer's host sits, outermost first (e.g. zone-a/rack-3): the supernode
+    /// prefers parents in the same location.
+    #[arg(long, value_name = "PATH")]
+    pub location: Option<crate::location::Location>,
     /// Config file (TOML).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -114,6 +118,8 @@ pub struct DfgetConfig {
     pub data_dir: Option<PathBuf>,
     /// Upload cap of the embedded peer.
     pub upload_rate: Option<String>,
+    /// Where the embedded peer's host sits (e.g. "zone-a/rack-3").
+    pub location: Option<crate::location::Location>,
     /// `auto` (default) or `never`.
     pub back_source: Option<BackSource>,
     /// Default timeout.
@@ -316,6 +322,11 @@ async fn run_inner(args: Args) -> Result<()> {
                     .transpose()?
                     .unwrap_or(0),
                 keep_seeding: false,
+                location: args
+                    .location
+                    .clone()
+                    .or(cfg.location.clone())
+                    .unwrap_or_default(),
                 ..PeerConfig::default()
             };
             let max_age = parse_duration(cfg.gc_max_age.as_deref().unwrap_or("24h"))?;

@@ -98,6 +98,7 @@ impl Download<'_> {
             upload_addr: self.peer.inner.upload_addr.to_string(),
             content_key: self.req.content_key.clone().unwrap_or_default(),
             only_wanted: wants.as_ref().is_some_and(|w| w.borrow().only),
+            location: self.peer.inner.cfg.location.to_string(),
         };
         tx.send(msg(peer_message::Msg::Register(register)))
             .await

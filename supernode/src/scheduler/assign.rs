@@ -5,13 +5,21 @@
 //! only when no peer can serve does the supernode, under its own cap, serve the rarest piece. That
 //! spreads load, keeps the supernode's bytes near one copy per piece, and keeps faulty parents out.
 //!
-//! Cost: parents are looked for among the peers with a free upload slot ([`State::free`]),
-//! sampling at most [`PROBES`] of them, each offering the rarest piece it holds that the peer
-//! needs; rarity comes from per-piece holder sets ([`State::holders`]). One call costs
-//! O(pieces · log pieces + PROBES · pieces), whatever the number of peers.
+//! Locations (`--location`, e.g. racks): parents in the peer's own location come first; a piece
+//! comes from a peer elsewhere only while the location has no copy of it and none on the way, so
+//! about one copy of each piece crosses into a location, and the idle supernode's extra copies go
+//! only where they are missing. With one location (or none given) this is the plain policy.
+//!
+//! Cost: parents are looked for among the peers with a free upload slot (per location,
+//! [`crate::task::Site`]), sampling at most [`PROBES`] of them, each offering the rarest piece it
+//! holds that the peer needs; rarity comes from per-piece holder sets ([`State::holders`]). One
+//! call costs O(pieces · log pieces + PROBES · pieces), whatever the number of peers.
 
 use rand::Rng;
 use rand::seq::IndexedRandom;
+
+use fetcher::location::Location;
+use indexmap::IndexSet;
 
 use crate::task::{PeerState, State, Status};
 
@@ -76,33 +84,66 @@ fn may_serve(
         && state.peers.get(id).is_some_and(|p| usable(&p.host_id))
 }
 
-/// The rarest untaken piece of `needed` that a free, usable peer holds, and the least loaded
-/// such peer among up to [`PROBES`] free peers sampled (all of them when there are fewer).
+/// Where parents are looked for: in the peer's own location, or outside it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Near {
+    Here,
+    Elsewhere,
+}
+
+/// Up to [`PROBES`] peers with a free upload slot, at random: of location `here`, or of the
+/// others (from a random one on).
+fn sample<'a>(state: &'a State, here: &Location, near: Near) -> Vec<&'a String> {
+    let mut rng = rand::rng();
+    let first_site = rng.random_range(0..state.sites.len().max(1));
+    let mut out = Vec::with_capacity(PROBES);
+    let mut take = |free: &'a IndexSet<String>, out: &mut Vec<&'a String>| {
+        let (len, want) = (free.len(), PROBES - out.len());
+        if len <= want {
+            out.extend(free.iter());
+            return;
+        }
+        // A random start and stride: distinct peers while the stride and the set's size are
+        // coprime, repeats otherwise (harmless).
+        let (start, stride) = (rng.random_range(0..len), rng.random_range(1..len));
+        out.extend((0..want).filter_map(|k| free.get_index((start + k * stride) % len)));
+    };
+    match near {
+        Near::Here => {
+            if let Some(site) = state.sites.get(here) {
+                take(&site.free, &mut out);
+            }
+        }
+        Near::Elsewhere => {
+            let (n, first) = (state.sites.len(), first_site);
+            for k in 0..n {
+                if out.len() >= PROBES {
+                    break;
+                }
+                if let Some((loc, site)) = state.sites.get_index((first + k) % n)
+                    && loc != here
+                {
+                    take(&site.free, &mut out);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The rarest piece of `needed` not in `skip` that a free, usable peer `near` holds, and the least
+/// loaded such peer among up to [`PROBES`] free peers sampled (all of them when there are fewer).
 fn free_parent(
     state: &State,
     peer_id: &str,
     needed: &[Needed],
-    taken: &[bool],
+    (skip, near): (&[bool], Near),
     (limits, usable): (Limits, &dyn Fn(&str) -> bool),
 ) -> Option<(usize, String)> {
     let me = state.peers.get(peer_id)?;
     let load = |id: &str| state.load.get(id).copied().unwrap_or(0);
-    let free = &state.free;
-    let len = free.len();
-    if len == 0 {
-        return None;
-    }
-    let sample: Box<dyn Iterator<Item = &String>> = if len <= PROBES {
-        Box::new(free.iter())
-    } else {
-        // A random start and stride: distinct peers while the stride and the set's size are
-        // coprime, repeats otherwise (harmless).
-        let mut rng = rand::rng();
-        let (start, stride) = (rng.random_range(0..len), rng.random_range(1..len));
-        Box::new((0..PROBES).filter_map(move |k| free.get_index((start + k * stride) % len)))
-    };
     let mut best: Option<(usize, usize, &String)> = None;
-    for id in sample {
+    for id in sample(state, &me.location, near) {
         if load(id) >= limits.peer_cap || !may_serve(state, me, peer_id, id, usable) {
             continue;
         }
@@ -111,7 +152,7 @@ fn free_parent(
         };
         // Only a piece rarer than the best so far can do better.
         let upto = best.map_or(needed.len(), |(i, _, _)| i + 1);
-        let offered = (0..upto).find(|i| !taken[*i] && parent.have.contains(&needed[*i].1));
+        let offered = (0..upto).find(|i| !skip[*i] && parent.have.contains(&needed[*i].1));
         if let Some(i) = offered {
             let l = load(id);
             if best.is_none_or(|(bi, bl, _)| (i, l) < (bi, bl)) {
@@ -120,6 +161,20 @@ fn free_parent(
         }
     }
     best.map(|(i, _, id)| (i, id.clone()))
+}
+
+/// Which of `needed` `peer_id` may take from outside its location, beside `taken`: those its
+/// location has no copy of and none on the way (one copy enters a location, then spreads inside
+/// it). No restriction for a peer of unknown location, or one a parent has failed (its location's
+/// copies may be of no use to it), or when there is only one location.
+fn outside_skip(state: &State, peer_id: &str, needed: &[Needed], taken: &[bool]) -> Vec<bool> {
+    let me = state.peers.get(peer_id);
+    let site = me.and_then(|m| state.sites.get(&m.location));
+    let free_to_roam = state.sites.len() < 2
+        || me.is_none_or(|m| m.location.is_unknown() || !m.failed_parents.is_empty());
+    (0..needed.len())
+        .map(|i| taken[i] || !(free_to_roam || site.is_none_or(|s| s.lacks(needed[i].1))))
+        .collect()
 }
 
 /// Picks the next assignments for `peer_id`, updating loads and outstanding sets.
@@ -160,13 +215,21 @@ fn fill(
     mut room: usize,
     out: &mut Vec<(u32, String)>,
 ) {
+    let Some(here) = state.peers.get(peer_id).map(|p| p.location.clone()) else {
+        return;
+    };
     let mut taken = vec![false; needed.len()];
     while room > 0 {
-        let choice = free_parent(state, peer_id, needed, &taken, (limits, usable));
-        let choice = choice.or_else(|| {
-            supernode_piece(state, peer_id, needed, &taken, (limits, usable))
-                .map(|i| (i, SUPERNODE_ID.to_owned()))
-        });
+        let policy = (limits, usable);
+        let choice = free_parent(state, peer_id, needed, (&taken, Near::Here), policy)
+            .or_else(|| {
+                let skip = outside_skip(state, peer_id, needed, &taken);
+                free_parent(state, peer_id, needed, (&skip, Near::Elsewhere), policy)
+            })
+            .or_else(|| {
+                supernode_piece(state, peer_id, needed, &taken, policy)
+                    .map(|i| (i, SUPERNODE_ID.to_owned()))
+            });
         let Some((i, parent)) = choice else {
             break;
         };
@@ -175,9 +238,9 @@ fn fill(
         let load = state.load.entry(parent.clone()).or_default();
         *load += 1;
         if *load >= limits.peer_cap {
-            state.free.swap_remove(&parent);
+            state.set_free(&parent, false);
         }
-        *state.in_flight.entry(piece).or_default() += 1;
+        state.send(&here, piece);
         if let Some(me) = state.peers.get_mut(peer_id) {
             me.outstanding.insert(piece, parent.clone());
         }
@@ -222,8 +285,9 @@ fn supernode_piece(
     if sn_load != 0 || !seeded {
         return None;
     }
-    // Lists are rarest first: the first untaken is a rarest.
-    open().next()
+    // Lists are rarest first: the first open one is a rarest (of those the peer's location lacks).
+    let skip = outside_skip(state, peer_id, needed, taken);
+    (0..needed.len()).find(|i| !skip[*i])
 }
 
 /// Whether `peer_id` has room in its window and pieces it could take once a parent frees up or
@@ -242,16 +306,16 @@ pub fn starved(state: &State, peer_id: &str, limits: Limits) -> bool {
 }
 
 /// Releases the bookkeeping of an outstanding assignment (reported, or its peer left).
-pub fn release(state: &mut State, piece: u32, parent: &str, limits: Limits) {
-    if let Some(l) = state.load.get_mut(parent) {
+/// `location` is the downloading peer's.
+pub fn release(state: &mut State, location: &Location, piece: u32, parent: &str, limits: Limits) {
+    let freed = state.load.get_mut(parent).is_some_and(|l| {
         *l = l.saturating_sub(1);
-        if *l < limits.peer_cap && state.peers.contains_key(parent) {
-            state.free.insert(parent.to_owned());
-        }
+        *l < limits.peer_cap
+    });
+    if freed {
+        state.set_free(parent, true);
     }
-    if let Some(f) = state.in_flight.get_mut(&piece) {
-        *f = f.saturating_sub(1);
-    }
+    state.unsend(location, piece);
 }
 
 #[cfg(test)]
@@ -330,9 +394,99 @@ mod tests {
         assert_eq!(more.len(), 1);
         assert_eq!(more[0].1, SUPERNODE_ID);
         for (n, p) in got.iter().chain(&more) {
-            release(&mut st, *n, p, LIMITS);
+            release(&mut st, &Location::default(), *n, p, LIMITS);
         }
         assert!(st.load.values().all(|l| *l == 0));
+    }
+
+    fn peer_at(location: &str, have: &[u32]) -> PeerState {
+        let mut p = peer(have);
+        p.location = Location::parse(location).expect("location");
+        p
+    }
+
+    fn parents(got: &[(u32, String)]) -> Vec<&str> {
+        got.iter().map(|(_, p)| p.as_str()).collect()
+    }
+
+    #[test]
+    fn parents_of_the_same_location_come_first() {
+        let v = state_with(1);
+        let mut st = v.lock();
+        st.add_peer("far".into(), peer_at("rack-b", &[0]));
+        st.add_peer("near".into(), peer_at("rack-a", &[0]));
+        st.add_peer("me".into(), peer_at("rack-a", &[]));
+        for _ in 0..20 {
+            let got = next(&mut st, "me", LIMITS, &|_| true);
+            assert_eq!(parents(&got), ["near"]);
+            release(
+                &mut st,
+                &Location::parse("rack-a").expect("loc"),
+                0,
+                "near",
+                LIMITS,
+            );
+            if let Some(m) = st.peers.get_mut("me") {
+                m.outstanding.clear();
+            }
+        }
+    }
+
+    #[test]
+    fn a_piece_enters_a_location_once_then_spreads_inside_it() {
+        let v = state_with(4);
+        let mut st = v.lock();
+        st.add_peer("a1".into(), peer_at("rack-a", &[0, 1, 2, 3]));
+        st.add_peer("a2".into(), peer_at("rack-a", &[0, 1, 2, 3]));
+        st.add_peer("b1".into(), peer_at("rack-b", &[]));
+        st.add_peer("b2".into(), peer_at("rack-b", &[]));
+        let first = next(&mut st, "b1", LIMITS, &|_| true);
+        assert_eq!(first.len(), 4, "the whole window from rack-a: {first:?}");
+        // Every piece is on its way into rack-b: b2 takes none of them across the racks.
+        assert_eq!(next(&mut st, "b2", LIMITS, &|_| true), vec![]);
+        let rack_b = Location::parse("rack-b").expect("loc");
+        assert!(st.sites[&rack_b].in_flight.values().all(|c| *c == 1));
+        // Once b1 holds a piece, b2 gets it from b1.
+        let (piece, parent) = first[0].clone();
+        if let Some(p) = st.peers.get_mut("b1") {
+            p.outstanding.remove(&piece);
+        }
+        release(&mut st, &rack_b, piece, &parent, LIMITS);
+        assert!(st.hold("b1", piece));
+        assert_eq!(
+            next(&mut st, "b2", LIMITS, &|_| true),
+            vec![(piece, "b1".to_owned())]
+        );
+        // A peer a parent has failed may look anywhere.
+        st.peers
+            .get_mut("b2")
+            .map(|p| p.failed_parents.insert("x".into()));
+        let got = next(&mut st, "b2", LIMITS, &|_| true);
+        assert!(
+            !got.is_empty() && got.iter().all(|(_, p)| p.starts_with('a')),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn sites_count_usable_holders_and_copies_on_the_way() {
+        let v = state_with(2);
+        let mut st = v.lock();
+        let rack = Location::parse("r").expect("loc");
+        st.add_peer("x".into(), peer_at("r", &[0]));
+        st.add_peer("y".into(), peer_at("r", &[]));
+        assert!(!st.sites[&rack].lacks(0) && st.sites[&rack].lacks(1));
+        st.send(&rack, 1);
+        assert!(!st.sites[&rack].lacks(1));
+        st.unsend(&rack, 1);
+        assert!(st.hold("y", 1) && !st.sites[&rack].lacks(1));
+        // An isolated holder's pieces no longer count; leaving does not count them twice.
+        assert!(st.isolate("x") && !st.isolate("x"));
+        assert!(st.sites[&rack].lacks(0));
+        st.remove_peer("x");
+        assert!(st.sites[&rack].lacks(0) && !st.sites[&rack].lacks(1));
+        st.remove_peer("y");
+        assert!(st.sites.is_empty(), "a location without peers is dropped");
     }
 
     #[test]
@@ -364,7 +518,7 @@ mod tests {
         );
         // Background mode: wanted first, then the rest within the window.
         for (n, p) in &got {
-            release(&mut st, *n, p, LIMITS);
+            release(&mut st, &Location::default(), *n, p, LIMITS);
         }
         if let Some(me) = st.peers.get_mut("me") {
             me.outstanding.clear();

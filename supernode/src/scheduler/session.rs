@@ -13,6 +13,8 @@ use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 use tracing::Instrument;
 
+use fetcher::location::Location;
+
 use super::Scheduling;
 use super::assign::{self, SUPERNODE_ID};
 use super::identity::Caller;
@@ -80,6 +82,10 @@ async fn run_registered(
     if reg.peer_id.is_empty() || reg.host_id.is_empty() {
         return send_error(&tx, invalid("peer_id and host_id are required")).await;
     }
+    let location = match Location::parse(&reg.location) {
+        Ok(l) => l,
+        Err(e) => return send_error(&tx, invalid(format!("location: {e}"))).await,
+    };
     let version = match register::join(&s, &reg).await {
         Ok(v) => v,
         Err(e) => return send_error(&tx, e).await,
@@ -139,6 +145,7 @@ async fn run_registered(
         existing(have, pieces).collect(),
     );
     me.only_wanted = reg.only_wanted;
+    me.location = location;
     me.verified_only = version.expected_digest.is_some()
         && crate::task::url_key(&reg.url) != crate::task::url_key(&version.url);
     let wake = me.wake.clone();
@@ -320,14 +327,14 @@ fn existing(claimed: Vec<u32>, count: u32) -> impl Iterator<Item = u32> {
 /// Books a piece result: holdings on success; on failure, the parent's faults and isolation.
 fn on_result(s: &Scheduling, version: &Version, peer_id: &str, r: pb::PieceResult) {
     let mut st = version.lock();
-    let Some(parent) = st
+    let Some((parent, location)) = st
         .peers
         .get_mut(peer_id)
-        .and_then(|p| p.outstanding.remove(&r.piece))
+        .and_then(|p| Some((p.outstanding.remove(&r.piece)?, p.location.clone())))
     else {
         return;
     };
-    assign::release(&mut st, r.piece, &parent, s.cfg.limits);
+    assign::release(&mut st, &location, r.piece, &parent, s.cfg.limits);
     // The parent has a free slot again: for one waiting peer that lacks something it holds.
     if parent == SUPERNODE_ID {
         st.wake_starved(1);
@@ -368,7 +375,7 @@ fn on_result(s: &Scheduling, version: &Version, peer_id: &str, r: pb::PieceResul
                 reporters.insert(reporter.clone());
             }
             let witnessed = reporters.len() >= crate::isolation::MIN_REPORTERS;
-            if parent_fault && witnessed && st.bad_parents.insert(parent.clone()) {
+            if parent_fault && witnessed && st.isolate(&parent) {
                 s.metrics.isolations.with_label_values(&["task"]).inc();
                 tracing::warn!(parent = %parent, "parent isolated for this task");
             }
@@ -394,7 +401,7 @@ fn leave(s: &Scheduling, version: &Version, peer_id: &str) {
     if let Some(p) = st.remove_peer(peer_id) {
         let freed = p.outstanding.len();
         for (piece, parent) in p.outstanding {
-            assign::release(&mut st, piece, &parent, s.cfg.limits);
+            assign::release(&mut st, &p.location, piece, &parent, s.cfg.limits);
         }
         st.wake_starved(freed);
         s.metrics.peers.dec();

@@ -1,0 +1,258 @@
+#!/usr/bin/env bash
+# Benchmark: HOSTS hosts in network namespaces fetch one SIZE_MIB file at once. Every host, the origin
+# and the supernode has its own link to a bridge, shaped to RATE_MBIT in each direction with DELAY_MS
+# of latency per direction (tests/bench/netns.sh). Three runs on the same links: Damselfly (an agent
+# on every host, dfget through it, one supernode, cluster TLS), a BitTorrent swarm (aria2 on every host,
+# opentracker, an aria2 seeder at the origin) and every host straight from the origin (curl). With
+# RACKS > 1 the hosts sit in racks whose bridges reach the core (origin, supernode) over one uplink
+# each, shaped to RACK_MBIT. Prints one line:
+#   cluster hosts=16 racks=1 size=128MiB rate=100Mbit delay=0ms bound_s=.. p2p_p50_s=.. p2p_p99_s=..
+#   p2p_over_bound=.. bt_over_bound=.. direct_over_bound=.. bt_over_p2p=.. origin_bytes_ratio=..
+#   host_upload_ratio=.. rack_in_over_size=..
+# bound_s = S/B, the time for one host to receive S through its own link; *_over_bound compare the
+# last host to finish with it. origin_bytes_ratio: bytes the origin sent in the Damselfly run / S.
+# host_upload_ratio: bytes the hosts sent in the Damselfly run / (HOSTS × S), the share of the
+# content that hosts served each other. rack_in_over_size: most bytes that entered one rack over its
+# uplink in the Damselfly run / S (one copy per rack would be 1.0).
+# Env: HOSTS (16), SIZE_MIB (128), RATE_MBIT (100), DELAY_MS (0: needs netem, which these machines'
+# kernel lacks), RACKS (1), RACK_MBIT (2 × RATE_MBIT), LOCATIONS (1: each dfget gives its rack as
+# --location; 0: none, the scheduler's choice ignores racks), AGENT (1: every host runs dfdaemon and
+# dfget asks it; 0: dfget's embedded peer, which leaves once it has the file),
+# SWARM (1: run the BitTorrent swarm), DIRECT (1: run the direct baseline, which takes HOSTS × bound),
+# SUPERNODE_TOML (lines of the supernode's config, e.g. 'piece_size = "1MiB"'), DFGET_ARGS (extra
+# dfget flags), KEEP_WORK=1 (keep the logs), PROFILE (release; dev uses the tests' optimized dev
+# build), BIN (a directory of built binaries: no build). Needs root (namespaces); installs curl,
+# iproute2, aria2, opentracker and mktorrent.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+. scripts/lib.sh
+. tests/bench/netns.sh
+HOSTS=${HOSTS:-16}
+SIZE_MIB=${SIZE_MIB:-128}
+RATE_MBIT=${RATE_MBIT:-100}
+DELAY_MS=${DELAY_MS:-0}
+RACKS=${RACKS:-1}
+RACK_MBIT=${RACK_MBIT:-$((2 * RATE_MBIT))}
+LOCATIONS=${LOCATIONS:-1}
+AGENT=${AGENT:-1}
+SWARM=${SWARM:-1}
+DIRECT=${DIRECT:-1}
+[ "$(id -u)" = 0 ] || { echo "cluster.sh: needs root (network namespaces)" >&2; exit 1; }
+[ "$HOSTS" -ge 1 ] && [ "$HOSTS" -le 250 ] || { echo "cluster.sh: HOSTS must be 1..250" >&2; exit 1; }
+need_tools curl ip:iproute2 tc:iproute2 aria2c:aria2 opentracker mktorrent
+
+if [ -z "${BIN:-}" ]; then
+  PROFILE=${PROFILE:-release}
+  cargo build --profile "$PROFILE" --locked --workspace --bins -q
+  BIN=target/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")
+fi
+BIN=$(realpath "$BIN")
+# Each host would have its own disk: work in RAM when there is room (one run's files at a time).
+need=$(( (2 * HOSTS + 3) * SIZE_MIB ))
+shm_free=$(df -Pm /dev/shm 2>/dev/null | awk 'NR==2 { print $4 }')
+if [ -n "$shm_free" ] && [ "$shm_free" -gt "$need" ]; then BASE=/dev/shm; else BASE=/tmp; fi
+WORK=$(mktemp -d "$BASE/damselfly-cluster.XXXXXX")
+cleanup() {
+  kill $(jobs -p) 2>/dev/null || true; ns_cleanup; wait 2>/dev/null || true
+  if [ "${KEEP_WORK:-0}" = 1 ]; then echo "cluster.sh: kept $WORK" >&2; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+mkdir -p "$WORK/www" "$WORK/logs"
+head -c "$((SIZE_MIB << 20))" /dev/urandom > "$WORK/www/blob"
+WANT=$(sha256sum "$WORK/www/blob" | cut -d' ' -f1)
+S=$((SIZE_MIB << 20))
+
+# wait_for WHAT SECONDS CMD...: polls CMD every 0.1 s until it succeeds, or fails naming WHAT.
+wait_for() {
+  local what=$1 secs=$2; shift 2
+  local deadline=$(( $(date +%s) + secs ))
+  until "$@" >/dev/null 2>&1; do
+    [ "$(date +%s)" -lt "$deadline" ] || { echo "cluster.sh: timed out waiting for $what" >&2; return 1; }
+    sleep 0.1
+  done
+}
+
+ORIGIN_IP=10.77.0.1
+SN_IP=10.77.0.2
+host_ip() { echo "10.77.1.$1"; }
+host_rack() { echo $(( ($1 - 1) % RACKS + 1 )); }
+# The --location a host's dfget gives: its rack, unless LOCATIONS=0 (or there is one rack).
+host_location() { if [ "$RACKS" -gt 1 ] && [ "$LOCATIONS" = 1 ]; then echo "rack-$(host_rack "$1")"; fi; }
+ns_init
+ns_add_host origin "$ORIGIN_IP" br0 "$RATE_MBIT" "$DELAY_MS"
+ns_add_host sn "$SN_IP" br0 "$RATE_MBIT" "$DELAY_MS"
+if [ "$RACKS" -gt 1 ]; then
+  for r in $(seq 1 "$RACKS"); do ns_add_rack "$r" "$RACK_MBIT" "$DELAY_MS"; done
+fi
+for i in $(seq 1 "$HOSTS"); do
+  br=br0
+  if [ "$RACKS" -gt 1 ]; then br=br$(host_rack "$i"); fi
+  ns_add_host "h$i" "$(host_ip "$i")" "$br" "$RATE_MBIT" "$DELAY_MS"
+done
+
+ORIGIN=$ORIGIN_IP:8080
+URL="http://$ORIGIN/files/blob"
+ns_exec origin "$BIN/damselfly-origin" --dir "$WORK/www" --addr "$ORIGIN" \
+  > "$WORK/logs/origin.out" 2> "$WORK/logs/origin.log" &
+wait_for "the origin" 10 grep -q listening "$WORK/logs/origin.out"
+origin_sent() { ns_exec origin curl -sf "http://$ORIGIN/_stats" | sed 's/.*"bytes": \([0-9]*\).*/\1/'; }
+printf '%s\n' "${SUPERNODE_TOML:-}" > "$WORK/supernode.toml"
+# shellcheck disable=SC2046 # tls_flags prints separate words (paths without spaces)
+ns_exec sn "$BIN/supernode" --grpc-addr "$SN_IP:8002" --http-addr "$SN_IP:8001" \
+  --data-dir "$WORK/supernode" --allow-address 10.77.0.0/16 $(tls_flags supernode "$SN_IP") \
+  --config "$WORK/supernode.toml" 2> "$WORK/logs/supernode.log" &
+wait_for "the supernode" 30 grep -q "supernode ready" "$WORK/logs/supernode.log"
+
+# run_hosts KIND: starts host_cmd KIND I on every host at once; each writes $WORK/done/KIND-hI
+# (its finish time) when it succeeds. Sets T0 and HOST_PIDS.
+run_hosts() {
+  local kind=$1 i
+  mkdir -p "$WORK/done" "$WORK/out"
+  HOST_PIDS=()
+  T0=$(now)
+  for i in $(seq 1 "$HOSTS"); do
+    ( host_cmd "$kind" "$i" > "$WORK/logs/$kind-h$i.log" 2>&1 && now > "$WORK/done/$kind-h$i" ) &
+    HOST_PIDS+=($!)
+  done
+}
+
+# wait_hosts KIND: until every host's command of KIND has exited; fails if one failed.
+wait_hosts() {
+  local p
+  for p in "${HOST_PIDS[@]}"; do
+    wait "$p" || { echo "cluster.sh: a host failed $1" >&2; tail -n 5 "$WORK"/logs/"$1"-h*.log >&2; exit 1; }
+  done
+}
+
+# finish_times KIND: seconds from T0 to each host's finish, sorted.
+finish_times() {
+  local f
+  for f in "$WORK"/done/"$1"-h*; do calc %.3f "$(cat "$f") - $T0"; echo; done | sort -n
+}
+
+# check FILE...: every file equals the blob.
+check() {
+  local f
+  for f in "$@"; do
+    [ "$(sha256sum "$f" | cut -d' ' -f1)" = "$WANT" ] || { echo "cluster.sh: $f differs" >&2; exit 1; }
+  done
+}
+
+# all_done KIND: whether every host has finished KIND.
+all_done() { [ "$(find "$WORK/done" -name "$1-h*" | wc -l)" -ge "$HOSTS" ]; }
+
+# await KIND SECONDS: until every host has finished KIND.
+await() { wait_for "$HOSTS hosts to finish $1 (see $WORK/logs)" "$2" all_done "$1"; }
+
+bound=$(calc %.3f "$S * 8 / ($RATE_MBIT * 1000000)")
+DEADLINE=$(calc %d "60 + 20 * $bound")
+declare -a DF_TLS
+for i in $(seq 1 "$HOSTS"); do DF_TLS[i]=$(tls_flags "h$i" "$(host_ip "$i")"); done
+
+host_cmd() {
+  local i=$2
+  case $1 in
+    p2p)
+      # shellcheck disable=SC2086 # DF_TLS holds separate words
+      if [ "$AGENT" = 1 ]; then
+        # shellcheck disable=SC2086 # DFGET_ARGS holds separate words
+        ns_exec "h$i" "$BIN/dfget" "$URL" -O "$WORK/out/h$i" --agent "$WORK/agents/h$i.sock" -q ${DFGET_ARGS:-}
+      else
+        ns_exec "h$i" "$BIN/dfget" "$URL" -O "$WORK/out/h$i" --no-agent --data-dir "$WORK/peer/h$i" \
+          --supernode "$SN_IP:8002" ${DF_TLS[i]} --location "$(host_location "$i")" -q ${DFGET_ARGS:-}
+      fi ;;
+    bt)
+      ns_exec "h$i" aria2c "${ARIA[@]}" --dir "$WORK/bt/h$i" --on-bt-download-complete="$WORK/bt-done" \
+        "$WORK/blob.torrent" ;;
+    direct) ns_exec "h$i" curl -sf -o "$WORK/out/h$i" "$URL" ;;
+  esac
+}
+
+# Damselfly: with AGENT=1 every host runs its agent (dfdaemon, which goes on serving what it holds,
+# as hosts do) and dfget asks it; with AGENT=0 dfget's embedded peer leaves once it has the file.
+AGENT_PIDS=()
+if [ "$AGENT" = 1 ]; then
+  mkdir -p "$WORK/agents"
+  for i in $(seq 1 "$HOSTS"); do
+    # shellcheck disable=SC2086 # DF_TLS holds separate words
+    ns_exec "h$i" "$BIN/dfdaemon" --supernode "$SN_IP:8002" --data-dir "$WORK/peer/h$i" \
+      --agent-socket "$WORK/agents/h$i.sock" --location "$(host_location "$i")" ${DF_TLS[i]} \
+      2> "$WORK/logs/agent-h$i.log" &
+    AGENT_PIDS+=($!)
+  done
+  for i in $(seq 1 "$HOSTS"); do
+    wait_for "the agent of h$i" 30 grep -q "dfdaemon ready" "$WORK/logs/agent-h$i.log"
+  done
+fi
+rack_before=()
+if [ "$RACKS" -gt 1 ]; then for r in $(seq 1 "$RACKS"); do rack_before[r]=$(rack_bytes_in "$r"); done; fi
+tx_before=0; for i in $(seq 1 "$HOSTS"); do tx_before=$((tx_before + $(host_tx_bytes "h$i"))); done
+run_hosts p2p
+wait_hosts p2p
+mapfile -t P2P < <(finish_times p2p)
+check "$WORK"/out/h*
+P2P_ORIGIN=$(origin_sent)
+tx=0; for i in $(seq 1 "$HOSTS"); do tx=$((tx + $(host_tx_bytes "h$i"))); done
+rack_max=0
+if [ "$RACKS" -gt 1 ]; then
+  for r in $(seq 1 "$RACKS"); do
+    in=$(( $(rack_bytes_in "$r") - rack_before[r] ))
+    if [ "$in" -gt "$rack_max" ]; then rack_max=$in; fi
+  done
+fi
+if [ "${#AGENT_PIDS[@]}" -gt 0 ]; then kill "${AGENT_PIDS[@]}"; wait "${AGENT_PIDS[@]}" 2>/dev/null || true; fi
+rm -rf "$WORK/out" "$WORK/peer"
+p2p_last=${P2P[-1]}
+p2p_p50=${P2P[$(( (HOSTS - 1) / 2 ))]}
+p2p_p99=${P2P[$(( (HOSTS * 99 + 99) / 100 - 1 ))]}
+
+# BitTorrent: 256 KiB pieces, no DHT or local discovery (the tracker only); every host seeds on
+# until all have finished.
+bt_last=
+if [ "$SWARM" = 1 ]; then
+  mktorrent -a "http://$ORIGIN_IP:6969/announce" -l 18 -o "$WORK/blob.torrent" "$WORK/www/blob" > /dev/null
+  printf '#!/bin/sh\nnow=$(date +%%s.%%N)\necho "$now" > "%s/done/bt-$(basename "$(dirname "$3")")"\n' \
+    "$WORK" > "$WORK/bt-done"
+  chmod +x "$WORK/bt-done"
+  ARIA=(--enable-dht=false --enable-dht6=false --bt-enable-lpd=false --file-allocation=none
+    --seed-ratio=0.0 --bt-max-peers=0 --console-log-level=warn --summary-interval=0 --listen-port=6881)
+  # Debian's opentracker tracks only whitelisted torrents; it chroots to -d and runs as nobody.
+  mkdir -p "$WORK/tracker"
+  aria2c -S "$WORK/blob.torrent" | sed -n 's/^Info Hash: //p' > "$WORK/tracker/whitelist"
+  chmod 755 "$WORK" "$WORK/tracker"; chmod 644 "$WORK/tracker/whitelist"
+  ns_exec origin opentracker -i "$ORIGIN_IP" -p 6969 -P 6969 -d "$WORK/tracker" -w /whitelist \
+    > "$WORK/logs/opentracker.log" 2>&1 &
+  wait_for "opentracker" 10 ns_exec origin curl -s -o /dev/null "http://$ORIGIN_IP:6969/stats"
+  ns_exec origin aria2c "${ARIA[@]}" --dir "$WORK/www" --bt-seed-unverified=true "$WORK/blob.torrent" \
+    > "$WORK/logs/bt-seed.log" 2>&1 &
+  run_hosts bt
+  await bt "$DEADLINE"
+  mapfile -t BT < <(finish_times bt)
+  for i in $(seq 1 "$HOSTS"); do ns_exec "h$i" pkill -x aria2c || true; done
+  ns_exec origin pkill -x aria2c || true
+  check "$WORK"/bt/h*/blob
+  rm -rf "$WORK/bt"
+  bt_last=${BT[-1]}
+fi
+
+# Straight from the origin.
+direct_last=
+if [ "$DIRECT" = 1 ]; then
+  run_hosts direct
+  wait_hosts direct
+  mapfile -t DIRECT_T < <(finish_times direct)
+  check "$WORK"/out/h*
+  rm -rf "$WORK/out"
+  direct_last=${DIRECT_T[-1]}
+fi
+
+ratio() { if [ -n "$1" ]; then calc %.2f "$1 / $2"; else echo -; fi; }
+line="cluster hosts=$HOSTS racks=$RACKS size=${SIZE_MIB}MiB rate=${RATE_MBIT}Mbit delay=${DELAY_MS}ms"
+if [ "$RACKS" -gt 1 ]; then line+=" rack_rate=${RACK_MBIT}Mbit locations=$LOCATIONS"; fi
+line+=" bound_s=$(calc %.2f "$bound") p2p_p50_s=$(calc %.2f "$p2p_p50") p2p_p99_s=$(calc %.2f "$p2p_p99")"
+line+=" p2p_over_bound=$(ratio "$p2p_last" "$bound") bt_over_bound=$(ratio "$bt_last" "$bound")"
+line+=" direct_over_bound=$(ratio "$direct_last" "$bound") bt_over_p2p=$(ratio "$bt_last" "$p2p_last")"
+line+=" origin_bytes_ratio=$(calc %.2f "$P2P_ORIGIN / $S")"
+line+=" host_upload_ratio=$(calc %.2f "($tx - $tx_before) / ($HOSTS * $S)")"
+if [ "$RACKS" -gt 1 ]; then line+=" rack_in_over_size=$(calc %.2f "$rack_max / $S")"; fi
+echo "$line"
