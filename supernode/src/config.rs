@@ -124,7 +124,7 @@ impl Default for Config {
             upstream_ca: None,
             hosts_dir: None,
             upload_rate: "0".into(),
-            piece_size: "4MiB".into(),
+            piece_size: "1MiB".into(),
             peer_window: 4,
             peer_upload_slots: 2,
             supernode_upload_slots: 8,

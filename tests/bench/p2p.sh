@@ -3,7 +3,8 @@
 # capped at the same rate B (an emulated cluster on one machine), against the baseline of the same N
 # peers downloading straight from the origin. Prints one line:
 #   p2p peers=8 size=256MiB bound_s=<S/B> p2p_s=.. direct_s=.. p2p_over_bound=.. direct_over_p2p=.. origin_bytes_ratio=.. (direct: 8.00)
-# Env: PEERS (8), SIZE_MIB (256), RATE_MIB (40).
+# Env: PEERS (8), SIZE_MIB (256), RATE_MIB (40), SUPERNODE_TOML (lines of the supernode's config, e.g.
+# 'piece_size = "1MiB"'), PROFILE (release; dev uses the tests' optimized dev build).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/lib.sh
@@ -12,8 +13,9 @@ SIZE_MIB=${SIZE_MIB:-256}
 RATE_MIB=${RATE_MIB:-40}
 need_tools curl
 
-cargo build --release --locked --workspace --bins -q
-BIN=target/release
+PROFILE=${PROFILE:-release}
+cargo build --profile "$PROFILE" --locked --workspace --bins -q
+BIN=target/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")
 # Each emulated host would have its own disk; on one machine, 8 peers fsyncing 256 MiB each at the
 # same moment would measure the shared disk instead. Work in RAM (tmpfs) when there is room; the
 # direct baseline writes to the same place.
@@ -29,7 +31,8 @@ WANT=$(sha256sum "$WORK/www/blob" | cut -d' ' -f1)
 RATE="${RATE_MIB}MiB"
 
 start_origin "$WORK/www" --rate "$RATE"
-start_supernode --upload-rate "$RATE"
+printf '%s\n' "${SUPERNODE_TOML:-}" > "$WORK/supernode.toml"
+start_supernode --upload-rate "$RATE" --config "$WORK/supernode.toml"
 URL="http://$ORIGIN/files/blob"
 
 check() { # check FILE...: every file equals the blob

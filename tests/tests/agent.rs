@@ -95,7 +95,7 @@ async fn agents_serve_blob_ranges_from_one_p2p_fetch() {
         agents.push(p);
         daemons.push(d);
     }
-    // Concurrent reads on one agent: one fetch, every range exact (a piece boundary is at 4 MiB).
+    // Concurrent reads on one agent: one fetch, every range exact (across piece boundaries).
     let ranges = [
         (0u64, 100u64),
         ((4 << 20) - 10, 20),
@@ -133,7 +133,7 @@ async fn agents_serve_blob_ranges_from_one_p2p_fetch() {
     let fetched = damselfly_tests::harness::metric(&m, "damselfly_peer_download_bytes_total", "");
     assert_eq!(
         fetched,
-        f64::from(4u32 << 20),
+        f64::from(fetcher::task_id::DEFAULT_PIECE_SIZE),
         "agent c fetched more than the read's piece"
     );
     let served = damselfly_tests::harness::origin_bytes(&origin_url).await;

@@ -306,8 +306,8 @@ fn step(
     (msgs, false)
 }
 
-/// Pieces a version may have: all of them for a known length, else a bound (4 TiB of 4 MiB
-/// pieces) so that a peer's claims cannot grow the supernode's memory without limit.
+/// Pieces a version may have: all of them for a known length, else a bound (2^20 pieces) so that
+/// a peer's claims cannot grow the supernode's memory without limit.
 fn piece_count(content_length: i64, piece_size: u32) -> u32 {
     const UNKNOWN_LENGTH_BOUND: u32 = 1 << 20;
     match u64::try_from(content_length) {
