@@ -177,6 +177,17 @@ fn outside_skip(state: &State, peer_id: &str, needed: &[Needed], taken: &[bool])
         .collect()
 }
 
+/// What [`next`] decided for a peer.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Next {
+    /// (piece, parent id) to send, the supernode's id for the supernode.
+    pub assigned: Vec<(u32, String)>,
+    /// The peer still has room in its window and pieces it could take once a parent frees up or
+    /// appears (so a change should wake it); a peer with everything, or a lazy reader waiting on
+    /// nothing, is not.
+    pub starved: bool,
+}
+
 /// Picks the next assignments for `peer_id`, updating loads and outstanding sets.
 /// `usable(host_id)` says whether a parent's host is allowed (not isolated host-wide).
 pub fn next(
@@ -184,24 +195,33 @@ pub fn next(
     peer_id: &str,
     limits: Limits,
     usable: &dyn Fn(&str) -> bool,
-) -> Vec<(u32, String)> {
+) -> Next {
     let Some(me) = state.peers.get(peer_id) else {
-        return Vec::new();
+        return Next::default();
     };
     let room = limits.window.saturating_sub(me.outstanding.len());
     if room == 0 {
-        return Vec::new();
+        return Next::default();
     }
     let only_wanted = me.only_wanted;
     let (urgent, rest) = needed_by_rarity(state, me);
     // A lazy reader's wanted pieces go first; in want-only mode nothing else goes.
     let mut out = Vec::new();
     fill(state, peer_id, &urgent, (limits, usable), room, &mut out);
+    let urgent_left = urgent.len() - out.len();
+    let mut rest_left = rest.len();
     if !only_wanted {
-        let room = room - out.len();
+        let (room, before) = (room - out.len(), out.len());
         fill(state, peer_id, &rest, (limits, usable), room, &mut out);
+        rest_left -= out.len() - before;
     }
-    out
+    let seeding = !matches!(state.status, Status::Complete { .. });
+    let starved =
+        out.len() < room && (urgent_left > 0 || (!only_wanted && (seeding || rest_left > 0)));
+    Next {
+        assigned: out,
+        starved,
+    }
 }
 
 /// Assigns up to `room` of `needed` (rarest first) to `peer_id`, into `out`. Rarest first from
@@ -290,21 +310,6 @@ fn supernode_piece(
     (0..needed.len()).find(|i| !skip[*i])
 }
 
-/// Whether `peer_id` has room in its window and pieces it could take once a parent frees up or
-/// appears (so a change should wake it); a peer with everything, or a lazy reader waiting on
-/// nothing, is not.
-pub fn starved(state: &State, peer_id: &str, limits: Limits) -> bool {
-    let Some(me) = state.peers.get(peer_id) else {
-        return false;
-    };
-    if me.outstanding.len() >= limits.window {
-        return false;
-    }
-    let seeding = !matches!(state.status, Status::Complete { .. });
-    let (urgent, rest) = needed_by_rarity(state, me);
-    !urgent.is_empty() || (!me.only_wanted && (seeding || !rest.is_empty()))
-}
-
 /// Releases the bookkeeping of an outstanding assignment (reported, or its peer left).
 /// `location` is the downloading peer's.
 pub fn release(state: &mut State, location: &Location, piece: u32, parent: &str, limits: Limits) {
@@ -354,8 +359,8 @@ mod tests {
         for p in ["a", "b"] {
             st.add_peer(p.into(), peer(&[]));
         }
-        let a = next(&mut st, "a", LIMITS, &|_| true);
-        let b = next(&mut st, "b", LIMITS, &|_| true);
+        let a = next(&mut st, "a", LIMITS, &|_| true).assigned;
+        let b = next(&mut st, "b", LIMITS, &|_| true).assigned;
         assert_eq!(
             a.len() + b.len(),
             3,
@@ -375,7 +380,7 @@ mod tests {
         st.add_peer("evil".into(), peer(&[0, 1, 2, 3]));
         st.add_peer("me".into(), peer(&[]));
         st.bad_parents.insert("evil".into());
-        let got = next(&mut st, "me", LIMITS, &|_| true);
+        let got = next(&mut st, "me", LIMITS, &|_| true).assigned;
         assert_eq!(
             got.iter().filter(|(_, p)| p == "seed1").count(),
             2,
@@ -390,7 +395,7 @@ mod tests {
             piece_count: 4,
             digest: String::new(),
         };
-        let more = next(&mut st, "me", LIMITS, &|_| true);
+        let more = next(&mut st, "me", LIMITS, &|_| true).assigned;
         assert_eq!(more.len(), 1);
         assert_eq!(more[0].1, SUPERNODE_ID);
         for (n, p) in got.iter().chain(&more) {
@@ -417,7 +422,7 @@ mod tests {
         st.add_peer("near".into(), peer_at("rack-a", &[0]));
         st.add_peer("me".into(), peer_at("rack-a", &[]));
         for _ in 0..20 {
-            let got = next(&mut st, "me", LIMITS, &|_| true);
+            let got = next(&mut st, "me", LIMITS, &|_| true).assigned;
             assert_eq!(parents(&got), ["near"]);
             release(
                 &mut st,
@@ -440,10 +445,10 @@ mod tests {
         st.add_peer("a2".into(), peer_at("rack-a", &[0, 1, 2, 3]));
         st.add_peer("b1".into(), peer_at("rack-b", &[]));
         st.add_peer("b2".into(), peer_at("rack-b", &[]));
-        let first = next(&mut st, "b1", LIMITS, &|_| true);
+        let first = next(&mut st, "b1", LIMITS, &|_| true).assigned;
         assert_eq!(first.len(), 4, "the whole window from rack-a: {first:?}");
         // Every piece is on its way into rack-b: b2 takes none of them across the racks.
-        assert_eq!(next(&mut st, "b2", LIMITS, &|_| true), vec![]);
+        assert_eq!(next(&mut st, "b2", LIMITS, &|_| true).assigned, vec![]);
         let rack_b = Location::parse("rack-b").expect("loc");
         assert!(st.sites[&rack_b].in_flight.values().all(|c| *c == 1));
         // Once b1 holds a piece, b2 gets it from b1.
@@ -454,14 +459,14 @@ mod tests {
         release(&mut st, &rack_b, piece, &parent, LIMITS);
         assert!(st.hold("b1", piece));
         assert_eq!(
-            next(&mut st, "b2", LIMITS, &|_| true),
+            next(&mut st, "b2", LIMITS, &|_| true).assigned,
             vec![(piece, "b1".to_owned())]
         );
         // A peer a parent has failed may look anywhere.
         st.peers
             .get_mut("b2")
             .map(|p| p.failed_parents.insert("x".into()));
-        let got = next(&mut st, "b2", LIMITS, &|_| true);
+        let got = next(&mut st, "b2", LIMITS, &|_| true).assigned;
         assert!(
             !got.is_empty() && got.iter().all(|(_, p)| p.starts_with('a')),
             "{got:?}"
@@ -490,12 +495,40 @@ mod tests {
     }
 
     #[test]
+    fn a_peer_waits_only_for_what_a_change_could_bring() {
+        let v = state_with(2);
+        let mut st = v.lock();
+        st.add_peer("seed".into(), peer(&[0, 1]));
+        st.add_peer("x".into(), peer(&[]));
+        st.add_peer("y".into(), peer(&[]));
+        // x takes both of seed's slots; y has room and nobody free to serve it: it waits.
+        assert_eq!(next(&mut st, "x", LIMITS, &|_| true).assigned.len(), 2);
+        let y = next(&mut st, "y", LIMITS, &|_| true);
+        assert!(y.assigned.is_empty() && y.starved, "{y:?}");
+        // While seeding, more pieces may come; once seeded, with everything coming, nothing is
+        // worth waiting for.
+        assert!(next(&mut st, "x", LIMITS, &|_| true).starved);
+        st.status = Status::Complete {
+            content_length: 8,
+            piece_count: 2,
+            digest: String::new(),
+        };
+        let x = next(&mut st, "x", LIMITS, &|_| true);
+        assert!(x.assigned.is_empty() && !x.starved, "{x:?}");
+        // A lazy reader in want-only mode that wants nothing does not wait either.
+        if let Some(p) = st.peers.get_mut("y") {
+            p.only_wanted = true;
+        }
+        assert!(!next(&mut st, "y", LIMITS, &|_| true).starved);
+    }
+
+    #[test]
     fn isolated_hosts_are_not_used() {
         let v = state_with(1);
         let mut st = v.lock();
         st.add_peer("p".into(), peer(&[0]));
         st.add_peer("me".into(), peer(&[]));
-        let got = next(&mut st, "me", LIMITS, &|h| h != "h");
+        let got = next(&mut st, "me", LIMITS, &|h| h != "h").assigned;
         assert_eq!(got, vec![(0, SUPERNODE_ID.to_owned())]);
     }
 
@@ -508,7 +541,7 @@ mod tests {
         me.wanted = [6, 7].into_iter().collect();
         me.only_wanted = true;
         st.add_peer("me".into(), me);
-        let got = next(&mut st, "me", LIMITS, &|_| true);
+        let got = next(&mut st, "me", LIMITS, &|_| true).assigned;
         let mut pieces: Vec<u32> = got.iter().map(|(n, _)| *n).collect();
         pieces.sort();
         assert_eq!(
@@ -525,7 +558,7 @@ mod tests {
             me.wanted = [5].into_iter().collect();
             me.only_wanted = false;
         }
-        let got = next(&mut st, "me", LIMITS, &|_| true);
+        let got = next(&mut st, "me", LIMITS, &|_| true).assigned;
         assert_eq!(got.first().map(|(n, _)| *n), Some(5), "{got:?}");
         assert!(got.len() > 1, "the rest follows in the background: {got:?}");
     }

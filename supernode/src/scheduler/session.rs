@@ -274,11 +274,11 @@ fn step(
         _ => {}
     }
     let usable = |host: &str| !s.isolation.is_isolated(host);
-    let assigned = assign::next(&mut st, peer_id, s.cfg.limits, &usable);
-    if assign::starved(&st, peer_id, s.cfg.limits) {
+    let next = assign::next(&mut st, peer_id, s.cfg.limits, &usable);
+    if next.starved {
         st.starve(peer_id);
     }
-    for (piece, parent) in assigned {
+    for (piece, parent) in next.assigned {
         let (base_url, is_supernode) = if parent == SUPERNODE_ID {
             (supernode_base.to_owned(), true)
         } else {
