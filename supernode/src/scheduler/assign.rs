@@ -165,13 +165,13 @@ fn free_parent(
 
 /// Which of `needed` `peer_id` may take from outside its location, beside `taken`: those its
 /// location has no copy of and none on the way (one copy enters a location, then spreads inside
-/// it). No restriction for a peer of unknown location, or one a parent has failed (its location's
-/// copies may be of no use to it), or when there is only one location.
+/// it). No restriction for a peer of unknown location, or one a parent still connected has failed
+/// (its location's copies may be of no use to it).
 fn outside_skip(state: &State, peer_id: &str, needed: &[Needed], taken: &[bool]) -> Vec<bool> {
     let me = state.peers.get(peer_id);
     let site = me.and_then(|m| state.sites.get(&m.location));
-    let free_to_roam = state.sites.len() < 2
-        || me.is_none_or(|m| m.location.is_unknown() || !m.failed_parents.is_empty());
+    let failed = |m: &PeerState| m.failed_parents.iter().any(|p| state.peers.contains_key(p));
+    let free_to_roam = me.is_none_or(|m| m.location.is_unknown() || failed(m));
     (0..needed.len())
         .map(|i| taken[i] || !(free_to_roam || site.is_none_or(|s| s.lacks(needed[i].1))))
         .collect()
@@ -243,6 +243,8 @@ fn fill(
         let policy = (limits, usable);
         let choice = free_parent(state, peer_id, needed, (&taken, Near::Here), policy)
             .or_else(|| {
+                // With one location, "here" was everyone.
+                (state.sites.len() > 1).then_some(())?;
                 let skip = outside_skip(state, peer_id, needed, &taken);
                 free_parent(state, peer_id, needed, (&skip, Near::Elsewhere), policy)
             })
@@ -305,7 +307,11 @@ fn supernode_piece(
     if sn_load != 0 || !seeded {
         return None;
     }
-    // Lists are rarest first: the first open one is a rarest (of those the peer's location lacks).
+    // Lists are rarest first: the first open one is a rarest (of those the peer's location lacks,
+    // when there are several).
+    if state.sites.len() < 2 {
+        return open().next();
+    }
     let skip = outside_skip(state, peer_id, needed, taken);
     (0..needed.len()).find(|i| !skip[*i])
 }
@@ -462,10 +468,15 @@ mod tests {
             next(&mut st, "b2", LIMITS, &|_| true).assigned,
             vec![(piece, "b1".to_owned())]
         );
-        // A peer a parent has failed may look anywhere.
-        st.peers
-            .get_mut("b2")
-            .map(|p| p.failed_parents.insert("x".into()));
+        // A peer a parent still connected has failed may look anywhere (one that left does not
+        // count).
+        if let Some(p) = st.peers.get_mut("b2") {
+            p.failed_parents.insert("gone".into());
+        }
+        assert_eq!(next(&mut st, "b2", LIMITS, &|_| true).assigned, vec![]);
+        if let Some(p) = st.peers.get_mut("b2") {
+            p.failed_parents.insert("b1".into());
+        }
         let got = next(&mut st, "b2", LIMITS, &|_| true).assigned;
         assert!(
             !got.is_empty() && got.iter().all(|(_, p)| p.starts_with('a')),
