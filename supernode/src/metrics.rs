@@ -14,6 +14,9 @@ pub struct Metrics {
     pub upload_bytes: IntCounter,
     /// `damselfly_supernode_assignments_total{parent="peer|supernode"}`
     pub assignments: IntCounterVec,
+    /// `damselfly_supernode_cross_location_assignments_total`: assignments of a peer with a known
+    /// location to a parent outside it (the supernode included): pieces crossing into a location.
+    pub cross_location: IntCounter,
     /// `damselfly_supernode_piece_failures_total{reason}` as reported by peers.
     pub piece_failures: IntCounterVec,
     /// `damselfly_supernode_isolations_total{scope="task|host"}`
@@ -57,6 +60,10 @@ impl Metrics {
                 "Piece assignments, by parent kind",
                 &["parent"],
             ),
+            cross_location: c(
+                "damselfly_supernode_cross_location_assignments_total",
+                "Piece assignments to a parent outside the peer's location",
+            ),
             piece_failures: v(
                 "damselfly_supernode_piece_failures_total",
                 "Failed piece downloads reported by peers",
@@ -80,7 +87,12 @@ impl Metrics {
             ),
             registry,
         };
-        for x in [&m.source_bytes, &m.upload_bytes, &m.evictions] {
+        for x in [
+            &m.source_bytes,
+            &m.upload_bytes,
+            &m.evictions,
+            &m.cross_location,
+        ] {
             let _ = m.registry.register(Box::new(x.clone()));
         }
         for x in [

@@ -8,12 +8,13 @@
 # each, shaped to RACK_MBIT. Prints one line:
 #   cluster hosts=16 racks=1 size=128MiB rate=100Mbit delay=0ms bound_s=.. p2p_p50_s=.. p2p_p99_s=..
 #   p2p_over_bound=.. bt_over_bound=.. direct_over_bound=.. bt_over_p2p=.. origin_bytes_ratio=..
-#   host_upload_ratio=.. rack_in_over_size=..
+#   host_upload_ratio=.. rack_in_over_size=.. cross_rack_pieces=..
 # bound_s = S/B, the time for one host to receive S through its own link; *_over_bound compare the
 # last host to finish with it. origin_bytes_ratio: bytes the origin sent in the Damselfly run / S.
 # host_upload_ratio: bytes the hosts sent in the Damselfly run / (HOSTS × S), the share of the
 # content that hosts served each other. rack_in_over_size: most bytes that entered one rack over its
-# uplink in the Damselfly run / S (one copy per rack would be 1.0).
+# uplink in the Damselfly run / S (one copy per rack would be 1.0); cross_rack_pieces: piece
+# assignments to a parent outside the peer's rack (the supernode's metric; one per piece and rack).
 # Env: HOSTS (16), SIZE_MIB (128), RATE_MBIT (100), DELAY_MS (0: needs netem, which these machines'
 # kernel lacks), RACKS (1), RACK_MBIT (2 × RATE_MBIT), LOCATIONS (1: each dfget gives its rack as
 # --location; 0: none, the scheduler's choice ignores racks), AGENT (1: every host runs dfdaemon and
@@ -192,6 +193,11 @@ wait_hosts p2p
 mapfile -t P2P < <(finish_times p2p)
 check "$WORK"/out/h*
 P2P_ORIGIN=$(origin_sent)
+# Assignments whose parent sat outside the peer's rack (the supernode's metric).
+if [ "${PLAINTEXT:-0}" = 1 ]; then SN_METRICS=(curl -sf "http://$SN_IP:8001/metrics"); else
+  SN_METRICS=(curl -sf --cacert "$WORK/pki/ca.crt" --cert "$WORK/pki/supernode.crt" \
+    --key "$WORK/pki/supernode.key" "https://$SN_IP:8001/metrics"); fi
+CROSS=$(ns_exec sn "${SN_METRICS[@]}" | awk '$1 == "damselfly_supernode_cross_location_assignments_total" { print $2 }')
 tx=0; for i in $(seq 1 "$HOSTS"); do tx=$((tx + $(host_tx_bytes "h$i"))); done
 rack_max=0
 if [ "$RACKS" -gt 1 ]; then
@@ -254,5 +260,7 @@ line+=" p2p_over_bound=$(ratio "$p2p_last" "$bound") bt_over_bound=$(ratio "$bt_
 line+=" direct_over_bound=$(ratio "$direct_last" "$bound") bt_over_p2p=$(ratio "$bt_last" "$p2p_last")"
 line+=" origin_bytes_ratio=$(calc %.2f "$P2P_ORIGIN / $S")"
 line+=" host_upload_ratio=$(calc %.2f "($tx - $tx_before) / ($HOSTS * $S)")"
-if [ "$RACKS" -gt 1 ]; then line+=" rack_in_over_size=$(calc %.2f "$rack_max / $S")"; fi
+if [ "$RACKS" -gt 1 ]; then
+  line+=" rack_in_over_size=$(calc %.2f "$rack_max / $S") cross_rack_pieces=${CROSS:-?}"
+fi
 echo "$line"

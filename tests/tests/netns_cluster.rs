@@ -14,6 +14,7 @@ use std::process::Command;
 use damselfly_tests::harness::{bin_dir, is_root, missing_tools, skip};
 
 const TEST: &str = "netns_cluster";
+const SIZE_MIB: u32 = 16;
 
 /// The `key=value` fields of the benchmark's summary line.
 fn fields(line: &str) -> HashMap<&str, &str> {
@@ -43,7 +44,7 @@ fn four_hosts_in_two_racks_fetch_from_each_other() {
         .envs([
             ("HOSTS", "4"),
             ("RACKS", "2"),
-            ("SIZE_MIB", "16"),
+            ("SIZE_MIB", &SIZE_MIB.to_string()),
             ("RATE_MBIT", "200"),
         ])
         .env("BIN", bin_dir())
@@ -84,4 +85,11 @@ fn four_hosts_in_two_racks_fetch_from_each_other() {
     // without locations 1.5-1.8).
     let rack_in = number(&f, "rack_in_over_size");
     assert!(rack_in <= 1.25, "{rack_in} copies entered a rack: {line}");
+    // The supernode counts what it sent across: about one assignment per piece and rack.
+    let pieces = f64::from((SIZE_MIB << 20) / fetcher::task_id::DEFAULT_PIECE_SIZE);
+    let cross = number(&f, "cross_rack_pieces");
+    assert!(
+        (2.0 * pieces..=2.5 * pieces).contains(&cross),
+        "{cross} assignments crossed racks for {pieces} pieces in 2 racks: {line}"
+    );
 }

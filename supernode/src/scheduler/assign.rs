@@ -30,6 +30,9 @@ pub const SUPERNODE_ID: &str = "supernode";
 /// candidates spreads uploads about as well as the best of all, at a bounded cost.
 pub const PROBES: usize = 16;
 
+/// Other locations looked at for a parent outside the peer's own, at most.
+pub const SITE_PROBES: usize = 4 * PROBES;
+
 /// Limits the policy works with.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -92,7 +95,8 @@ enum Near {
 }
 
 /// Up to [`PROBES`] peers with a free upload slot, at random: of location `here`, or of the
-/// others (from a random one on).
+/// others (from a random one on, looking at no more than [`SITE_PROBES`] of them, so that peers
+/// claiming many locations cannot make each decision longer).
 fn sample<'a>(state: &'a State, here: &Location, near: Near) -> Vec<&'a String> {
     let mut rng = rand::rng();
     let first_site = rng.random_range(0..state.sites.len().max(1));
@@ -116,7 +120,7 @@ fn sample<'a>(state: &'a State, here: &Location, near: Near) -> Vec<&'a String> 
         }
         Near::Elsewhere => {
             let (n, first) = (state.sites.len(), first_site);
-            for k in 0..n {
+            for k in 0..n.min(SITE_PROBES) {
                 if out.len() >= PROBES {
                     break;
                 }

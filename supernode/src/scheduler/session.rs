@@ -159,7 +159,7 @@ async fn run_registered(
         });
     }
     s.metrics.peers.inc();
-    tracing::info!(version = %&info.version_id[..16], "peer joined");
+    tracing::info!(version = %&info.version_id[..16], location = %reg.location, "peer joined");
 
     let sn_ip = s
         .cfg
@@ -278,18 +278,20 @@ fn step(
     if next.starved {
         st.starve(peer_id);
     }
+    let here = st
+        .peers
+        .get(peer_id)
+        .map(|p| p.location.clone())
+        .unwrap_or_default();
     for (piece, parent) in next.assigned {
-        let (base_url, is_supernode) = if parent == SUPERNODE_ID {
-            (supernode_base.to_owned(), true)
-        } else {
-            (
-                st.peers
-                    .get(&parent)
-                    .map(|p| p.base_url.clone())
-                    .unwrap_or_default(),
-                false,
-            )
+        let p = st.peers.get(&parent);
+        let (base_url, is_supernode) = match p {
+            _ if parent == SUPERNODE_ID => (supernode_base.to_owned(), true),
+            p => (p.map(|p| p.base_url.clone()).unwrap_or_default(), false),
         };
+        if !here.is_unknown() && p.is_none_or(|p| p.location != here) {
+            s.metrics.cross_location.inc();
+        }
         s.metrics
             .assignments
             .with_label_values(&[if is_supernode { "supernode" } else { "peer" }])
