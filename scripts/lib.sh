@@ -46,6 +46,35 @@ start_supernode() {
   [ -n "$GRPC" ] || { echo "supernode did not start" >&2; cat "$WORK/supernode.log" >&2; return 1; }
 }
 
+# build_bins: sets BIN, the directory of the workspace's binaries: $BIN if given (nothing is built),
+# else built with PROFILE (release; `dev` is the tests' optimized dev build, target/debug).
+build_bins() {
+  if [ -z "${BIN:-}" ]; then
+    PROFILE=${PROFILE:-release}
+    cargo build --profile "$PROFILE" --locked --workspace --bins -q
+    BIN=target/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")
+  fi
+  BIN=$(realpath "$BIN")
+}
+
+# ram_workdir NEED_MIB NAME: sets WORK to a new directory NAME.XXXXXX, in RAM (/dev/shm) when it has
+# NEED_MIB free, else under /tmp (FS says which: tmpfs or disk). Emulated hosts would each have a
+# disk of their own; on one machine they would measure the shared disk instead.
+ram_workdir() {
+  local free
+  free=$(df -Pm /dev/shm 2>/dev/null | awk 'NR==2 { print $4 }')
+  if [ -n "$free" ] && [ "$free" -gt "$1" ]; then FS=tmpfs; WORK=$(mktemp -d "/dev/shm/$2.XXXXXX")
+  else FS=disk; WORK=$(mktemp -d "/tmp/$2.XXXXXX"); fi
+}
+
+# check FILE...: every file has sha256 $WANT, or the benchmark stops naming the first that differs.
+check() {
+  local f
+  for f in "$@"; do
+    [ "$(sha256sum "$f" | cut -d' ' -f1)" = "$WANT" ] || { echo "bench: $f differs" >&2; exit 1; }
+  done
+}
+
 origin_bytes() { curl -s "http://$ORIGIN/_stats" | sed 's/.*"bytes": \([0-9]*\).*/\1/'; }
 
 now() { date +%s.%N; }

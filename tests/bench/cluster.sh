@@ -42,17 +42,9 @@ DIRECT=${DIRECT:-1}
 [ "$HOSTS" -ge 1 ] && [ "$HOSTS" -le 250 ] || { echo "cluster.sh: HOSTS must be 1..250" >&2; exit 1; }
 need_tools curl ip:iproute2 tc:iproute2 aria2c:aria2 opentracker mktorrent
 
-if [ -z "${BIN:-}" ]; then
-  PROFILE=${PROFILE:-release}
-  cargo build --profile "$PROFILE" --locked --workspace --bins -q
-  BIN=target/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")
-fi
-BIN=$(realpath "$BIN")
-# Each host would have its own disk: work in RAM when there is room (one run's files at a time).
-need=$(( (2 * HOSTS + 3) * SIZE_MIB ))
-shm_free=$(df -Pm /dev/shm 2>/dev/null | awk 'NR==2 { print $4 }')
-if [ -n "$shm_free" ] && [ "$shm_free" -gt "$need" ]; then BASE=/dev/shm; else BASE=/tmp; fi
-WORK=$(mktemp -d "$BASE/damselfly-cluster.XXXXXX")
+build_bins
+# One run's files at a time.
+ram_workdir $(( (2 * HOSTS + 3) * SIZE_MIB )) damselfly-cluster
 cleanup() {
   kill $(jobs -p) 2>/dev/null || true; ns_cleanup; wait 2>/dev/null || true
   if [ "${KEEP_WORK:-0}" = 1 ]; then echo "cluster.sh: kept $WORK" >&2; else rm -rf "$WORK"; fi
@@ -129,14 +121,6 @@ wait_hosts() {
 finish_times() {
   local f
   for f in "$WORK"/done/"$1"-h*; do calc %.3f "$(cat "$f") - $T0"; echo; done | sort -n
-}
-
-# check FILE...: every file equals the blob.
-check() {
-  local f
-  for f in "$@"; do
-    [ "$(sha256sum "$f" | cut -d' ' -f1)" = "$WANT" ] || { echo "cluster.sh: $f differs" >&2; exit 1; }
-  done
 }
 
 # all_done KIND: whether every host has finished KIND.

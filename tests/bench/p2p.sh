@@ -4,7 +4,8 @@
 # peers downloading straight from the origin. Prints one line:
 #   p2p peers=8 size=256MiB bound_s=<S/B> p2p_s=.. direct_s=.. p2p_over_bound=.. direct_over_p2p=.. origin_bytes_ratio=.. (direct: 8.00)
 # Env: PEERS (8), SIZE_MIB (256), RATE_MIB (40), SUPERNODE_TOML (lines of the supernode's config, e.g.
-# 'piece_size = "1MiB"'), PROFILE (release; dev uses the tests' optimized dev build).
+# 'piece_size = "1MiB"'), PROFILE (release; dev uses the tests' optimized dev build), BIN (built
+# binaries: no build).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/lib.sh
@@ -13,16 +14,10 @@ SIZE_MIB=${SIZE_MIB:-256}
 RATE_MIB=${RATE_MIB:-40}
 need_tools curl
 
-PROFILE=${PROFILE:-release}
-cargo build --profile "$PROFILE" --locked --workspace --bins -q
-BIN=target/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")
-# Each emulated host would have its own disk; on one machine, 8 peers fsyncing 256 MiB each at the
-# same moment would measure the shared disk instead. Work in RAM (tmpfs) when there is room; the
-# direct baseline writes to the same place.
-need=$(( (2 * PEERS + 3) * SIZE_MIB ))
-shm_free=$(df -Pm /dev/shm 2>/dev/null | awk 'NR==2 { print $4 }')
-if [ -n "$shm_free" ] && [ "$shm_free" -gt "$need" ]; then BASE=/dev/shm; FS=tmpfs; else BASE=/tmp; FS=disk; fi
-WORK=$(mktemp -d "$BASE/damselfly-bench.XXXXXX")
+build_bins
+# 8 peers fsyncing 256 MiB each at the same moment would measure the shared disk: work in RAM when
+# there is room; the direct baseline writes to the same place.
+ram_workdir $(( (2 * PEERS + 3) * SIZE_MIB )) damselfly-bench
 cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
 mkdir -p "$WORK/www" "$WORK/out" "$WORK/logs"
@@ -34,10 +29,6 @@ start_origin "$WORK/www" --rate "$RATE"
 printf '%s\n' "${SUPERNODE_TOML:-}" > "$WORK/supernode.toml"
 start_supernode --upload-rate "$RATE" --config "$WORK/supernode.toml"
 URL="http://$ORIGIN/files/blob"
-
-check() { # check FILE...: every file equals the blob
-  for f in "$@"; do [ "$(sha256sum "$f" | cut -d' ' -f1)" = "$WANT" ] || { echo "bench: $f differs" >&2; exit 1; }; done
-}
 
 # P2P: every peer's upload capped at B too.
 t0=$(now); pids=()

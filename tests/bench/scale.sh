@@ -5,7 +5,7 @@
 # Prints one line:
 #   loadgen peers=.. tasks=.. completed=.. failed=.. reconnects=.. results=.. results_per_s=.. p50_ms=.. p99_ms=.. elapsed_s=.. sn_cpu_s=.. sn_rss_mib=.. rss_kib_per_peer=..
 # Env: PEERS (1000), TASKS (1), PIECES (64), PIECE_DELAY (20ms), DEADLINE (120s), PLAINTEXT=1, PROFILE
-# (release; `dev` uses the tests' optimized dev build).
+# (release; `dev` uses the tests' optimized dev build), BIN (built binaries: no build).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/lib.sh
@@ -16,9 +16,7 @@ PIECE_DELAY=${PIECE_DELAY:-20ms}
 DEADLINE=${DEADLINE:-120s}
 need_tools curl
 
-PROFILE=${PROFILE:-release}
-cargo build --profile "$PROFILE" --locked --workspace --bins -q
-BIN=target/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")
+build_bins
 WORK=$(mktemp -d /tmp/damselfly-bench.XXXXXX)
 cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
