@@ -92,6 +92,7 @@ fn from_proto(r: PbRequest) -> Result<DownloadRequest> {
         back_source,
         timeout: (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms)),
         content_key: None,
+        seed_only: false,
     })
 }
 

@@ -82,6 +82,7 @@ impl Peer {
             back_source: BackSource::Auto,
             timeout: Some(TIMEOUT),
             content_key: None,
+            seed_only: false,
         };
         let (ptx, _prx) = tokio::sync::watch::channel(Progress::default());
         let collect = async {

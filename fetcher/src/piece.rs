@@ -67,6 +67,15 @@ impl PieceCutter {
         }
     }
 
+    /// A cutter for the rest of a content from piece `first` on (offset `first * piece_size`),
+    /// e.g. a ranged origin body; its digest covers only the bytes fed to it.
+    pub fn starting_at(piece_size: u32, first: u32) -> Self {
+        let mut c = Self::new(piece_size);
+        c.next_num = first;
+        c.next_offset = u64::from(first) * u64::from(piece_size);
+        c
+    }
+
     /// Feeds bytes; returns the pieces completed by them.
     pub fn push(&mut self, mut data: &[u8]) -> Vec<(PieceMeta, Bytes)> {
         let mut out = Vec::new();
@@ -114,6 +123,17 @@ impl PieceCutter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cutter_can_start_mid_content() {
+        let mut c = PieceCutter::starting_at(4096, 2);
+        let pieces = c.push(&[7u8; 5000]);
+        assert_eq!((pieces[0].0.num, pieces[0].0.offset), (2, 8192));
+        let (last, total, _) = c.finish();
+        let last = last.expect("short last piece");
+        assert_eq!((last.0.num, last.0.offset, last.0.size), (3, 12288, 904));
+        assert_eq!(total, 8192 + 5000);
+    }
 
     #[test]
     fn cuts_at_piece_boundaries_whatever_the_chunking() {

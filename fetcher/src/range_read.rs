@@ -169,6 +169,7 @@ impl Peer {
             back_source: BackSource::Auto,
             timeout: None,
             content_key: Some(r.digest.clone()),
+            seed_only: false,
         };
         let (peer, task_id) = (self.clone(), task_id.to_owned());
         tokio::spawn(async move {

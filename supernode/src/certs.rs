@@ -186,6 +186,22 @@ mod tests {
     }
 
     #[test]
+    fn a_host_certificate_names_its_hosts_and_no_other() {
+        use rustls::pki_types::pem::PemObject;
+        let d = tempfile::tempdir().expect("tmp");
+        run(&args(d.path(), "sn", &["10.0.0.5", "sn.example"])).expect("issue");
+        let pem = std::fs::read(d.path().join("sn.crt")).expect("crt");
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(&pem).expect("pem");
+        for host in ["10.0.0.5", "sn.example", "sn"] {
+            assert!(fetcher::tls::names_host(&der, host), "{host}");
+        }
+        for host in ["10.0.0.6", "other.example", "", "not a name"] {
+            assert!(!fetcher::tls::names_host(&der, host), "{host}");
+        }
+        assert!(!fetcher::tls::names_host(b"not a certificate", "10.0.0.5"));
+    }
+
+    #[test]
     fn issues_hosts_under_one_ca_and_overwrites_nothing() {
         let d = tempfile::tempdir().expect("tmp");
         let first = run(&args(d.path(), "sn", &["127.0.0.1", "sn.example"])).expect("first");

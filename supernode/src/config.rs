@@ -55,6 +55,15 @@ pub struct Args {
     /// one the admin API is disabled [default: none].
     #[arg(long, value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// This supernode's scheduler address exactly as agents list it in --supernode (its entry
+    /// in --cluster-supernode) [default: none].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub cluster_address: Option<String>,
+    /// Every supernode of the cluster (this one included), as agents list them: the task
+    /// metadata of each task goes to the ones after this in its rendezvous order (repeatable or
+    /// comma-separated) [default: none].
+    #[arg(long, value_name = "HOST:PORT", value_delimiter = ',')]
+    pub cluster_supernode: Vec<String>,
     /// Log lines as JSON.
     #[arg(long)]
     pub log_json: bool,
@@ -111,6 +120,34 @@ pub struct Config {
     pub tls_require_client_cert: bool,
     /// Run without cluster TLS (only on a network you trust).
     pub plaintext: bool,
+    /// The other supernodes, for taking over each other's tasks.
+    pub cluster: ClusterConfig,
+}
+
+/// `[cluster]`: the supernodes that share tasks by rendezvous hashing (see `replica`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// This supernode's entry in `supernodes`.
+    pub address: Option<String>,
+    /// Every supernode's scheduler address, exactly as agents list them.
+    pub supernodes: Vec<String>,
+    /// Successors in a task's rendezvous order that receive its metadata.
+    pub replicas: usize,
+    /// How long a takeover waits for peers to announce a piece before it fetches the piece from
+    /// the origin.
+    pub rebuild_wait: String,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            address: None,
+            supernodes: Vec::new(),
+            replicas: 1,
+            rebuild_wait: "3s".into(),
+        }
+    }
 }
 
 impl Default for Config {
@@ -140,6 +177,7 @@ impl Default for Config {
             tls_key: None,
             tls_require_client_cert: true,
             plaintext: false,
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -192,6 +230,12 @@ pub fn load(args: &Args) -> Result<Config> {
     args.policy.over(&mut c.origin_policy);
     if args.admin_token_file.is_some() {
         c.admin_token_file = args.admin_token_file.clone();
+    }
+    if args.cluster_address.is_some() {
+        c.cluster.address = args.cluster_address.clone();
+    }
+    if !args.cluster_supernode.is_empty() {
+        c.cluster.supernodes = args.cluster_supernode.clone();
     }
     Ok(c)
 }
@@ -251,6 +295,13 @@ mod tests {
             (d.ticket_ttl.as_str(), d.ticket_bind_ip, true),
             "the sample must show the security defaults"
         );
+        assert_eq!(
+            (c.cluster.replicas, c.cluster.rebuild_wait.as_str(), c.cluster.supernodes.len()),
+            (d.cluster.replicas, d.cluster.rebuild_wait.as_str(), 0),
+            "the sample must show the cluster defaults"
+        );
+        let err = toml::from_str::<Config>("[cluster]\nreplica = 2").expect_err("typo");
+        assert!(err.to_string().contains("replica"), "{err}");
         let err = toml::from_str::<Config>("cache_sise = \"1GiB\"").expect_err("typo");
         assert!(err.to_string().contains("cache_sise"), "{err}");
     }

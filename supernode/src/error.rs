@@ -28,6 +28,10 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// Another supernode sent task metadata that does not hold together (see `replica`).
+    #[error("replica of task {task_id}: {detail}")]
+    Replica { task_id: String, detail: String },
+
     /// The piece store or a source failed.
     #[error(transparent)]
     Fetcher(#[from] fetcher::Error),

@@ -10,6 +10,8 @@ pub mod http;
 pub mod isolation;
 pub mod layer_index;
 pub mod metrics;
+pub mod rebuild;
+pub mod replica;
 pub mod scheduler;
 pub mod seed;
 pub mod task;
@@ -22,6 +24,7 @@ use std::time::Duration;
 use fetcher::piece_store::Store;
 use fetcher::rate::{parse_rate, parse_size};
 use fetcher::source::HttpSource;
+use proto::scheduler::cluster_server::ClusterServer;
 use proto::scheduler::scheduler_server::SchedulerServer;
 
 pub use error::{Error, Result};
@@ -130,6 +133,19 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
     }
     let metrics = Metrics::new();
     let tasks = Arc::new(Tasks::default());
+    let cluster = replica::Cluster::new(&c.cluster, tls.clone(), metrics.clone())?;
+    let tickets = Arc::new(tickets::Tickets::new(issuer, ticket_ttl, c.ticket_bind_ip));
+    let mut peer_http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .read_timeout(Duration::from_secs(30))
+        .no_proxy();
+    if let Some(t) = &tls {
+        peer_http = peer_http.use_preconfigured_tls(t.piece_client());
+    }
+    let peer_http = peer_http.build().map_err(|e| Error::Config {
+        key: "tls_ca",
+        detail: format!("piece client: {e}"),
+    })?;
 
     let (http_listener, http_addr) = bind(c.http_addr).await?;
     let (grpc_listener, grpc_addr) = bind(c.grpc_addr).await?;
@@ -146,7 +162,7 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
             http_scheme: if tls.is_some() { "https" } else { "http" },
             admin_token,
         },
-        tickets: tickets::Tickets::new(issuer, ticket_ttl, c.ticket_bind_ip),
+        tickets: tickets.clone(),
         per_host: Default::default(),
         realms: Default::default(),
         tasks: tasks.clone(),
@@ -159,6 +175,11 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
             metrics: metrics.clone(),
             piece_size,
             cache_size,
+            cluster: cluster.clone(),
+            tickets,
+            peer_http,
+            peer_cap: c.peer_upload_slots.max(1),
+            shutdown: shutdown.clone(),
         }),
         isolation: Isolation::new(c.fault_threshold, fault_window, cooldown),
         metrics: metrics.clone(),
@@ -186,6 +207,7 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
     ));
 
     let svc = SchedulerServer::new(SchedulerService::new(scheduling.clone()));
+    let cluster_svc = ClusterServer::new(replica::ClusterService { cluster });
     let sd = shutdown.clone();
     let mut builder = tonic::transport::Server::builder();
     if let Some(t) = &tls {
@@ -196,6 +218,7 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
             .http2_keepalive_interval(Some(Duration::from_secs(15)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(svc)
+            .add_service(cluster_svc)
             // Scheduling is many small round trips: no Nagle delay against delayed ACKs.
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),

@@ -30,6 +30,15 @@ pub struct Metrics {
     /// `damselfly_supernode_requests_refused_total{api="pieces|index|admin|register|origin|token|sessions|rate"}`: requests
     /// without a valid ticket, admin token or origin proof.
     pub refused: IntCounterVec,
+    /// `damselfly_supernode_replica_messages_total{dir="sent|received|refused|failed"}`: task
+    /// metadata sent to successors and taken from other supernodes.
+    pub replica_messages: IntCounterVec,
+    /// `damselfly_supernode_rebuilt_pieces_total{from="peer|origin|cache"}`: pieces of versions
+    /// taken over from a failed supernode, by where the seed got them.
+    pub rebuilt_pieces: IntCounterVec,
+    /// `damselfly_supernode_replica_pieces`: pieces described by the metadata other supernodes
+    /// replicated here (bounded, see `replica::records`).
+    pub replica_pieces: IntGauge,
 }
 
 impl Metrics {
@@ -85,6 +94,20 @@ impl Metrics {
                 "Requests refused for a missing or invalid ticket, admin token or origin proof, or over a per-host limit",
                 &["api"],
             ),
+            replica_messages: v(
+                "damselfly_supernode_replica_messages_total",
+                "Task metadata messages between supernodes",
+                &["dir"],
+            ),
+            rebuilt_pieces: v(
+                "damselfly_supernode_rebuilt_pieces_total",
+                "Pieces of versions taken over from another supernode, by source",
+                &["from"],
+            ),
+            replica_pieces: g(
+                "damselfly_supernode_replica_pieces",
+                "Pieces described by task metadata other supernodes replicated here",
+            ),
             registry,
         };
         for x in [
@@ -101,10 +124,12 @@ impl Metrics {
             &m.piece_failures,
             &m.isolations,
             &m.refused,
+            &m.replica_messages,
+            &m.rebuilt_pieces,
         ] {
             let _ = m.registry.register(Box::new(x.clone()));
         }
-        for x in [&m.tasks, &m.peers] {
+        for x in [&m.tasks, &m.peers, &m.replica_pieces] {
             let _ = m.registry.register(Box::new(x.clone()));
         }
         m

@@ -23,6 +23,16 @@ pub struct SeedContext {
     pub piece_size: u32,
     /// The seed cache's size (`cache_size`): seeds count against it while they stream.
     pub cache_size: u64,
+    /// The other supernodes: metadata of what this one seeds goes to them, and versions they
+    /// seeded are taken over from their metadata (`crate::rebuild`).
+    pub cluster: Option<Arc<crate::replica::Cluster>>,
+    /// Piece tickets, for the pieces a takeover fetches from peers.
+    pub tickets: Arc<crate::tickets::Tickets>,
+    /// The client for peers' piece servers (cluster TLS).
+    pub peer_http: reqwest::Client,
+    /// Concurrent uploads the scheduler gives one peer (a takeover's fetches count in them).
+    pub peer_cap: usize,
+    pub shutdown: fetcher::Shutdown,
 }
 
 /// How often (in pieces) a seed checks the whole cache's usage against `cache_size`.
@@ -75,11 +85,47 @@ pub async fn seed(ctx: Arc<SeedContext>, v: Arc<Version>) {
 }
 
 async fn seed_inner(ctx: &SeedContext, v: &Arc<Version>) -> fetcher::Result<()> {
+    let taken_over = ctx.cluster.as_ref().and_then(|c| c.take(&v.task_id));
+    let resp = match taken_over {
+        Some(rec) => match crate::rebuild::rebuild(ctx, v, rec).await? {
+            crate::rebuild::Outcome::Rebuilt => return Ok(()),
+            crate::rebuild::Outcome::Unusable(Some(whole)) => *whole,
+            crate::rebuild::Outcome::Unusable(None) => fetch(ctx, v).await?,
+        },
+        None => fetch(ctx, v).await?,
+    };
+    seed_from(ctx, v, resp).await
+}
+
+/// The origin's whole body of `v`.
+async fn fetch(ctx: &SeedContext, v: &Version) -> fetcher::Result<fetcher::source::OriginResponse> {
     ctx.metrics
         .source_requests
         .with_label_values(&["fetch"])
         .inc();
-    let resp = ctx.source.get(&v.url, &v.headers, None).await?;
+    ctx.source.get(&v.url, &v.headers, None).await
+}
+
+/// Makes `v`'s version known: indexed for piece serving, every waiting session told, and its
+/// metadata on its way to the task's successors.
+pub(crate) fn announce(ctx: &SeedContext, v: &Arc<Version>, info: &Info) {
+    ctx.tasks.index(info.version_id.clone(), v.clone());
+    ctx.metrics.tasks.set(ctx.tasks.len() as i64);
+    v.notify();
+    if let Some(c) = &ctx.cluster {
+        tokio::spawn(crate::replica::push(
+            c.clone(),
+            v.clone(),
+            ctx.shutdown.clone(),
+        ));
+    }
+}
+
+async fn seed_from(
+    ctx: &SeedContext,
+    v: &Arc<Version>,
+    resp: fetcher::source::OriginResponse,
+) -> fetcher::Result<()> {
     let probe = resp.probe.clone();
     let len = probe.content_length.map(|l| l as i64).unwrap_or(-1);
     let piece_size = task_id::piece_size_for(len, ctx.piece_size);
@@ -116,9 +162,7 @@ async fn seed_inner(ctx: &SeedContext, v: &Arc<Version>) -> fetcher::Result<()> 
         let mut st = v.lock();
         st.info = Some(info.clone());
     }
-    ctx.tasks.index(info.version_id.clone(), v.clone());
-    ctx.metrics.tasks.set(ctx.tasks.len() as i64);
-    v.notify();
+    announce(ctx, v, &info);
     tracing::info!(version = %&info.version_id[..16], length = len, piece_size, cached = cached.len(), "seeding");
 
     let whole = len >= 0 && cached.len() as u64 == (len as u64).div_ceil(u64::from(piece_size));
@@ -138,7 +182,7 @@ async fn seed_inner(ctx: &SeedContext, v: &Arc<Version>) -> fetcher::Result<()> 
         tracing::info!(version = %&info.version_id[..16], "served from the disk cache");
         return Ok(());
     }
-    let result = stream_body(ctx, v, &store, resp, len, piece_size).await;
+    let result = stream_body(ctx, v, &store, resp, (len, piece_size), 0).await;
     if result.is_err() && !shared {
         // Nothing of a failed, short or mismatching seed stays behind for a later one to trust.
         if let Err(e) = store.discard() {
@@ -146,6 +190,7 @@ async fn seed_inner(ctx: &SeedContext, v: &Arc<Version>) -> fetcher::Result<()> 
         }
     }
     let (total, digest) = result?;
+    store.set_complete(total, Some(digest.clone()))?;
     let piece_count = total.div_ceil(u64::from(piece_size)) as u32;
     v.lock().status = Status::Complete {
         content_length: total,
@@ -170,17 +215,18 @@ fn verified_digest(
     }
 }
 
-/// Streams the origin's body into pieces; the length and the expected digest are checked before
-/// the last piece is published, and the store is marked complete with the digest.
-async fn stream_body(
+/// Streams the origin's body into pieces from piece `first` on (0: the whole content, else a
+/// ranged body). The length is checked before the last piece is published, and for the whole
+/// content the expected digest too; returns the length and the digest of the bytes streamed.
+pub(crate) async fn stream_body(
     ctx: &SeedContext,
     v: &Arc<Version>,
     store: &Arc<fetcher::piece_store::TaskStore>,
     resp: fetcher::source::OriginResponse,
-    len: i64,
-    piece_size: u32,
+    (len, piece_size): (i64, u32),
+    first: u32,
 ) -> fetcher::Result<(u64, String)> {
-    let mut cutter = PieceCutter::new(piece_size);
+    let mut cutter = PieceCutter::starting_at(piece_size, first);
     let mut body = std::pin::pin!(resp.into_stream());
     let mut checked_at = 0u64;
     let check_every = u64::from(piece_size) * USAGE_CHECK_PIECES;
@@ -213,7 +259,8 @@ async fn stream_body(
             detail: format!("got {total} of {len} bytes"),
         });
     }
-    if let Some(expected) = v.expected_digest.as_deref()
+    if first == 0
+        && let Some(expected) = v.expected_digest.as_deref()
         && !expected.eq_ignore_ascii_case(&digest)
     {
         // The origin served other bytes than the digest the task is keyed by.
@@ -223,13 +270,12 @@ async fn stream_body(
         });
     }
     publish(v, store, last.into_iter().collect()).await?;
-    store.set_complete(total, Some(digest.clone()))?;
     Ok((total, digest))
 }
 
 /// A seed the cache cannot hold: an internal error, so peers try the next supernode and then
 /// the origin themselves.
-fn cache_full(ctx: &SeedContext, what: String) -> fetcher::Error {
+pub(crate) fn cache_full(ctx: &SeedContext, what: String) -> fetcher::Error {
     fetcher::Error::io(
         "seed cache full",
         ctx.store.root(),
@@ -266,7 +312,7 @@ async fn make_room(ctx: &SeedContext) -> fetcher::Result<()> {
 }
 
 /// Stores pieces (unless already cached from an earlier run) and makes them available.
-async fn publish(
+pub(crate) async fn publish(
     v: &Version,
     store: &Arc<fetcher::piece_store::TaskStore>,
     pieces: Vec<(PieceMeta, bytes::Bytes)>,

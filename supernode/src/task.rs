@@ -126,8 +126,12 @@ fn decrement(map: &mut PieceMap<usize>, n: u32) {
 pub struct State {
     pub info: Option<Info>,
     pub status: Status,
-    /// Available pieces, in order (piece `n` at index `n`).
+    /// Known pieces, in order (piece `n` at index `n`): the seed holds them, but for
+    /// `seed_lacks`.
     pub pieces: Vec<PieceMeta>,
+    /// Known pieces the seed does not hold yet: a version taken over from a failed supernode
+    /// (`crate::rebuild`) knows every piece's metadata before it gets the bytes from peers.
+    pub seed_lacks: PieceSet,
     pub peers: HashMap<String, PeerState>,
     /// Outstanding uploads per parent id (the supernode included).
     pub load: HashMap<String, usize>,
@@ -343,6 +347,7 @@ impl Version {
                 info: None,
                 status: Status::Seeding,
                 pieces: Vec::new(),
+                seed_lacks: PieceSet::default(),
                 peers: HashMap::new(),
                 holders: PieceMap::default(),
                 starved: VecDeque::new(),

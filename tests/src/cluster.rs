@@ -38,6 +38,11 @@ pub fn ca() -> PathBuf {
 
 /// Issues a host certificate for a new daemon named like `name`; returns (cert, key).
 pub fn issue(name: &str) -> (PathBuf, PathBuf) {
+    issue_for(name, &["127.0.0.1", "127.0.0.2", "localhost"])
+}
+
+/// Issues a certificate from the cluster CA for a host named like `name`, valid for `sans` only.
+pub fn issue_for(name: &str, sans: &[&str]) -> (PathBuf, PathBuf) {
     static N: AtomicU32 = AtomicU32::new(0);
     let safe: String = name
         .chars()
@@ -48,8 +53,8 @@ pub fn issue(name: &str) -> (PathBuf, PathBuf) {
     let out = std::process::Command::new(bin("supernode"))
         .args(["certs", "--dir"])
         .arg(dir())
-        .args(["--name", &host, "--san", "127.0.0.1", "--san", "127.0.0.2"])
-        .args(["--san", "localhost"])
+        .args(["--name", &host])
+        .args(sans.iter().flat_map(|s| ["--san", s]))
         .output()
         .expect("run supernode certs");
     assert!(
@@ -91,6 +96,16 @@ pub fn http_client() -> reqwest::Client {
 /// Cluster TLS material of a new host named like `name`, as daemons load it.
 pub fn host_tls(name: &str) -> fetcher::tls::ClusterTls {
     let (cert, key) = issue(name);
+    load(cert, key)
+}
+
+/// Cluster TLS material of a new host named like `name` whose certificate is valid for `sans`.
+pub fn host_tls_for(name: &str, sans: &[&str]) -> fetcher::tls::ClusterTls {
+    let (cert, key) = issue_for(name, sans);
+    load(cert, key)
+}
+
+fn load(cert: PathBuf, key: PathBuf) -> fetcher::tls::ClusterTls {
     fetcher::tls::ClusterTls::load(&fetcher::tls::TlsFiles {
         ca: ca(),
         cert,

@@ -201,17 +201,26 @@ impl Env {
     /// refused) and `extra` flags.
     pub async fn strict_supernode(&self, name: &str, extra: &[&str]) -> (Proc, String, String) {
         // A free port can be taken by another process before the daemon binds it: try again.
+        let fixed = extra
+            .iter()
+            .position(|a| *a == "--grpc-addr")
+            .and_then(|i| extra.get(i + 1));
         for attempt in 1.. {
-            let grpc = format!("127.0.0.1:{}", free_port());
+            let grpc = match fixed {
+                Some(g) => g.to_string(),
+                None => format!("127.0.0.1:{}", free_port()),
+            };
             let http = format!("127.0.0.1:{}", free_port());
-            let mut args: Vec<String> = vec![
-                "--grpc-addr".into(),
-                grpc.clone(),
+            let mut args: Vec<String> = Vec::new();
+            if fixed.is_none() {
+                args.extend(["--grpc-addr".into(), grpc.clone()]);
+            }
+            args.extend([
                 "--http-addr".into(),
                 http.clone(),
                 "--data-dir".into(),
                 self.path(name).to_string_lossy().into_owned(),
-            ];
+            ]);
             args.extend(extra.iter().map(|s| s.to_string()));
             if !extra.contains(&"--plaintext") {
                 args.extend(crate::cluster::flags(name));
@@ -228,6 +237,36 @@ impl Env {
             }
         }
         unreachable!("wait_up panics on the last attempt")
+    }
+
+    /// Starts supernodes `names` as one cluster on loopback: each names all of them
+    /// (`--cluster-supernode`, in this order) and itself (`--cluster-address`), so that each
+    /// replicates its tasks' metadata to the next in their rendezvous order. Returns them as
+    /// [`Env::supernode`] does.
+    pub async fn supernode_cluster(
+        &self,
+        names: &[&str],
+        extra: &[&str],
+    ) -> Vec<(Proc, String, String)> {
+        let grpcs: Vec<String> = names
+            .iter()
+            .map(|_| format!("127.0.0.1:{}", free_port()))
+            .collect();
+        let all = grpcs.join(",");
+        let mut out = Vec::new();
+        for (name, grpc) in names.iter().zip(&grpcs) {
+            let mut args = vec![
+                "--grpc-addr",
+                grpc,
+                "--cluster-address",
+                grpc,
+                "--cluster-supernode",
+                &all,
+            ];
+            args.extend_from_slice(extra);
+            out.push(self.supernode(name, &args).await);
+        }
+        out
     }
 
     /// Starts a dfdaemon (store `<dir>/<name>`, socket `<dir>/<name>.sock`, every port free on

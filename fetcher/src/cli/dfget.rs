@@ -269,6 +269,7 @@ async fn run_inner(args: Args) -> Result<()> {
         back_source: args.back_source.or(cfg.back_source).unwrap_or_default(),
         timeout,
         content_key: None,
+        seed_only: false,
     };
     task_id::task_id(&req.url, &req.tag, &req.filter)?;
     let bar = progress_bar(args.quiet);

@@ -7,7 +7,7 @@ pub(crate) mod scheduled;
 mod stream;
 
 /// A scheduler client to a supernode (over cluster TLS when given one).
-pub use scheduled::connect as connect_scheduler;
+pub use scheduled::{channel as supernode_channel, connect as connect_scheduler};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -82,6 +82,8 @@ pub struct DownloadRequest {
     pub timeout: Option<Duration>,
     /// Key the task by this content digest (`sha256:<hex>`) instead of the URL (registry blobs).
     pub content_key: Option<String>,
+    /// Register only to serve a version held whole (see `Register.seed_only`).
+    pub seed_only: bool,
 }
 
 /// Where the bytes are coming from, updated as pieces land.
@@ -256,7 +258,9 @@ impl Peer {
         };
         let version = store.meta().version_id;
         match seeding {
-            Some(session) if self.inner.cfg.keep_seeding => self.keep_seeding(session, store),
+            Some(session) if self.inner.cfg.keep_seeding => {
+                self.keep_seeding(session, store, req.clone())
+            }
             _ => self.inner.open.remove(&version),
         }
         Ok(summary)

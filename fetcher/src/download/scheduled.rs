@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::piece_fetch::{self, PieceOutcome};
-use super::{Destination, Download, SessionError, Wants};
+use super::{Destination, Download, DownloadRequest, SessionError, Wants};
 use crate::error::Error;
 use crate::peer::Peer;
 use crate::piece::PieceMeta;
@@ -34,6 +34,16 @@ pub async fn connect(
     addr: &str,
     tls: Option<&crate::tls::ClusterTls>,
 ) -> Result<SchedulerClient<tonic::transport::Channel>, String> {
+    Ok(SchedulerClient::new(channel(addr, tls).await?))
+}
+
+/// Opens a gRPC channel to the supernode at `addr` (`host:port`), over cluster TLS when `tls` is
+/// given (its certificate must name `host`), with keepalives: a supernode that vanishes without
+/// a reset is noticed within 25 s.
+pub async fn channel(
+    addr: &str,
+    tls: Option<&crate::tls::ClusterTls>,
+) -> Result<tonic::transport::Channel, String> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))
         .map_err(|e| format!("bad supernode address {addr:?}: {e}"))?
@@ -45,11 +55,10 @@ pub async fn connect(
             .tls_config(t.client(addr))
             .map_err(|e| format!("TLS towards {addr}: {}", crate::source::error_chain(&e)))?;
     }
-    let channel = endpoint
+    endpoint
         .connect()
         .await
-        .map_err(|e| crate::source::error_chain(&e))?;
-    Ok(SchedulerClient::new(channel))
+        .map_err(|e| crate::source::error_chain(&e))
 }
 
 fn send_err<T>(_: T) -> SessionError {
@@ -99,6 +108,7 @@ impl Download<'_> {
             content_key: self.req.content_key.clone().unwrap_or_default(),
             only_wanted: wants.as_ref().is_some_and(|w| w.borrow().only),
             location: self.peer.inner.cfg.location.to_string(),
+            seed_only: self.req.seed_only,
         };
         tx.send(msg(peer_message::Msg::Register(register)))
             .await
@@ -328,10 +338,21 @@ async fn wants_changed(wants: &mut Option<watch::Receiver<Wants>>) -> Option<Wan
     }
 }
 
+/// Longest a seeding peer waits before registering with the next supernode (spread at random,
+/// so that a supernode's peers do not all arrive at its successor in the same instant).
+const RESEED_SPREAD_MS: u64 = 1000;
+
 impl Peer {
     /// Keeps the scheduler stream (and the task's pieces) available to other peers until the
-    /// supernode closes it or the peer shuts down.
-    pub(crate) fn keep_seeding(&self, session: Session, store: Arc<TaskStore>) {
+    /// peer shuts down. When the supernode goes away the peer registers the task with the next
+    /// one (`req` again, into the store it holds): a supernode taking the task over rebuilds it
+    /// from what peers like this one hold, and schedules them as parents.
+    pub(crate) fn keep_seeding(
+        &self,
+        session: Session,
+        store: Arc<TaskStore>,
+        req: DownloadRequest,
+    ) {
         let peer = self.clone();
         tokio::spawn(async move {
             let Session { tx, mut inbound } = session;
@@ -344,8 +365,36 @@ impl Peer {
             }
             drop(tx);
             let version = store.meta().version_id;
+            // The store's lock goes with it: the re-registration below opens it again.
+            drop(store);
             peer.inner.open.remove(&version);
-            tracing::debug!(version = %&version[..16], "stopped seeding");
+            if shutdown.is_triggered() {
+                return tracing::debug!(version = %&version[..16], "stopped seeding");
+            }
+            let spread = Duration::from_millis(rand::random::<u64>() % RESEED_SPREAD_MS);
+            tokio::select! {
+                _ = shutdown.wait() => return,
+                _ = tokio::time::sleep(spread) => {}
+            }
+            tracing::info!(version = %&version[..16], "the supernode went away: registering with the next one to keep seeding");
+            let req = DownloadRequest {
+                output: Destination::Store {
+                    store: watch::channel(None).0,
+                    wants: watch::channel(Wants::default()).1,
+                },
+                back_source: crate::BackSource::Never,
+                timeout: Some(RESEED_TIMEOUT),
+                seed_only: true,
+                ..req
+            };
+            let (progress, _) = watch::channel(crate::Progress::default());
+            let again = Box::pin(peer.download(&req, &progress)).await;
+            if let Err(e) = again {
+                tracing::info!(version = %&version[..16], error = %e, "stopped seeding");
+            }
         });
     }
 }
+
+/// Longest a re-registration to keep seeding may take.
+const RESEED_TIMEOUT: Duration = Duration::from_secs(600);

@@ -86,6 +86,7 @@ pub(crate) async fn serve(
         back_source: BackSource::Auto,
         timeout: None,
         content_key: Some(digest.clone()),
+        seed_only: false,
     };
     let peer = p.peer.clone();
     tokio::spawn(async move {

@@ -192,14 +192,29 @@ impl ClusterTls {
     /// A peer's side towards the supernode at `addr` (`host:port`): the certificate must be the
     /// cluster CA's and name `host`.
     pub fn client(&self, addr: &str) -> ClientTlsConfig {
-        let host = addr
-            .rsplit_once(':')
-            .map_or(addr, |(h, _)| h)
-            .trim_start_matches('[')
-            .trim_end_matches(']');
         ClientTlsConfig::new()
             .ca_certificate(self.ca.clone())
             .identity(self.identity.clone())
-            .domain_name(host)
+            .domain_name(host_of(addr))
     }
+}
+
+/// The host part of `host:port` (`[v6]:port` without its brackets).
+pub fn host_of(addr: &str) -> &str {
+    addr.rsplit_once(':')
+        .map_or(addr, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+}
+
+/// Whether the certificate `der` (already verified against the cluster CA by the TLS layer) is
+/// valid for `host`, a DNS name or an IP: how a supernode recognises another one it was told of
+/// by address (host certificates carry no role, only the names and IPs of the host).
+pub fn names_host(der: &[u8], host: &str) -> bool {
+    let Ok(name) = rustls::pki_types::ServerName::try_from(host) else {
+        return false;
+    };
+    let der = rustls::pki_types::CertificateDer::from(der);
+    webpki::EndEntityCert::try_from(&der)
+        .is_ok_and(|c| c.verify_is_valid_for_subject_name(&name).is_ok())
 }

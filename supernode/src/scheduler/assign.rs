@@ -290,7 +290,9 @@ fn supernode_piece(
         return None;
     }
     let me = state.peers.get(peer_id)?;
-    let open = || (0..needed.len()).filter(|i| !taken[*i]);
+    // A seed that took a version over does not hold every piece it knows of yet.
+    let held = |i: &usize| !state.seed_lacks.contains(&needed[*i].1);
+    let open = || (0..needed.len()).filter(|i| !taken[*i]).filter(held);
     // No copy anywhere this peer could take: nobody fetching it, no holder allowed to serve it
     // (the search stops at the first one that is).
     let absent: Vec<usize> = open()
@@ -317,7 +319,7 @@ fn supernode_piece(
         return open().next();
     }
     let skip = outside_skip(state, peer_id, needed, taken);
-    (0..needed.len()).find(|i| !skip[*i])
+    (0..needed.len()).filter(held).find(|i| !skip[*i])
 }
 
 /// Releases the bookkeeping of an outstanding assignment (reported, or its peer left).
@@ -380,6 +382,29 @@ mod tests {
         pieces.sort();
         pieces.dedup();
         assert_eq!(pieces.len(), 3, "rarest-first gives distinct pieces");
+    }
+
+    #[test]
+    fn a_seed_that_took_over_serves_only_what_it_holds() {
+        let v = state_with(6);
+        let mut st = v.lock();
+        st.seed_lacks = (0..6).filter(|n| *n != 4).collect();
+        st.add_peer("holder".into(), peer(&[0, 1]));
+        st.add_peer("me".into(), peer(&[]));
+        let got = next(&mut st, "me", LIMITS, &|_| true);
+        let from_sn: Vec<u32> = got
+            .assigned
+            .iter()
+            .filter(|(_, p)| p == SUPERNODE_ID)
+            .map(|(n, _)| *n)
+            .collect();
+        assert_eq!(from_sn, vec![4], "the only piece the seed holds");
+        assert!(
+            got.assigned
+                .iter()
+                .all(|(n, p)| p == SUPERNODE_ID || (p == "holder" && *n < 2))
+        );
+        assert!(got.starved, "pieces 2, 3, 5: nobody can serve them yet");
     }
 
     #[test]

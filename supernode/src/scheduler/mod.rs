@@ -59,7 +59,7 @@ pub struct Scheduling {
     /// Layer indexes of seeded registry blobs.
     pub indexes: crate::layer_index::Indexes,
     /// Ticket signing for pieces and indexes.
-    pub tickets: crate::tickets::Tickets,
+    pub tickets: Arc<crate::tickets::Tickets>,
     /// Token realms registries announced.
     pub realms: realms::Realms,
 }

@@ -36,11 +36,17 @@ async fn sample(v: &Version, shutdown: &fetcher::Shutdown) -> Result<(u64, Vec<u
     loop {
         let pick = {
             let st = v.lock();
-            if st.pieces.is_empty() {
+            // Only what the seed holds (a version taken over is still getting pieces back).
+            let held: Vec<_> = st
+                .pieces
+                .iter()
+                .filter(|p| !st.seed_lacks.contains(&p.num))
+                .collect();
+            if held.is_empty() {
                 None
             } else {
                 let mut rng = rand::rng();
-                let p = &st.pieces[rng.random_range(0..st.pieces.len())];
+                let p = held[rng.random_range(0..held.len())];
                 let span = u64::from(p.size).saturating_sub(PROOF_LEN).max(1);
                 let at = p.offset + rng.random_range(0..span);
                 Some((at, PROOF_LEN.min(p.offset + u64::from(p.size) - at)))

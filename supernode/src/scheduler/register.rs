@@ -48,6 +48,15 @@ pub async fn join(s: &Scheduling, reg: &Register) -> Result<Arc<Version>, TaskEr
         .map(|h| (h.name.clone(), h.value.clone()))
         .collect();
     let fp = fingerprint(key.map(|_| url_key(&reg.url)).as_deref(), &headers);
+    if reg.seed_only
+        && s.tasks.current(&task_id).is_none()
+        && !s.seed.cluster.as_ref().is_some_and(|c| c.knows(&task_id))
+    {
+        // A peer that only wants to keep serving must not start a seed from the origin.
+        return Err(invalid(
+            "this supernode neither has the task nor its metadata: nothing to serve it for".into(),
+        ));
+    }
 
     // Get the current version or start one, atomically.
     let new_version = || {

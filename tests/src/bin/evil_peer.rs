@@ -76,6 +76,7 @@ async fn main() -> anyhow::Result<()> {
         back_source: fetcher::BackSource::Never,
         timeout: None,
         content_key: None,
+        seed_only: false,
     };
     let (tx, _rx) = tokio::sync::watch::channel(Progress::default());
     peer.download(&req, &tx).await?;
