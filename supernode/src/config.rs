@@ -296,7 +296,11 @@ mod tests {
             "the sample must show the security defaults"
         );
         assert_eq!(
-            (c.cluster.replicas, c.cluster.rebuild_wait.as_str(), c.cluster.supernodes.len()),
+            (
+                c.cluster.replicas,
+                c.cluster.rebuild_wait.as_str(),
+                c.cluster.supernodes.len()
+            ),
             (d.cluster.replicas, d.cluster.rebuild_wait.as_str(), 0),
             "the sample must show the cluster defaults"
         );

@@ -26,8 +26,9 @@ use crate::replica::Record;
 use crate::seed::{SeedContext, announce, stream_body};
 use crate::task::{Info, State, Status, Version};
 
-/// Pieces fetched from peers at once (each also takes one of that peer's upload slots).
-const PULLS: usize = 4;
+/// Pieces fetched at once (each fetch from a peer takes one of its upload slots: the hosts still
+/// downloading need them more than the seed's copy does).
+const PULLS: usize = 2;
 /// How often the takeover looks again for holders while nothing is in flight.
 const LOOK_AGAIN: Duration = Duration::from_millis(100);
 /// Longest one piece may take from one peer.
@@ -150,7 +151,7 @@ async fn finish(v: &Arc<Version>, store: &Arc<TaskStore>, rec: &Record) -> fetch
         digest,
     };
     v.notify();
-    tracing::info!(version = %&v.task_id[..16], bytes = len, pieces = piece_count, "version taken over: complete");
+    tracing::info!(task_id = %&v.task_id[..16], bytes = len, pieces = piece_count, "version taken over: complete");
     Ok(())
 }
 
@@ -268,9 +269,10 @@ async fn pull(
     }
 }
 
-/// Pure: up to `room` pieces the seed lacks and is not fetching, each with a source: the least
-/// loaded usable holder with a free slot (booked in its load), or the origin once `origin_ok`
-/// and no usable holder is left at all.
+/// Pure: up to `room` pieces the seed lacks and is not fetching, rarest first (the ones a
+/// departing peer would take out of the cluster), each with a source: the least loaded usable
+/// holder with a free slot (booked in its load), or the origin once `origin_ok` and no usable
+/// holder is left at all.
 fn choose(
     st: &mut State,
     busy: &HashSet<u32>,
@@ -279,15 +281,15 @@ fn choose(
     origin_ok: bool,
     peer_cap: usize,
 ) -> Vec<(PieceMeta, Source)> {
-    let mut lacking: Vec<u32> = st
+    let mut lacking: Vec<(usize, u32)> = st
         .seed_lacks
         .iter()
         .filter(|n| !busy.contains(n))
-        .copied()
+        .map(|n| (st.holders.get(n).map_or(0, |h| h.len()), *n))
         .collect();
     lacking.sort_unstable();
     let mut out = Vec::new();
-    for n in lacking {
+    for (_, n) in lacking {
         if out.len() >= room {
             break;
         }
@@ -477,7 +479,7 @@ mod tests {
         let none = HashMap::new();
         // Before the wait is over, a piece nobody holds (3) waits.
         let got = sources(&choose(&mut st, &HashSet::new(), &none, 8, false, 2));
-        assert_eq!(got, vec![(0, "a".into()), (1, "b".into()), (2, "a".into())]);
+        assert_eq!(got, vec![(0, "a".into()), (2, "a".into()), (1, "b".into())]);
         assert_eq!(st.load.get("a"), Some(&2));
         assert!(!st.sites[0].free.contains("a"), "a's slots are taken");
         // After it, the orphan comes from the origin; busy pieces are not picked twice.

@@ -104,16 +104,16 @@ ns_exec origin "$BIN/damselfly-origin" --dir "$WORK/www" --addr "$ORIGIN" \
 wait_for "the origin" 10 grep -q listening "$WORK/logs/origin.out"
 origin_sent() { ns_exec origin curl -sf "http://$ORIGIN/_stats" | sed 's/.*"bytes": \([0-9]*\).*/\1/'; }
 printf '%s\n' "${SUPERNODE_TOML:-}" > "$WORK/supernode.toml"
-declare -a SN_PIDS
+declare -a SN_DEAD
 for n in $(seq 1 "$SUPERNODES"); do
   ip=$(sn_ip "$n")
   cluster=()
   if [ "$SUPERNODES" -gt 1 ]; then cluster=(--cluster-address "$ip:8002" --cluster-supernode "$SN_LIST"); fi
-  # shellcheck disable=SC2046 # tls_flags prints separate words (paths without spaces)
+  # (Certificates one at a time: the first creates the CA.)
+  read -r -a tls <<< "$(tls_flags "supernode$n" "$ip")"
   ns_exec "$(sn_ns "$n")" "$BIN/supernode" --grpc-addr "$ip:8002" --http-addr "$ip:8001" \
-    --data-dir "$WORK/supernode$n" --allow-address 10.77.0.0/16 $(tls_flags "supernode$n" "$ip") \
+    --data-dir "$WORK/supernode$n" --allow-address 10.77.0.0/16 "${tls[@]}" \
     --config "$WORK/supernode.toml" "${cluster[@]}" 2> "$WORK/logs/supernode$n.log" &
-  SN_PIDS[n]=$!
 done
 for n in $(seq 1 "$SUPERNODES"); do
   wait_for "supernode $n" 30 grep -q "supernode ready" "$WORK/logs/supernode$n.log"
@@ -122,7 +122,7 @@ done
 sn_metric() {
   local n sum=0 v
   for n in $(seq 1 "$SUPERNODES"); do
-    kill -0 "${SN_PIDS[n]}" 2>/dev/null || continue
+    [ -z "${SN_DEAD[n]:-}" ] || continue
     if [ "${PLAINTEXT:-0}" = 1 ]; then v=$(ns_exec "$(sn_ns "$n")" curl -sf "http://$(sn_ip "$n"):8001/metrics"); else
       v=$(ns_exec "$(sn_ns "$n")" curl -sf --cacert "$WORK/pki/ca.crt" --cert "$WORK/pki/supernode$n.crt" \
         --key "$WORK/pki/supernode$n.key" "https://$(sn_ip "$n"):8001/metrics"); fi
@@ -175,7 +175,9 @@ chaos_and_kill() {
       owner)
         for n in $(seq 1 "$SUPERNODES"); do
           if grep -q "supernode::seed: seeding" "$WORK/logs/supernode$n.log"; then
-            kill -9 "${SN_PIDS[n]}"; echo "cluster.sh: killed supernode $n (the owner)" >&2; break
+            SN_DEAD[n]=1
+            ip netns pids "$(ns_name "$(sn_ns "$n")")" | xargs -r kill -9
+            echo "cluster.sh: killed supernode $n (the owner)" >&2; break
           fi
         done ;;
       hosts)
@@ -262,7 +264,7 @@ if [ "$RACKS" -gt 1 ]; then
     if [ "$in" -gt "$rack_max" ]; then rack_max=$in; fi
   done
 fi
-if [ "${#AGENT_PIDS[@]}" -gt 0 ]; then kill "${AGENT_PIDS[@]}"; wait "${AGENT_PIDS[@]}" 2>/dev/null || true; fi
+if [ "${#AGENT_PIDS[@]}" -gt 0 ]; then kill "${AGENT_PIDS[@]}" 2>/dev/null || true; wait "${AGENT_PIDS[@]}" 2>/dev/null || true; fi
 rm -rf "$WORK/out" "$WORK/peer"
 p2p_last=${P2P[-1]}
 done_hosts=${#P2P[@]}
