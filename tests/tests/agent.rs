@@ -133,7 +133,10 @@ async fn agents_serve_blob_ranges_from_one_p2p_fetch() {
     let fetched = damselfly_tests::harness::metric(&m, "damselfly_peer_download_bytes_total", "");
     assert_eq!(
         fetched,
-        f64::from(fetcher::task_id::DEFAULT_PIECE_SIZE),
+        f64::from(fetcher::task_id::piece_size_for(
+            size as i64,
+            fetcher::task_id::DEFAULT_PIECE_SIZE
+        )),
         "agent c fetched more than the read's piece"
     );
     let served = damselfly_tests::harness::origin_bytes(&origin_url).await;

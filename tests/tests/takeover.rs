@@ -32,7 +32,8 @@ async fn the_next_supernode_rebuilds_a_task_from_peers_when_its_owner_dies() {
     let env = Env::new("takeover");
     let (_origin, origin_url) = env.origin(&[]).await;
     let size = 32usize << 20;
-    let pieces = 32.0;
+    let piece = fetcher::task_id::piece_size_for(size as i64, fetcher::task_id::DEFAULT_PIECE_SIZE);
+    let pieces = size.div_ceil(piece as usize) as f64;
     let want = random_file(&env.path("www/f"), size);
     let url = format!("{origin_url}/files/f");
     let mut sns = env.supernode_cluster(&["sn-a", "sn-b", "sn-c"], &[]).await;
