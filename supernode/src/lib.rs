@@ -10,6 +10,7 @@ pub mod http;
 pub mod isolation;
 pub mod layer_index;
 pub mod metrics;
+pub mod peers;
 pub mod rebuild;
 pub mod replica;
 pub mod scheduler;

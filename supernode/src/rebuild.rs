@@ -24,7 +24,7 @@ use tokio::task::JoinSet;
 
 use crate::replica::Record;
 use crate::seed::{SeedContext, announce, stream_body};
-use crate::task::{Info, State, Status, Version};
+use crate::task::{Info, Parent, PeerKey, State, Status, Version};
 
 /// Pieces fetched at once (each fetch from a peer takes one of its upload slots: the hosts still
 /// downloading need them more than the seed's copy does).
@@ -45,7 +45,11 @@ pub enum Outcome {
 
 /// Where a piece comes from.
 enum Source {
-    Peer { id: String, base_url: String },
+    Peer {
+        key: PeerKey,
+        id: String,
+        base_url: String,
+    },
     Origin,
 }
 
@@ -187,7 +191,7 @@ async fn pull(
     let mut inflight: JoinSet<Fetched> = JoinSet::new();
     let mut busy: HashSet<u32> = HashSet::new();
     // Peers that failed a piece: not asked for it again.
-    let mut failed: HashMap<u32, HashSet<String>> = HashMap::new();
+    let mut failed: HashMap<u32, HashSet<PeerKey>> = HashMap::new();
     loop {
         let picks = {
             let mut st = v.lock();
@@ -217,15 +221,8 @@ async fn pull(
         let (meta, from, got) =
             joined.map_err(|e| fetcher::Error::Download(format!("piece task failed: {e}")))?;
         busy.remove(&meta.num);
-        if let Source::Peer { id, .. } = &from {
-            let mut st = v.lock();
-            let freed = st.load.get_mut(id).is_some_and(|l| {
-                *l = l.saturating_sub(1);
-                *l < ctx.peer_cap
-            });
-            if freed {
-                st.set_free(id, true);
-            }
+        if let Source::Peer { key, .. } = &from {
+            v.lock().end_upload(Parent::Peer(*key), ctx.peer_cap);
         }
         match (got, from) {
             (Ok(data), from) => {
@@ -257,13 +254,13 @@ async fn pull(
                     detail: format!("piece {}: {e}", meta.num),
                 });
             }
-            (Err(e), Source::Peer { id, .. }) => {
+            (Err(e), Source::Peer { key, id, .. }) => {
                 tracing::warn!(piece = meta.num, parent = %id, error = %e, "takeover: a peer failed a piece");
-                if e.starts_with(MISMATCH) && v.lock().isolate(&id) {
+                if e.starts_with(MISMATCH) && v.lock().isolate(key) {
                     ctx.metrics.isolations.with_label_values(&["task"]).inc();
                     tracing::warn!(parent = %id, "parent isolated for this task");
                 }
-                failed.entry(meta.num).or_default().insert(id);
+                failed.entry(meta.num).or_default().insert(key);
             }
         }
     }
@@ -276,7 +273,7 @@ async fn pull(
 fn choose(
     st: &mut State,
     busy: &HashSet<u32>,
-    failed: &HashMap<u32, HashSet<String>>,
+    failed: &HashMap<u32, HashSet<PeerKey>>,
     room: usize,
     origin_ok: bool,
     peer_cap: usize,
@@ -297,35 +294,29 @@ fn choose(
             continue;
         };
         let no_go = failed.get(&n);
-        let usable: Vec<(usize, String)> = st
+        // Usable holders of piece n: (load, key).
+        let usable: Vec<(usize, PeerKey)> = st
             .holders
             .get(&n)
             .into_iter()
             .flatten()
-            .filter(|id| !st.bad_parents.contains(*id) && no_go.is_none_or(|f| !f.contains(*id)))
-            .map(|id| (st.load.get(id).copied().unwrap_or(0), id.clone()))
+            .filter_map(|k| Some((*k, st.peers.get(k)?)))
+            .filter(|(k, p)| !p.isolated && no_go.is_none_or(|f| !f.contains(k)))
+            .map(|(k, p)| (p.load, k))
             .collect();
-        match usable.into_iter().filter(|(l, _)| *l < peer_cap).min() {
-            Some((_, id)) => {
-                let Some(base_url) = st.peers.get(&id).map(|p| p.base_url.clone()) else {
+        match usable.iter().filter(|(l, _)| *l < peer_cap).min() {
+            Some(&(_, key)) => {
+                let Some((id, base_url)) = st
+                    .peers
+                    .get(&key)
+                    .map(|p| (p.id.clone(), p.base_url.clone()))
+                else {
                     continue;
                 };
-                let load = st.load.entry(id.clone()).or_default();
-                *load += 1;
-                if *load >= peer_cap {
-                    st.set_free(&id, false);
-                }
-                out.push((meta, Source::Peer { id, base_url }));
+                st.start_upload(Parent::Peer(key), peer_cap);
+                out.push((meta, Source::Peer { key, id, base_url }));
             }
-            None if origin_ok
-                && !st.holders.get(&n).is_some_and(|h| {
-                    h.iter().any(|id| {
-                        !st.bad_parents.contains(id) && no_go.is_none_or(|f| !f.contains(id))
-                    })
-                }) =>
-            {
-                out.push((meta, Source::Origin))
-            }
+            None if origin_ok && usable.is_empty() => out.push((meta, Source::Origin)),
             None => {}
         }
     }
@@ -451,10 +442,11 @@ mod tests {
     fn holder(st: &mut State, id: &str, have: &[u32]) {
         let p = PeerState::new(
             id.into(),
+            id.into(),
             format!("https://{id}"),
             have.iter().copied().collect(),
         );
-        st.add_peer(id.into(), p);
+        st.add_peer(p);
     }
 
     fn sources(picks: &[(PieceMeta, Source)]) -> Vec<(u32, String)> {
@@ -480,8 +472,9 @@ mod tests {
         // Before the wait is over, a piece nobody holds (3) waits.
         let got = sources(&choose(&mut st, &HashSet::new(), &none, 8, false, 2));
         assert_eq!(got, vec![(0, "a".into()), (2, "a".into()), (1, "b".into())]);
-        assert_eq!(st.load.get("a"), Some(&2));
-        assert!(!st.sites[0].free.contains("a"), "a's slots are taken");
+        let a = st.key("a");
+        assert_eq!(st.load(Parent::Peer(a)), 2);
+        assert!(!st.sites[0].free.contains(&a), "a's slots are taken");
         // After it, the orphan comes from the origin; busy pieces are not picked twice.
         let busy: HashSet<u32> = [0, 1, 2].into();
         let got = sources(&choose(&mut st, &busy, &none, 8, true, 2));
@@ -494,8 +487,9 @@ mod tests {
         let mut st = v.lock();
         holder(&mut st, "a", &[0, 1]);
         holder(&mut st, "evil", &[0, 1]);
-        st.isolate("evil");
-        let failed: HashMap<u32, HashSet<String>> = [(0, ["a".to_owned()].into())].into();
+        let evil = st.key("evil");
+        st.isolate(evil);
+        let failed: HashMap<u32, HashSet<PeerKey>> = [(0, [st.key("a")].into())].into();
         let got = sources(&choose(&mut st, &HashSet::new(), &failed, 8, true, 1));
         // Piece 0: a failed it and evil is isolated: the origin. Piece 1: a.
         assert_eq!(got, vec![(0, "origin".into()), (1, "a".into())]);

@@ -10,9 +10,11 @@ use fetcher::location::Location;
 use fetcher::piece::PieceMeta;
 use fetcher::piece_store::TaskStore;
 use fetcher::source::HeaderPair;
-use indexmap::{IndexMap, IndexSet};
+use indexmap::IndexMap;
 use proto::scheduler::TaskError;
 use tokio::sync::{Notify, watch};
+
+pub use crate::peers::{Parent, PeerKey, PeerKeys, PeerList, PeerMap, Pieces};
 
 /// What the origin told the seed about the content.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,14 +49,18 @@ pub type PieceMap<V> = HashMap<u32, V, foldhash::fast::RandomState>;
 /// A peer connected to a version.
 #[derive(Debug)]
 pub struct PeerState {
+    /// The peer's id as it registered (what other peers are told their parent is called).
+    pub id: String,
     /// The host as the connection shows it (see `scheduler::identity`), not as the peer claims.
     pub host_id: String,
     pub base_url: String,
-    pub have: PieceSet,
-    /// piece → parent id, for assignments not yet reported.
-    pub outstanding: PieceMap<String>,
+    pub have: Pieces,
+    /// piece → parent, for assignments not yet reported.
+    pub outstanding: PieceMap<Parent>,
+    /// Its uploads under way (assignments to others naming it as the parent).
+    pub load: usize,
     /// Parents that failed this peer: never assigned to it again for this version.
-    pub failed_parents: HashSet<String>,
+    pub failed_parents: PeerKeys,
     /// Pieces a lazy reader waits on: assigned before any other.
     pub wanted: PieceSet,
     /// Assign wanted pieces only (lazy reader, background fetching off).
@@ -73,14 +79,16 @@ pub struct PeerState {
 }
 
 impl PeerState {
-    /// A peer that joined holding `have`.
-    pub fn new(host_id: String, base_url: String, have: PieceSet) -> Self {
+    /// A peer `id` that joined holding `have`.
+    pub fn new(id: String, host_id: String, base_url: String, have: Pieces) -> Self {
         Self {
+            id,
             host_id,
             base_url,
             have,
             outstanding: PieceMap::default(),
-            failed_parents: HashSet::new(),
+            load: 0,
+            failed_parents: PeerKeys::default(),
             wanted: PieceSet::default(),
             only_wanted: false,
             verified_only: false,
@@ -98,7 +106,7 @@ impl PeerState {
 #[derive(Debug, Default)]
 pub struct Site {
     pub peers: usize,
-    pub free: IndexSet<String>,
+    pub free: PeerList,
     pub holders: PieceMap<usize>,
     pub in_flight: PieceMap<usize>,
 }
@@ -132,23 +140,26 @@ pub struct State {
     /// Known pieces the seed does not hold yet: a version taken over from a failed supernode
     /// (`crate::rebuild`) knows every piece's metadata before it gets the bytes from peers.
     pub seed_lacks: PieceSet,
-    pub peers: HashMap<String, PeerState>,
-    /// Outstanding uploads per parent id (the supernode included).
-    pub load: HashMap<String, usize>,
+    pub peers: PeerMap<PeerState>,
+    /// The key the next peer to join gets.
+    next_key: u64,
+    /// The supernode's uploads under way.
+    pub supernode_load: usize,
     /// Outstanding assignments per piece.
     pub in_flight: PieceMap<usize>,
     /// Piece → the peers holding it (kept with [`State::add_peer`], [`State::hold`] and
     /// [`State::remove_peer`]): parents are looked for among a piece's holders, not among all
     /// peers.
-    pub holders: PieceMap<IndexSet<String>>,
+    pub holders: PieceMap<PeerList>,
     /// Sessions waiting for something to assign them, oldest first (see [`State::wake_starved`]).
-    pub starved: VecDeque<String>,
+    pub starved: VecDeque<PeerKey>,
     /// Per location: peers with a free upload slot (parents are looked for among them), holders
     /// and copies on their way (see `scheduler::assign`).
     pub sites: IndexMap<Location, Site>,
-    /// Parents taken out of scheduling for this version.
+    /// Ids of the parents taken out of scheduling for this version (a parent that joins again
+    /// under the same id stays out).
     pub bad_parents: HashSet<String>,
-    /// Parent → hosts that reported it for bad data or unreachability.
+    /// Parent id → hosts that reported it for bad data or unreachability.
     pub fault_reporters: HashMap<String, HashSet<String>>,
     /// Fingerprints of header sets the origin accepted for this version.
     pub validated: HashSet<String>,
@@ -157,21 +168,27 @@ pub struct State {
 }
 
 impl State {
-    /// Adds peer `id` and its holdings.
-    pub fn add_peer(&mut self, id: String, peer: PeerState) {
+    /// Adds a peer and its holdings; its key.
+    pub fn add_peer(&mut self, mut peer: PeerState) -> PeerKey {
+        let key = PeerKey(self.next_key);
+        self.next_key += 1;
+        peer.isolated = self.bad_parents.contains(&peer.id);
         let site = self.sites.entry(peer.location.clone()).or_default();
         site.peers += 1;
-        site.free.insert(id.clone());
-        for n in &peer.have {
-            *site.holders.entry(*n).or_default() += 1;
-            self.holders.entry(*n).or_default().insert(id.clone());
+        site.free.insert(key);
+        for n in peer.have.iter() {
+            if !peer.isolated {
+                *site.holders.entry(n).or_default() += 1;
+            }
+            self.holders.entry(n).or_default().insert(key);
         }
-        self.peers.insert(id, peer);
+        self.peers.insert(key, peer);
+        key
     }
 
-    /// Peer `id` now holds piece `n`; whether that is news.
-    pub fn hold(&mut self, id: &str, n: u32) -> bool {
-        let Some(p) = self.peers.get_mut(id) else {
+    /// Peer `key` now holds piece `n`; whether that is news.
+    pub fn hold(&mut self, key: PeerKey, n: u32) -> bool {
+        let Some(p) = self.peers.get_mut(&key) else {
             return false;
         };
         if !p.have.insert(n) {
@@ -182,24 +199,24 @@ impl State {
         {
             *site.holders.entry(n).or_default() += 1;
         }
-        self.holders.entry(n).or_default().insert(id.to_owned());
+        self.holders.entry(n).or_default().insert(key);
         true
     }
 
-    /// Removes peer `id` (it left) from the peers, the holder sets and its site.
-    pub fn remove_peer(&mut self, id: &str) -> Option<PeerState> {
-        let p = self.peers.remove(id)?;
-        for n in &p.have {
-            if let Some(h) = self.holders.get_mut(n) {
-                h.swap_remove(id);
+    /// Removes peer `key` (it left) from the peers, the holder sets and its site.
+    pub fn remove_peer(&mut self, key: PeerKey) -> Option<PeerState> {
+        let p = self.peers.remove(&key)?;
+        for n in p.have.iter() {
+            if let Some(h) = self.holders.get_mut(&n) {
+                h.swap_remove(&key);
             }
         }
         if let Some(site) = self.sites.get_mut(&p.location) {
             site.peers -= 1;
-            site.free.swap_remove(id);
+            site.free.swap_remove(&key);
             if !p.isolated {
-                for n in &p.have {
-                    decrement(&mut site.holders, *n);
+                for n in p.have.iter() {
+                    decrement(&mut site.holders, n);
                 }
             }
             if site.peers == 0 {
@@ -209,17 +226,18 @@ impl State {
         Some(p)
     }
 
-    /// Takes parent `id` out of scheduling for this version; whether it was in.
-    pub fn isolate(&mut self, id: &str) -> bool {
-        if !self.bad_parents.insert(id.to_owned()) {
+    /// Takes parent `key` out of scheduling for this version; whether it was in.
+    pub fn isolate(&mut self, key: PeerKey) -> bool {
+        let Some(p) = self.peers.get_mut(&key) else {
+            return false;
+        };
+        self.bad_parents.insert(p.id.clone());
+        if std::mem::replace(&mut p.isolated, true) {
             return false;
         }
-        if let Some(p) = self.peers.get_mut(id)
-            && !std::mem::replace(&mut p.isolated, true)
-            && let Some(site) = self.sites.get_mut(&p.location)
-        {
-            for n in &p.have {
-                decrement(&mut site.holders, *n);
+        if let Some(site) = self.sites.get_mut(&p.location) {
+            for n in p.have.iter() {
+                decrement(&mut site.holders, n);
             }
         }
         true
@@ -242,29 +260,62 @@ impl State {
         }
     }
 
-    /// Peer `id`'s upload slots: it has a free one again, or not.
-    pub fn set_free(&mut self, id: &str, free: bool) {
-        let Some(site) = self
-            .peers
-            .get(id)
-            .and_then(|p| self.sites.get_mut(&p.location))
-        else {
-            return;
-        };
-        if free {
-            site.free.insert(id.to_owned());
-        } else {
-            site.free.swap_remove(id);
+    /// Uploads under way from `parent`.
+    pub fn load(&self, parent: Parent) -> usize {
+        match parent {
+            Parent::Supernode => self.supernode_load,
+            Parent::Peer(k) => self.peers.get(&k).map_or(0, |p| p.load),
         }
     }
 
-    /// Peer `id` could not fill its window: it waits in line for the next change that may help.
-    pub fn starve(&mut self, id: &str) {
-        if let Some(p) = self.peers.get_mut(id)
+    /// Books an upload from `parent`; a peer at `peer_cap` leaves its site's free set.
+    pub fn start_upload(&mut self, parent: Parent, peer_cap: usize) {
+        match parent {
+            Parent::Supernode => self.supernode_load += 1,
+            Parent::Peer(k) => {
+                let Some(p) = self.peers.get_mut(&k) else {
+                    return;
+                };
+                p.load += 1;
+                if p.load >= peer_cap
+                    && let Some(site) = self.sites.get_mut(&p.location)
+                {
+                    site.free.swap_remove(&k);
+                }
+            }
+        }
+    }
+
+    /// Books the end of an upload from `parent`; a peer under `peer_cap` again is free again.
+    /// Whether a slot freed up (the parent is still there).
+    pub fn end_upload(&mut self, parent: Parent, peer_cap: usize) -> bool {
+        match parent {
+            Parent::Supernode => {
+                self.supernode_load = self.supernode_load.saturating_sub(1);
+                true
+            }
+            Parent::Peer(k) => {
+                let Some(p) = self.peers.get_mut(&k) else {
+                    return false;
+                };
+                p.load = p.load.saturating_sub(1);
+                if p.load < peer_cap
+                    && let Some(site) = self.sites.get_mut(&p.location)
+                {
+                    site.free.insert(k);
+                }
+                true
+            }
+        }
+    }
+
+    /// Peer `key` could not fill its window: it waits in line for the next change that may help.
+    pub fn starve(&mut self, key: PeerKey) {
+        if let Some(p) = self.peers.get_mut(&key)
             && !p.starved
         {
             p.starved = true;
-            self.starved.push_back(id.to_owned());
+            self.starved.push_back(key);
         }
     }
 
@@ -282,31 +333,42 @@ impl State {
             return;
         }
         let look = n.saturating_mul(16).min(self.starved.len());
-        let seen: Vec<String> = self.starved.drain(..look).collect();
+        let seen: Vec<PeerKey> = self.starved.drain(..look).collect();
         let mut wake = Vec::new();
         let mut keep = Vec::new();
-        for id in seen {
-            match self.peers.get(&id) {
-                Some(p) if p.starved && wake.len() < n && helps(self, p) => wake.push(id),
-                Some(p) if p.starved => keep.push(id),
+        for key in seen {
+            match self.peers.get(&key) {
+                Some(p) if p.starved && wake.len() < n && helps(self, p) => wake.push(key),
+                Some(p) if p.starved => keep.push(key),
                 _ => {} // left, or woken since
             }
         }
-        for id in &wake {
-            if let Some(p) = self.peers.get_mut(id) {
+        for key in &wake {
+            if let Some(p) = self.peers.get_mut(key) {
                 p.starved = false;
                 p.wake.notify_one();
             }
         }
         // The ones passed over keep their place ahead of those behind them.
-        for id in keep.into_iter().rev() {
-            self.starved.push_front(id);
+        for key in keep.into_iter().rev() {
+            self.starved.push_front(key);
         }
     }
 
     /// Whether `peer` lacks (and is not fetching) piece `n`.
     pub fn lacks(peer: &PeerState, n: u32) -> bool {
-        !peer.have.contains(&n) && !peer.outstanding.contains_key(&n)
+        !peer.have.contains(n) && !peer.outstanding.contains_key(&n)
+    }
+
+    /// The key of the connected peer registered as `id` (tests name peers; the scheduler
+    /// holds keys).
+    #[cfg(test)]
+    pub fn key(&self, id: &str) -> PeerKey {
+        self.peers
+            .iter()
+            .find(|(_, p)| p.id == id)
+            .map(|(k, _)| *k)
+            .unwrap_or(PeerKey(u64::MAX))
     }
 }
 
@@ -348,11 +410,12 @@ impl Version {
                 status: Status::Seeding,
                 pieces: Vec::new(),
                 seed_lacks: PieceSet::default(),
-                peers: HashMap::new(),
+                peers: PeerMap::default(),
+                next_key: 0,
+                supernode_load: 0,
                 holders: PieceMap::default(),
                 starved: VecDeque::new(),
                 sites: IndexMap::new(),
-                load: HashMap::new(),
                 in_flight: PieceMap::default(),
                 bad_parents: HashSet::new(),
                 fault_reporters: HashMap::new(),

@@ -5,6 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use proto::scheduler::{
     self as pb, ErrorKind, FailureReason, PeerMessage, SchedulerMessage, TaskError, peer_message,
     scheduler_message,
@@ -19,6 +20,7 @@ use super::Scheduling;
 use super::assign::{self, SUPERNODE_ID};
 use super::identity::Caller;
 use super::register;
+use crate::task::{Parent, PeerKey};
 use crate::task::{PeerState, State, Status as SeedStatus, Version};
 
 type Tx = mpsc::Sender<Result<SchedulerMessage, Status>>;
@@ -138,8 +140,8 @@ async fn run_registered(
         _ => return send_error(&tx, invalid("expected Have after TaskInfo")).await,
     };
     let pieces = piece_count(info.content_length, info.piece_size);
-    let peer_id = reg.peer_id.clone();
     let mut me = PeerState::new(
+        reg.peer_id.clone(),
         caller.host(&reg.host_id),
         s.cfg.base_url(upload),
         existing(have, pieces).collect(),
@@ -149,15 +151,16 @@ async fn run_registered(
     me.verified_only = version.expected_digest.is_some()
         && crate::task::url_key(&reg.url) != crate::task::url_key(&version.url);
     let wake = me.wake.clone();
-    {
+    let key = {
         let mut st = version.lock();
-        let held: Vec<u32> = me.have.iter().copied().collect();
-        st.add_peer(peer_id.clone(), me);
+        let held: Vec<u32> = me.have.iter().collect();
+        let key = st.add_peer(me);
         // What it holds can serve peers waiting for a parent.
         st.wake_starved_if(wake_for(held.len(), s.cfg.limits), |_, c| {
             held.iter().any(|n| State::lacks(c, *n))
         });
-    }
+        key
+    };
     s.metrics.peers.inc();
     tracing::info!(version = %&info.version_id[..16], location = %reg.location, "peer joined");
 
@@ -169,18 +172,19 @@ async fn run_registered(
     let supernode_base = s.cfg.base_url(SocketAddr::new(sn_ip, s.cfg.http_port));
     let mut sent = 0usize;
     let mut done_sent = false;
+    let mut results = Vec::new();
     loop {
-        let (msgs, end) = step(
+        let Step { msgs, end, starved } = step(
             &s,
             &version,
-            &peer_id,
+            (key, std::mem::take(&mut results)),
             &supernode_base,
             &mut sent,
             &mut done_sent,
         );
         for m in msgs {
             if tx.send(out(m)).await.is_err() {
-                return leave(&s, &version, &peer_id);
+                return leave(&s, &version, key);
             }
         }
         if end {
@@ -192,16 +196,11 @@ async fn run_registered(
             ticket_expires = expires;
             let m = scheduler_message::Msg::Ticket(pb::Ticket { ticket });
             if tx.send(out(m)).await.is_err() {
-                return leave(&s, &version, &peer_id);
+                return leave(&s, &version, key);
             }
         }
         // Re-evaluate now and then while waiting: isolation cool-downs expire without a wake-up.
-        let idle = if version
-            .lock()
-            .peers
-            .get(&peer_id)
-            .is_some_and(|p| p.starved)
-        {
+        let idle = if starved {
             Duration::from_secs(1)
         } else {
             // Often enough for the ticket renewal above.
@@ -210,45 +209,99 @@ async fn run_registered(
         tokio::select! {
             r = changes.changed() => if r.is_err() { break },
             () = wake.notified() => {}
-            m = inbound.message() => match m {
-                Ok(Some(PeerMessage { msg: Some(peer_message::Msg::PieceResult(r)) })) => on_result(&s, &version, &peer_id, r),
-                Ok(Some(PeerMessage { msg: Some(peer_message::Msg::Have(h)) })) => {
-                    let mut st = version.lock();
-                    let new: Vec<u32> = existing(h.pieces, pieces).filter(|n| st.hold(&peer_id, *n)).collect();
-                    st.wake_starved_if(wake_for(new.len(), s.cfg.limits), |_, c| new.iter().any(|n| State::lacks(c, *n)));
+            m = inbound.message() => {
+                if !take(&s, &version, (key, pieces), m, &mut results) {
+                    break;
                 }
-                Ok(Some(PeerMessage { msg: Some(peer_message::Msg::Want(w)) })) => {
-                    if let Some(p) = version.lock().peers.get_mut(&peer_id) {
-                        p.wanted = existing(w.pieces, pieces).collect();
-                        p.only_wanted = w.only;
+                // What else has arrived is booked in the same step (one lock, one decision).
+                while results.len() < BATCH {
+                    let Some(m) = inbound.message().now_or_never() else { break };
+                    if !take(&s, &version, (key, pieces), m, &mut results) {
+                        return leave(&s, &version, key);
                     }
                 }
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => break,
-            },
+            }
             _ = s.shutdown.wait() => break,
             _ = tokio::time::sleep(idle) => {}
         }
     }
-    leave(&s, &version, &peer_id);
+    leave(&s, &version, key);
 }
 
-/// Computes what to send now: new piece metadata, completion, failure, new assignments.
+/// Piece results booked in one step, at most (more wait for the next).
+const BATCH: usize = 64;
+
+/// Takes one message of peer `key` (of a version of `pieces` pieces): a piece result into
+/// `results` (booked by the next [`step`]), holdings and wishes at once. Whether the session
+/// goes on.
+fn take(
+    s: &Scheduling,
+    version: &Version,
+    (key, pieces): (PeerKey, u32),
+    m: Result<Option<PeerMessage>, Status>,
+    results: &mut Vec<pb::PieceResult>,
+) -> bool {
+    let msg = match m {
+        Ok(Some(PeerMessage { msg: Some(msg) })) => msg,
+        Ok(Some(_)) => return true,
+        Ok(None) | Err(_) => return false,
+    };
+    match msg {
+        peer_message::Msg::PieceResult(r) => results.push(r),
+        peer_message::Msg::Have(h) => {
+            let mut st = version.lock();
+            let new: Vec<u32> = existing(h.pieces, pieces)
+                .filter(|n| st.hold(key, *n))
+                .collect();
+            st.wake_starved_if(wake_for(new.len(), s.cfg.limits), |_, c| {
+                new.iter().any(|n| State::lacks(c, *n))
+            });
+        }
+        peer_message::Msg::Want(w) => {
+            if let Some(p) = version.lock().peers.get_mut(&key) {
+                p.wanted = existing(w.pieces, pieces).collect();
+                p.only_wanted = w.only;
+            }
+        }
+        _ => {}
+    }
+    true
+}
+
+/// What one scheduling step decided.
+struct Step {
+    /// To send now.
+    msgs: Vec<scheduler_message::Msg>,
+    /// The session is over (the task failed).
+    end: bool,
+    /// The peer waits for a change (see `assign::Next::starved`).
+    starved: bool,
+}
+
+/// Books peer `key`'s piece `results`, then computes what to send now: new piece metadata,
+/// completion, failure, new assignments.
 fn step(
     s: &Scheduling,
     version: &Version,
-    peer_id: &str,
+    (key, results): (PeerKey, Vec<pb::PieceResult>),
     supernode_base: &str,
     sent: &mut usize,
     done_sent: &mut bool,
-) -> (Vec<scheduler_message::Msg>, bool) {
+) -> Step {
     let mut msgs = Vec::new();
     let mut st = version.lock();
+    for r in results {
+        on_result(s, &mut st, key, r);
+    }
     st.last_access = Instant::now();
     let complete = matches!(st.status, SeedStatus::Complete { .. });
     let failed = matches!(st.status, SeedStatus::Failed(_));
-    if !complete && !failed && st.peers.get(peer_id).is_some_and(|p| p.verified_only) {
-        return (msgs, false);
+    if !complete && !failed && st.peers.get(&key).is_some_and(|p| p.verified_only) {
+        return Step {
+            msgs,
+            end: false,
+            starved: false,
+        };
     }
     for p in &st.pieces[(*sent).min(st.pieces.len())..] {
         msgs.push(scheduler_message::Msg::PieceInfo(p.to_proto()));
@@ -257,7 +310,11 @@ fn step(
     match &st.status {
         SeedStatus::Failed(e) => {
             msgs.push(scheduler_message::Msg::Error(e.clone()));
-            return (msgs, true);
+            return Step {
+                msgs,
+                end: true,
+                starved: false,
+            };
         }
         SeedStatus::Complete {
             content_length,
@@ -274,20 +331,25 @@ fn step(
         _ => {}
     }
     let usable = |host: &str| !s.isolation.is_isolated(host);
-    let next = assign::next(&mut st, peer_id, s.cfg.limits, &usable);
+    let next = assign::next(&mut st, key, s.cfg.limits, &usable);
     if next.starved {
-        st.starve(peer_id);
+        st.starve(key);
     }
     let here = st
         .peers
-        .get(peer_id)
+        .get(&key)
         .map(|p| p.location.clone())
         .unwrap_or_default();
     for (piece, parent) in next.assigned {
-        let p = st.peers.get(&parent);
-        let (base_url, is_supernode) = match p {
-            _ if parent == SUPERNODE_ID => (supernode_base.to_owned(), true),
-            p => (p.map(|p| p.base_url.clone()).unwrap_or_default(), false),
+        let p = match parent {
+            Parent::Peer(k) => st.peers.get(&k),
+            Parent::Supernode => None,
+        };
+        let (id, base_url, is_supernode) = match (parent, p) {
+            (Parent::Supernode, _) => (SUPERNODE_ID.to_owned(), supernode_base.to_owned(), true),
+            (Parent::Peer(_), p) => p
+                .map(|p| (p.id.clone(), p.base_url.clone(), false))
+                .unwrap_or_default(),
         };
         if !here.is_unknown() && p.is_none_or(|p| p.location != here) {
             s.metrics.cross_location.inc();
@@ -299,13 +361,17 @@ fn step(
         msgs.push(scheduler_message::Msg::Assign(pb::Assign {
             piece,
             parent: Some(pb::Parent {
-                id: parent,
+                id,
                 base_url,
                 is_supernode,
             }),
         }));
     }
-    (msgs, false)
+    Step {
+        msgs,
+        end: false,
+        starved: next.starved,
+    }
 }
 
 /// Pieces a version may have: all of them for a known length, else a bound (2^20 pieces) so that
@@ -327,67 +393,77 @@ fn existing(claimed: Vec<u32>, count: u32) -> impl Iterator<Item = u32> {
 }
 
 /// Books a piece result: holdings on success; on failure, the parent's faults and isolation.
-fn on_result(s: &Scheduling, version: &Version, peer_id: &str, r: pb::PieceResult) {
-    let mut st = version.lock();
+fn on_result(s: &Scheduling, st: &mut State, key: PeerKey, r: pb::PieceResult) {
     let Some((parent, location)) = st
         .peers
-        .get_mut(peer_id)
+        .get_mut(&key)
         .and_then(|p| Some((p.outstanding.remove(&r.piece)?, p.location.clone())))
     else {
         return;
     };
-    assign::release(&mut st, &location, r.piece, &parent, s.cfg.limits);
+    assign::release(st, &location, r.piece, parent, s.cfg.limits);
     // The parent has a free slot again: for one waiting peer that lacks something it holds.
-    if parent == SUPERNODE_ID {
-        st.wake_starved(1);
-    } else {
-        st.wake_starved_if(1, |st, c| {
+    match parent {
+        Parent::Supernode => st.wake_starved(1),
+        Parent::Peer(k) => st.wake_starved_if(1, |st, c| {
             st.peers
-                .get(&parent)
-                .is_some_and(|y| y.have.iter().any(|n| State::lacks(c, *n)))
-        });
+                .get(&k)
+                .is_some_and(|y| y.have.iter().any(|n| State::lacks(c, n)))
+        }),
     }
     // On success the reporter holds one more piece: for as many waiting peers as it can serve.
-    if r.success && st.hold(peer_id, r.piece) {
+    if r.success && st.hold(key, r.piece) {
         st.wake_starved_if(s.cfg.limits.peer_cap, |_, c| State::lacks(c, r.piece));
     }
-    if !r.success {
-        let reason = FailureReason::try_from(r.reason).unwrap_or(FailureReason::Unspecified);
-        s.metrics
-            .piece_failures
-            .with_label_values(&[reason.as_str_name()])
-            .inc();
-        tracing::warn!(piece = r.piece, parent = %parent, ?reason, detail = %r.detail, "peer reported a failed piece");
+    if r.success {
+        return;
+    }
+    let reason = FailureReason::try_from(r.reason).unwrap_or(FailureReason::Unspecified);
+    s.metrics
+        .piece_failures
+        .with_label_values(&[reason.as_str_name()])
+        .inc();
+    tracing::warn!(piece = r.piece, parent = %r.parent_id, ?reason, detail = %r.detail, "peer reported a failed piece");
+    if let Parent::Peer(pk) = parent
+        && reason != FailureReason::Local
+    {
         let parent_fault = matches!(
             reason,
             FailureReason::DigestMismatch | FailureReason::ParentUnreachable
         );
-        if parent != SUPERNODE_ID && reason != FailureReason::Local {
-            if let Some(p) = st.peers.get_mut(peer_id) {
-                p.failed_parents.insert(parent.clone());
-            }
-            let reporter = st
-                .peers
-                .get(peer_id)
-                .map(|p| p.host_id.clone())
-                .unwrap_or_default();
-            // Out of the task for everyone only on the word of more than one host.
-            let reporters = st.fault_reporters.entry(parent.clone()).or_default();
-            if parent_fault && reporters.len() < 64 {
-                reporters.insert(reporter.clone());
-            }
-            let witnessed = reporters.len() >= crate::isolation::MIN_REPORTERS;
-            if parent_fault && witnessed && st.isolate(&parent) {
-                s.metrics.isolations.with_label_values(&["task"]).inc();
-                tracing::warn!(parent = %parent, "parent isolated for this task");
-            }
-            if parent_fault
-                && let Some(host) = st.peers.get(&parent).map(|p| p.host_id.clone())
-                && s.isolation.fault(&host, &reporter)
-            {
-                s.metrics.isolations.with_label_values(&["host"]).inc();
-            }
-        }
+        blame(s, st, (key, pk), parent_fault);
+    }
+}
+
+/// Books that parent `pk` failed peer `key`: never again for that peer; and, for a fault of the
+/// parent's, out of the task for everyone on the word of more than one host, and towards its
+/// host's isolation. A parent that has left is not blamed further.
+fn blame(s: &Scheduling, st: &mut State, (key, pk): (PeerKey, PeerKey), parent_fault: bool) {
+    let Some(reporter) = st.peers.get_mut(&key).map(|p| {
+        p.failed_parents.insert(pk);
+        p.host_id.clone()
+    }) else {
+        return;
+    };
+    let Some((parent_id, parent_host)) =
+        st.peers.get(&pk).map(|p| (p.id.clone(), p.host_id.clone()))
+    else {
+        return;
+    };
+    if !parent_fault {
+        return;
+    }
+    let reporters = st.fault_reporters.entry(parent_id.clone()).or_default();
+    if reporters.len() < 64 {
+        reporters.insert(reporter.clone());
+    }
+    let witnessed = reporters.len() >= crate::isolation::MIN_REPORTERS;
+    if witnessed && st.isolate(pk) {
+        s.metrics.isolations.with_label_values(&["task"]).inc();
+        tracing::warn!(parent = %parent_id, "parent isolated for this task");
+    }
+    if s.isolation.fault(&parent_host, &reporter) {
+        s.metrics.isolations.with_label_values(&["host"]).inc();
     }
 }
 
@@ -398,12 +474,12 @@ fn wake_for(pieces: usize, limits: assign::Limits) -> usize {
 }
 
 /// Removes the peer from the version and frees what it had outstanding.
-fn leave(s: &Scheduling, version: &Version, peer_id: &str) {
+fn leave(s: &Scheduling, version: &Version, key: PeerKey) {
     let mut st = version.lock();
-    if let Some(p) = st.remove_peer(peer_id) {
+    if let Some(p) = st.remove_peer(key) {
         let freed = p.outstanding.len();
         for (piece, parent) in p.outstanding {
-            assign::release(&mut st, &p.location, piece, &parent, s.cfg.limits);
+            assign::release(&mut st, &p.location, piece, parent, s.cfg.limits);
         }
         st.wake_starved(freed);
         s.metrics.peers.dec();
