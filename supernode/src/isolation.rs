@@ -5,6 +5,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Fault bookkeeping per host id.
@@ -14,6 +15,9 @@ pub struct Isolation {
     window: Duration,
     cooldown: Duration,
     inner: Mutex<Inner>,
+    /// Some host may be isolated: asked of every parent candidate, so the common answer (none)
+    /// takes no lock.
+    any: AtomicBool,
 }
 
 /// Distinct reporting hosts needed before a host is isolated (or a parent dropped from a task).
@@ -34,6 +38,7 @@ impl Isolation {
             window,
             cooldown,
             inner: Mutex::new(Inner::default()),
+            any: AtomicBool::new(false),
         }
     }
 
@@ -57,6 +62,7 @@ impl Isolation {
         if q.len() >= self.threshold && reporters.len() >= MIN_REPORTERS {
             q.clear();
             g.until.insert(host_id.to_owned(), now + self.cooldown);
+            self.any.store(true, Ordering::Release);
             tracing::warn!(host_id, cooldown = ?self.cooldown, "host isolated after repeated faults");
             return true;
         }
@@ -65,8 +71,21 @@ impl Isolation {
 
     /// True while the host is isolated.
     pub fn is_isolated(&self, host_id: &str) -> bool {
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        g.until.get(host_id).is_some_and(|t| Instant::now() < *t)
+        if !self.any.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        match g.until.get(host_id) {
+            Some(t) if now < *t => true,
+            Some(_) => {
+                // A cool-down is over: forget every one that is.
+                g.until.retain(|_, t| now < *t);
+                self.any.store(!g.until.is_empty(), Ordering::Release);
+                false
+            }
+            None => false,
+        }
     }
 }
 
@@ -85,6 +104,10 @@ mod tests {
         assert!(!iso.is_isolated("other"));
         std::thread::sleep(Duration::from_millis(60));
         assert!(!iso.is_isolated("h"));
+        assert!(
+            !iso.any.load(Ordering::Acquire),
+            "with every cool-down over, candidates are checked without the lock"
+        );
     }
 
     #[test]

@@ -1,16 +1,133 @@
-//! How the scheduler names peers and their pieces internally: a [`PeerKey`] per session (peer ids
-//! are the network's strings; hashing and comparing those on every decision cost more than the
-//! decisions), the [`Parent`] of an assignment, and a peer's holdings as a bit set ([`Pieces`]):
-//! the scheduler asks "does this parent hold piece n" for every candidate it looks at.
+//! How the scheduler names peers and their pieces internally: a [`PeerKey`] per session into a
+//! slab of peers ([`Peers`]; peer ids are the network's strings, and hashing and comparing those
+//! on every decision cost more than the decisions), the [`Parent`] of an assignment, and a peer's
+//! holdings as a bit set ([`Pieces`]): the scheduler asks "does this parent hold piece n" of every
+//! candidate it looks at, so a candidate costs one memory access, not a hash lookup.
 
 use std::collections::HashSet;
 
 use indexmap::IndexSet;
+use smallvec::SmallVec;
 
-/// A session's key in its version, given when it joins and never given again, so a key held
-/// by an assignment never names a later peer.
+/// A session's key in its version: a slot of [`Peers`] and the slot's generation, so a key held
+/// by an assignment never names a later peer in the same slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PeerKey(pub u64);
+pub struct PeerKey {
+    slot: u32,
+    generation: u32,
+}
+
+impl PeerKey {
+    /// A key no peer has.
+    pub const NOBODY: PeerKey = PeerKey {
+        slot: u32::MAX,
+        generation: u32::MAX,
+    };
+}
+
+/// The peers of a version, by key.
+#[derive(Debug)]
+pub struct Peers<T> {
+    slots: Vec<Slot<T>>,
+    /// Slots without a peer.
+    vacant: Vec<u32>,
+    len: usize,
+}
+
+impl<T> Default for Peers<T> {
+    fn default() -> Self {
+        Self {
+            slots: Vec::new(),
+            vacant: Vec::new(),
+            len: 0,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Slot<T> {
+    generation: u32,
+    value: Option<T>,
+}
+
+impl<T> Peers<T> {
+    /// Adds a peer; its key.
+    pub fn insert(&mut self, value: T) -> PeerKey {
+        self.len += 1;
+        if let Some(slot) = self.vacant.pop()
+            && let Some(s) = self.slots.get_mut(slot as usize)
+        {
+            s.generation = s.generation.wrapping_add(1);
+            s.value = Some(value);
+            return PeerKey {
+                slot,
+                generation: s.generation,
+            };
+        }
+        let slot = u32::try_from(self.slots.len()).unwrap_or(u32::MAX);
+        self.slots.push(Slot {
+            generation: 0,
+            value: Some(value),
+        });
+        PeerKey {
+            slot,
+            generation: 0,
+        }
+    }
+
+    pub fn get(&self, key: &PeerKey) -> Option<&T> {
+        self.slots
+            .get(key.slot as usize)
+            .filter(|s| s.generation == key.generation)
+            .and_then(|s| s.value.as_ref())
+    }
+
+    pub fn get_mut(&mut self, key: &PeerKey) -> Option<&mut T> {
+        self.slots
+            .get_mut(key.slot as usize)
+            .filter(|s| s.generation == key.generation)
+            .and_then(|s| s.value.as_mut())
+    }
+
+    pub fn contains_key(&self, key: &PeerKey) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// Takes the peer out; its slot is given to a later peer under another generation.
+    pub fn remove(&mut self, key: &PeerKey) -> Option<T> {
+        let s = self
+            .slots
+            .get_mut(key.slot as usize)
+            .filter(|s| s.generation == key.generation)?;
+        let value = s.value.take()?;
+        self.vacant.push(key.slot);
+        self.len -= 1;
+        Some(value)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Every peer with its key.
+    pub fn iter(&self) -> impl Iterator<Item = (PeerKey, &T)> {
+        self.slots.iter().enumerate().filter_map(|(slot, s)| {
+            let key = PeerKey {
+                slot: u32::try_from(slot).ok()?,
+                generation: s.generation,
+            };
+            Some((key, s.value.as_ref()?))
+        })
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &T> {
+        self.iter().map(|(_, v)| v)
+    }
+}
 
 /// Where an assignment's bytes come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -22,18 +139,17 @@ pub enum Parent {
 /// Keys are ours (sequential), not the network's: a fast hash is safe for them.
 type Fast = foldhash::fast::RandomState;
 
-/// Peer key → something.
-pub type PeerMap<V> = std::collections::HashMap<PeerKey, V, Fast>;
 /// Peer keys, unordered.
 pub type PeerKeys = HashSet<PeerKey, Fast>;
 /// Peer keys with positions (sampled at random by index).
 pub type PeerList = IndexSet<PeerKey, Fast>;
 
-/// A set of piece numbers as bits. Piece numbers are bounded by the version's piece count
-/// (checked where claims enter, `scheduler::session`), so the set is at most one bit per piece.
+/// A set of piece numbers as bits (kept inline up to 128 pieces). Piece numbers are bounded by
+/// the version's piece count (checked where claims enter, `scheduler::session`), so the set is
+/// at most one bit per piece.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Pieces {
-    words: Vec<u64>,
+    words: SmallVec<[u64; 2]>,
     len: usize,
 }
 
@@ -99,6 +215,22 @@ impl FromIterator<u32> for Pieces {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_of_peers_that_left_name_nobody() {
+        let mut peers = Peers::default();
+        let a = peers.insert("a");
+        let b = peers.insert("b");
+        assert_eq!(peers.remove(&a), Some("a"));
+        assert_eq!(peers.remove(&a), None);
+        let c = peers.insert("c");
+        assert_ne!(a, c, "the slot is reused under a new generation");
+        assert_eq!(peers.get(&a), None);
+        assert_eq!((peers.get(&b), peers.get(&c)), (Some(&"b"), Some(&"c")));
+        assert_eq!(peers.len(), 2);
+        assert_eq!(peers.values().count(), 2);
+        assert!(peers.get(&PeerKey::NOBODY).is_none());
+    }
 
     #[test]
     fn pieces_behave_as_a_set() {

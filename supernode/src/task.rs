@@ -14,7 +14,7 @@ use indexmap::IndexMap;
 use proto::scheduler::TaskError;
 use tokio::sync::{Notify, watch};
 
-pub use crate::peers::{Parent, PeerKey, PeerKeys, PeerList, PeerMap, Pieces};
+pub use crate::peers::{Parent, PeerKey, PeerKeys, PeerList, Peers, Pieces};
 
 /// What the origin told the seed about the content.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -140,9 +140,7 @@ pub struct State {
     /// Known pieces the seed does not hold yet: a version taken over from a failed supernode
     /// (`crate::rebuild`) knows every piece's metadata before it gets the bytes from peers.
     pub seed_lacks: PieceSet,
-    pub peers: PeerMap<PeerState>,
-    /// The key the next peer to join gets.
-    next_key: u64,
+    pub peers: Peers<PeerState>,
     /// The supernode's uploads under way.
     pub supernode_load: usize,
     /// Outstanding assignments per piece.
@@ -170,19 +168,18 @@ pub struct State {
 impl State {
     /// Adds a peer and its holdings; its key.
     pub fn add_peer(&mut self, mut peer: PeerState) -> PeerKey {
-        let key = PeerKey(self.next_key);
-        self.next_key += 1;
         peer.isolated = self.bad_parents.contains(&peer.id);
-        let site = self.sites.entry(peer.location.clone()).or_default();
+        let (location, isolated, have) = (peer.location.clone(), peer.isolated, peer.have.clone());
+        let key = self.peers.insert(peer);
+        let site = self.sites.entry(location).or_default();
         site.peers += 1;
         site.free.insert(key);
-        for n in peer.have.iter() {
-            if !peer.isolated {
+        for n in have.iter() {
+            if !isolated {
                 *site.holders.entry(n).or_default() += 1;
             }
             self.holders.entry(n).or_default().insert(key);
         }
-        self.peers.insert(key, peer);
         key
     }
 
@@ -367,8 +364,7 @@ impl State {
         self.peers
             .iter()
             .find(|(_, p)| p.id == id)
-            .map(|(k, _)| *k)
-            .unwrap_or(PeerKey(u64::MAX))
+            .map_or(PeerKey::NOBODY, |(k, _)| k)
     }
 }
 
@@ -410,8 +406,7 @@ impl Version {
                 status: Status::Seeding,
                 pieces: Vec::new(),
                 seed_lacks: PieceSet::default(),
-                peers: PeerMap::default(),
-                next_key: 0,
+                peers: Peers::default(),
                 supernode_load: 0,
                 holders: PieceMap::default(),
                 starved: VecDeque::new(),

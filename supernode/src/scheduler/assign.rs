@@ -543,7 +543,7 @@ mod tests {
         // A peer a parent still connected has failed may look anywhere (one that left does not
         // count).
         if let Some(p) = peer_mut(&mut st, "b2") {
-            p.failed_parents.insert(crate::task::PeerKey(u64::MAX));
+            p.failed_parents.insert(crate::task::PeerKey::NOBODY);
         }
         assert_eq!(go(&mut st, "b2", &|_| true).assigned, vec![]);
         if let Some(p) = peer_mut(&mut st, "b2") {
