@@ -3,7 +3,7 @@
 # gRPC sessions over cluster TLS, each from its own loopback address, no piece bytes, each piece
 # reported done after PIECE_DELAY) download TASKS tasks of PIECES pieces from one supernode.
 # Prints one line:
-#   loadgen peers=.. tasks=.. completed=.. failed=.. reconnects=.. results=.. results_per_s=.. p50_ms=.. p99_ms=.. elapsed_s=.. sn_cpu_s=.. sn_rss_mib=.. rss_kib_per_peer=..
+#   loadgen peers=.. tasks=.. completed=.. failed=.. reconnects=.. results=.. results_per_s=.. p50_ms=.. p99_ms=.. elapsed_s=.. sn_cpu_s=.. results_per_cpu_s=.. sn_rss_mib=.. rss_kib_per_peer=..
 # Env: PEERS (1000), TASKS (1), PIECES (64), PIECE_DELAY (20ms), DEADLINE (120s), PLAINTEXT=1, PROFILE
 # (release; `dev` uses the tests' optimized dev build), BIN (built binaries: no build).
 set -euo pipefail

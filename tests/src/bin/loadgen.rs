@@ -94,9 +94,12 @@ async fn main() -> anyhow::Result<()> {
     let idle = idle.lock().ok().and_then(|v| *v);
     if let (Some((cpu0, rss0)), Some((cpu1, rss1))) = (before, idle) {
         let per_peer = rss1.saturating_sub(rss0) as f64 / report.peers.max(1) as f64;
+        let cpu = cpu1 - cpu0;
+        // Per core: results over the supernode's CPU seconds (the load generator shares the
+        // machine, so results per second alone understate what one core does).
         line.push_str(&format!(
-            " sn_cpu_s={:.2} sn_rss_mib={:.1} rss_kib_per_peer={per_peer:.1}",
-            cpu1 - cpu0,
+            " sn_cpu_s={cpu:.2} results_per_cpu_s={:.0} sn_rss_mib={:.1} rss_kib_per_peer={per_peer:.1}",
+            report.results as f64 / cpu.max(1e-3),
             rss1 as f64 / 1024.0
         ));
     }
