@@ -21,6 +21,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(files, ["proto"])?;
     // Messages carrying secrets get a Debug that hides them (proto/src/lib.rs).
     tonic_prost_build::configure()
+        // Small per-call buffers (proto/src/codec.rs).
+        .codec_path("crate::codec::SmallCodec")
         .skip_debug([
             ".damselfly.fusemanager.v1.BasicAuth",
             ".runtime.v1.AuthConfig",

@@ -7,6 +7,9 @@
 //!   runtime calls the tests' kubelet emulation makes to containerd.
 //! - [`containerd`]: containerd's snapshotter API, which dfsnapshotter serves as a proxy plugin,
 //!   and the content, image and lease APIs `dfsnapshotter pull` calls.
+//! - [`codec`]: the codec of every generated client and server (small per-call buffers).
+
+pub mod codec;
 
 /// Scheduler API (`damselfly.scheduler.v1`).
 pub mod scheduler {

@@ -12,7 +12,7 @@ mod session;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use proto::scheduler::scheduler_server::Scheduler;
 use proto::scheduler::{PeerMessage, SchedulerMessage};
 use tokio::sync::mpsc;
@@ -118,7 +118,9 @@ impl Scheduler for SchedulerService {
             let _slot = slot;
             session::run(inner, inbound, tx, caller).await;
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            ReceiverStream::new(rx).map(|m: Box<SchedulerMessage>| Ok(*m)),
+        )))
     }
 
     #[tracing::instrument(skip_all, fields(realm))]

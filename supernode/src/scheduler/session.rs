@@ -23,10 +23,12 @@ use super::register;
 use crate::task::{Parent, PeerKey};
 use crate::task::{PeerState, State, Status as SeedStatus, Version};
 
-type Tx = mpsc::Sender<Result<SchedulerMessage, Status>>;
+/// A session's outbound messages, boxed: the channel allocates its slots 32 at a time, once per
+/// session, and a message is far larger than a pointer.
+pub type Tx = mpsc::Sender<Box<SchedulerMessage>>;
 
-fn out(m: scheduler_message::Msg) -> Result<SchedulerMessage, Status> {
-    Ok(SchedulerMessage { msg: Some(m) })
+fn out(m: scheduler_message::Msg) -> Box<SchedulerMessage> {
+    Box::new(SchedulerMessage { msg: Some(m) })
 }
 
 async fn send_error(tx: &Tx, e: TaskError) {
