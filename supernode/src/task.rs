@@ -283,17 +283,14 @@ impl State {
         }
     }
 
-    /// Books the end of an upload from `parent`; a peer under `peer_cap` again is free again.
-    /// Whether a slot freed up (the parent is still there).
-    pub fn end_upload(&mut self, parent: Parent, peer_cap: usize) -> bool {
+    /// Books the end of an upload from `parent` (if it is still there); a peer under `peer_cap`
+    /// again is free again.
+    pub fn end_upload(&mut self, parent: Parent, peer_cap: usize) {
         match parent {
-            Parent::Supernode => {
-                self.supernode_load = self.supernode_load.saturating_sub(1);
-                true
-            }
+            Parent::Supernode => self.supernode_load = self.supernode_load.saturating_sub(1),
             Parent::Peer(k) => {
                 let Some(p) = self.peers.get_mut(&k) else {
-                    return false;
+                    return;
                 };
                 p.load = p.load.saturating_sub(1);
                 if p.load < peer_cap
@@ -301,7 +298,6 @@ impl State {
                 {
                     site.free.insert(k);
                 }
-                true
             }
         }
     }

@@ -25,7 +25,7 @@ use crate::task::{PeerState, State, Status as SeedStatus, Version};
 
 /// A session's outbound messages, boxed: the channel allocates its slots 32 at a time, once per
 /// session, and a message is far larger than a pointer.
-pub type Tx = mpsc::Sender<Box<SchedulerMessage>>;
+type Tx = mpsc::Sender<Box<SchedulerMessage>>;
 
 fn out(m: scheduler_message::Msg) -> Box<SchedulerMessage> {
     Box::new(SchedulerMessage { msg: Some(m) })
@@ -435,7 +435,12 @@ fn on_result(s: &Scheduling, st: &mut State, key: PeerKey, r: pb::PieceResult) {
         .piece_failures
         .with_label_values(&[reason.as_str_name()])
         .inc();
-    tracing::warn!(piece = r.piece, parent = %r.parent_id, ?reason, detail = %r.detail, "peer reported a failed piece");
+    // The parent as booked, not as the report names it.
+    let parent_id = match parent {
+        Parent::Supernode => SUPERNODE_ID,
+        Parent::Peer(k) => st.peers.get(&k).map_or("(left)", |p| p.id.as_str()),
+    };
+    tracing::warn!(piece = r.piece, parent = %parent_id, ?reason, detail = %r.detail, "peer reported a failed piece");
     if let Parent::Peer(pk) = parent
         && reason != FailureReason::Local
     {
