@@ -1,6 +1,6 @@
 //! Prometheus metrics of a supernode (`GET /metrics` on the HTTP port).
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Supernode counters; names are part of the contract (DESIGN.md).
 #[derive(Clone, Debug)]
@@ -39,6 +39,10 @@ pub struct Metrics {
     /// `damselfly_supernode_replica_pieces`: pieces described by the metadata other supernodes
     /// replicated here (bounded, see `replica::records`).
     pub replica_pieces: IntGauge,
+    /// `damselfly_supernode_decision_seconds`: one scheduling step of a session, from taking
+    /// the version's lock (waiting included) to the messages it decided: the results that
+    /// arrived booked, the next assignments chosen.
+    pub decision_seconds: Histogram,
 }
 
 impl Metrics {
@@ -108,8 +112,20 @@ impl Metrics {
                 "damselfly_supernode_replica_pieces",
                 "Pieces described by task metadata other supernodes replicated here",
             ),
+            decision_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "damselfly_supernode_decision_seconds",
+                    "Time of one scheduling step, waiting for the version's lock included",
+                )
+                .buckets(vec![
+                    50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 0.1,
+                    0.25, 1.0,
+                ]),
+            )
+            .expect("static metric definition"),
             registry,
         };
+        let _ = m.registry.register(Box::new(m.decision_seconds.clone()));
         for x in [
             &m.source_bytes,
             &m.upload_bytes,

@@ -3,7 +3,7 @@
 # gRPC sessions over cluster TLS, each from its own loopback address, no piece bytes, each piece
 # reported done after PIECE_DELAY) download TASKS tasks of PIECES pieces from one supernode.
 # Prints one line:
-#   loadgen peers=.. tasks=.. completed=.. failed=.. reconnects=.. results=.. results_per_s=.. p50_ms=.. p99_ms=.. elapsed_s=.. sn_cpu_s=.. results_per_cpu_s=.. sn_rss_mib=.. rss_kib_per_peer=..
+#   loadgen peers=.. tasks=.. completed=.. failed=.. reconnects=.. results=.. results_per_s=.. p50_ms=.. p99_ms=.. elapsed_s=.. sn_cpu_s=.. results_per_cpu_s=.. sn_rss_mib=.. rss_kib_per_peer=.. decision_p99_ms=..
 # Env: PEERS (1000), TASKS (1), PIECES (64), PIECE_DELAY (20ms), DEADLINE (120s), PLAINTEXT=1, PROFILE
 # (release; `dev` uses the tests' optimized dev build), BIN (built binaries: no build).
 set -euo pipefail
@@ -31,6 +31,17 @@ start_origin "$WORK/www"
 start_supernode --config "$WORK/supernode.toml"
 SN_PID=$(jobs -p | tail -1)
 for t in $(seq 1 "$TASKS"); do urls+=(--url "http://$ORIGIN/files/task$t"); done
+rc=0
 # shellcheck disable=SC2046
-"$BIN/damselfly-loadgen" --supernode "$GRPC" "${urls[@]}" --peers "$PEERS" \
-  --piece-delay "$PIECE_DELAY" --deadline "$DEADLINE" --supernode-pid "$SN_PID" $(tls_flags loadgen)
+line=$("$BIN/damselfly-loadgen" --supernode "$GRPC" "${urls[@]}" --peers "$PEERS" \
+  --piece-delay "$PIECE_DELAY" --deadline "$DEADLINE" --supernode-pid "$SN_PID" $(tls_flags loadgen)) || rc=$?
+# The supernode's own decision time (damselfly_supernode_decision_seconds): the upper bound of
+# the histogram bucket holding the 99th percentile.
+if [ "${PLAINTEXT:-0}" = 1 ]; then metrics=$(curl -sf "http://$HTTP/metrics"); else
+  metrics=$(curl -sf --cacert "$WORK/pki/ca.crt" --cert "$WORK/pki/loadgen.crt" \
+    --key "$WORK/pki/loadgen.key" "https://$HTTP/metrics"); fi
+p99=$(echo "$metrics" | awk -F'[ "]' '/^damselfly_supernode_decision_seconds_bucket/ {
+    le[n] = $2; c[n++] = $NF } END {
+    for (i = 0; i < n; i++) if (c[i] >= 0.99 * c[n - 1]) { print (le[i] == "+Inf" ? "inf" : le[i] * 1000); exit } }')
+echo "$line decision_p99_ms=${p99:-none}"
+exit "$rc"

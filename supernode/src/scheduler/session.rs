@@ -176,6 +176,7 @@ async fn run_registered(
     let mut done_sent = false;
     let mut results = Vec::new();
     loop {
+        let started = Instant::now();
         let Step { msgs, end, starved } = step(
             &s,
             &version,
@@ -184,6 +185,9 @@ async fn run_registered(
             &mut sent,
             &mut done_sent,
         );
+        s.metrics
+            .decision_seconds
+            .observe(started.elapsed().as_secs_f64());
         for m in msgs {
             if tx.send(out(m)).await.is_err() {
                 return leave(&s, &version, key);
