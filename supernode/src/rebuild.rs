@@ -423,19 +423,8 @@ mod tests {
     use crate::task::PeerState;
 
     fn version(pieces: u32) -> Arc<Version> {
-        let v = Version::new("t".repeat(64), "http://o/x".into(), vec![], None);
-        {
-            let mut st = v.lock();
-            st.pieces = (0..pieces)
-                .map(|n| PieceMeta {
-                    num: n,
-                    offset: u64::from(n) * 4,
-                    size: 4,
-                    sha256: String::new(),
-                })
-                .collect();
-            st.seed_lacks = (0..pieces).collect();
-        }
+        let v = Version::with_pieces(pieces);
+        v.lock().seed_lacks = (0..pieces).collect();
         v
     }
 

@@ -441,6 +441,21 @@ impl Version {
         self.lock().info.as_ref().map(|i| i.version_id.clone())
     }
 
+    /// A version with `pieces` known pieces of 4 bytes each (tests of the scheduling policy).
+    #[cfg(test)]
+    pub fn with_pieces(pieces: u32) -> Arc<Self> {
+        let v = Self::new("t".repeat(64), "http://o/x".into(), vec![], None);
+        v.lock().pieces = (0..pieces)
+            .map(|n| PieceMeta {
+                num: n,
+                offset: u64::from(n) * 4,
+                size: 4,
+                sha256: String::new(),
+            })
+            .collect();
+        v
+    }
+
     /// True when the seed failed.
     pub fn failed(&self) -> bool {
         matches!(self.lock().status, Status::Failed(_))

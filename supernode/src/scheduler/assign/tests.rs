@@ -2,7 +2,6 @@
 
 use super::*;
 use crate::task::Version;
-use fetcher::piece::PieceMeta;
 
 fn peer(have: &[u32]) -> PeerState {
     PeerState::new(
@@ -66,19 +65,6 @@ fn peer_mut<'a>(st: &'a mut State, name: &str) -> Option<&'a mut PeerState> {
     st.peers.get_mut(&key)
 }
 
-fn state_with(pieces: u32) -> std::sync::Arc<Version> {
-    let v = Version::new("t".repeat(64), "http://o/x".into(), vec![], None);
-    v.lock().pieces = (0..pieces)
-        .map(|n| PieceMeta {
-            num: n,
-            offset: u64::from(n) * 4,
-            size: 4,
-            sha256: String::new(),
-        })
-        .collect();
-    v
-}
-
 const LIMITS: Limits = Limits {
     window: 4,
     peer_cap: 2,
@@ -87,7 +73,7 @@ const LIMITS: Limits = Limits {
 
 #[test]
 fn supernode_serves_distinct_rare_pieces_within_its_cap() {
-    let v = state_with(8);
+    let v = Version::with_pieces(8);
     let mut st = v.lock();
     for p in ["a", "b"] {
         add(&mut st, p, peer(&[]));
@@ -107,7 +93,7 @@ fn supernode_serves_distinct_rare_pieces_within_its_cap() {
 
 #[test]
 fn a_seed_that_took_over_serves_only_what_it_holds() {
-    let v = state_with(6);
+    let v = Version::with_pieces(6);
     let mut st = v.lock();
     st.seed_lacks = (0..6).filter(|n| *n != 4).collect();
     add(&mut st, "holder", peer(&[0, 1]));
@@ -130,7 +116,7 @@ fn a_seed_that_took_over_serves_only_what_it_holds() {
 
 #[test]
 fn prefers_peers_and_skips_bad_or_failed_parents() {
-    let v = state_with(4);
+    let v = Version::with_pieces(4);
     let mut st = v.lock();
     add(&mut st, "seed1", peer(&[0, 1, 2, 3]));
     add(&mut st, "evil", peer(&[0, 1, 2, 3]));
@@ -173,7 +159,7 @@ fn parents(got: &[(u32, String)]) -> Vec<&str> {
 
 #[test]
 fn parents_of_the_same_location_come_first() {
-    let v = state_with(1);
+    let v = Version::with_pieces(1);
     let mut st = v.lock();
     add(&mut st, "far", peer_at("rack-b", &[0]));
     add(&mut st, "near", peer_at("rack-a", &[0]));
@@ -190,7 +176,7 @@ fn parents_of_the_same_location_come_first() {
 
 #[test]
 fn a_piece_enters_a_location_once_then_spreads_inside_it() {
-    let v = state_with(4);
+    let v = Version::with_pieces(4);
     let mut st = v.lock();
     add(&mut st, "a1", peer_at("rack-a", &[0, 1, 2, 3]));
     add(&mut st, "a2", peer_at("rack-a", &[0, 1, 2, 3]));
@@ -232,7 +218,7 @@ fn a_piece_enters_a_location_once_then_spreads_inside_it() {
 
 #[test]
 fn sites_count_usable_holders_and_copies_on_the_way() {
-    let v = state_with(2);
+    let v = Version::with_pieces(2);
     let mut st = v.lock();
     let rack = Location::parse("r").expect("loc");
     add(&mut st, "x", peer_at("r", &[0]));
@@ -254,7 +240,7 @@ fn sites_count_usable_holders_and_copies_on_the_way() {
 
 #[test]
 fn a_peer_waits_only_for_what_a_change_could_bring() {
-    let v = state_with(2);
+    let v = Version::with_pieces(2);
     let mut st = v.lock();
     add(&mut st, "seed", peer(&[0, 1]));
     add(&mut st, "x", peer(&[]));
@@ -282,7 +268,7 @@ fn a_peer_waits_only_for_what_a_change_could_bring() {
 
 #[test]
 fn isolated_hosts_are_not_used() {
-    let v = state_with(1);
+    let v = Version::with_pieces(1);
     let mut st = v.lock();
     add(&mut st, "p", peer(&[0]));
     add(&mut st, "me", peer(&[]));
@@ -292,7 +278,7 @@ fn isolated_hosts_are_not_used() {
 
 #[test]
 fn wanted_pieces_go_first_and_want_only_peers_get_nothing_else() {
-    let v = state_with(8);
+    let v = Version::with_pieces(8);
     let mut st = v.lock();
     add(&mut st, "seed", peer(&[0, 1, 2, 3, 4, 5, 6, 7]));
     let mut me = peer(&[]);
