@@ -44,26 +44,41 @@ pub struct Limits {
 /// way).
 type Needed = (usize, u32);
 
+/// Pieces of a large task a decision ranks, at most (from a random start): rarest-first is
+/// exact for tasks of up to this many pieces a peer lacks, and approximate past that, so that a
+/// decision costs the same for a 4 GiB layer as for a small one. Spread over many peers' random
+/// starts, every piece is someone's candidate.
+pub const CANDIDATES: usize = 128;
+
 /// The pieces `me` still needs and is not fetching, each list rarest first: those a lazy reader
-/// waits on, then the rest.
+/// waits on (all of them), then up to [`CANDIDATES`] of the rest.
 fn needed_by_rarity(state: &State, me: &PeerState) -> (Vec<Needed>, Vec<Needed>) {
     let supply = |n: u32| {
         state.holders.get(&n).map_or(0, |h| h.len()) + state.in_flight.get(&n).copied().unwrap_or(0)
     };
     let mut rng = rand::rng();
-    let (mut urgent, mut rest) = (Vec::new(), Vec::new());
-    for n in state.pieces.iter().map(|p| p.num) {
-        if me.have.contains(n) || me.outstanding.contains_key(&n) {
-            continue;
-        }
-        // Ties broken at random, so that peers starting together spread over the pieces.
-        let entry = (supply(n), rng.random::<u32>(), n);
-        if me.wanted.contains(&n) {
-            urgent.push(entry);
-        } else {
-            rest.push(entry);
-        }
-    }
+    let count = state.pieces.len();
+    let lacks = |n: u32| !me.have.contains(n) && !me.outstanding.contains_key(&n);
+    // Ties broken at random, so that peers starting together spread over the pieces.
+    let mut entry = |n: u32| (supply(n), rng.random::<u32>(), n);
+    let urgent: Vec<_> = me
+        .wanted
+        .iter()
+        .copied()
+        .filter(|n| (*n as usize) < count && lacks(*n))
+        .map(&mut entry)
+        .collect();
+    let start = if count > CANDIDATES {
+        rand::rng().random_range(0..count)
+    } else {
+        0
+    };
+    let rest: Vec<_> = (0..count)
+        .map(|k| state.pieces[(start + k) % count].num)
+        .filter(|n| !me.wanted.contains(n) && lacks(*n))
+        .take(CANDIDATES)
+        .map(&mut entry)
+        .collect();
     let ranked = |mut v: Vec<(usize, u32, u32)>| {
         v.sort_unstable();
         v.into_iter().map(|(s, _, n)| (s, n)).collect()

@@ -306,3 +306,29 @@ fn wanted_pieces_go_first_and_want_only_peers_get_nothing_else() {
     assert_eq!(got.first().map(|(n, _)| *n), Some(5), "{got:?}");
     assert!(got.len() > 1, "the rest follows in the background: {got:?}");
 }
+
+#[test]
+fn a_large_task_ranks_a_bounded_share_of_its_pieces_from_random_starts() {
+    let v = Version::with_pieces(1000);
+    let mut st = v.lock();
+    let mut me = peer(&[3]);
+    me.wanted = [900, 901].into_iter().collect();
+    add(&mut st, "me", me);
+    let key = st.key("me");
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..200 {
+        let me = &st.peers.get(&key).expect("me");
+        let (urgent, rest) = needed_by_rarity(&st, me);
+        let mut wanted: Vec<u32> = urgent.iter().map(|(_, n)| *n).collect();
+        wanted.sort();
+        assert_eq!(wanted, [900, 901], "every wanted piece, always");
+        assert_eq!(rest.len(), CANDIDATES);
+        assert!(rest.iter().all(|(_, n)| ![3, 900, 901].contains(n)));
+        seen.extend(rest.iter().map(|(_, n)| *n));
+    }
+    assert_eq!(
+        seen.len(),
+        997,
+        "every lacking piece is someone's candidate"
+    );
+}
