@@ -114,7 +114,8 @@ impl Peer {
         addr: &str,
         r: &RangeRequest,
     ) -> std::result::Result<proto::scheduler::LayerIndexReply, IndexFailure> {
-        let mut client = crate::download::scheduled::connect(addr, self.inner.cfg.tls.as_ref())
+        let mut client = (self.inner.channels)
+            .client(addr, self.inner.cfg.tls.as_ref())
             .await
             .map_err(IndexFailure::Unreachable)?;
         let mut req = tonic::Request::new(LayerIndexRequest {

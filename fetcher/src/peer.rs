@@ -146,6 +146,8 @@ pub(crate) struct PeerInner {
     pub(crate) shutdown: Shutdown,
     /// Blobs fetched for range reads (`Peer::read_range`).
     pub(crate) ranges: crate::range_read::BlobFetches,
+    /// The connections to supernodes, shared by all sessions.
+    pub(crate) channels: crate::download::channels::Channels,
     upload_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -226,6 +228,7 @@ impl Peer {
                 upload_addr,
                 shutdown,
                 ranges: Default::default(),
+                channels: Default::default(),
                 upload_task: Mutex::new(Some(upload_task)),
             }),
         })

@@ -299,8 +299,7 @@ fn choose(
             .holders
             .get(&n)
             .into_iter()
-            .flatten()
-            .filter_map(|k| Some((*k, st.peers.get(k)?)))
+            .flat_map(|h| h.iter(&st.peers))
             .filter(|(k, p)| !p.isolated && no_go.is_none_or(|f| !f.contains(k)))
             .map(|(k, p)| (p.load, k))
             .collect();

@@ -14,7 +14,7 @@ use indexmap::IndexMap;
 use proto::scheduler::TaskError;
 use tokio::sync::{Notify, watch};
 
-pub use crate::peers::{Parent, PeerKey, PeerKeys, PeerList, Peers, Pieces};
+pub use crate::peers::{Holders, Parent, PeerKey, PeerKeys, PeerList, Peers, Pieces};
 
 /// What the origin told the seed about the content.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -148,7 +148,7 @@ pub struct State {
     /// Piece → the peers holding it (kept with [`State::add_peer`], [`State::hold`] and
     /// [`State::remove_peer`]): parents are looked for among a piece's holders, not among all
     /// peers.
-    pub holders: PieceMap<PeerList>,
+    pub holders: PieceMap<Holders>,
     /// Sessions waiting for something to assign them, oldest first (see [`State::wake_starved`]).
     pub starved: VecDeque<PeerKey>,
     /// Per location: peers with a free upload slot (parents are looked for among them), holders
@@ -205,7 +205,7 @@ impl State {
         let p = self.peers.remove(&key)?;
         for n in p.have.iter() {
             if let Some(h) = self.holders.get_mut(&n) {
-                h.swap_remove(&key);
+                h.remove(key);
             }
         }
         if let Some(site) = self.sites.get_mut(&p.location) {

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Benchmark: the supernode's scheduler under load. PEERS simulated peers (damselfly-loadgen: real
 # gRPC sessions over cluster TLS, each from its own loopback address, no piece bytes, each piece
-# reported done after PIECE_DELAY) download TASKS tasks of PIECES pieces from one supernode.
+# reported done after PIECE_DELAY) download TASKS tasks of PIECES pieces from one supernode;
+# SESSIONS_PER_HOST sessions share each host's connection, as an agent's layers do.
 # Prints one line:
-#   loadgen peers=.. tasks=.. completed=.. failed=.. reconnects=.. results=.. results_per_s=.. p50_ms=.. p99_ms=.. elapsed_s=.. sn_cpu_s=.. results_per_cpu_s=.. sn_rss_mib=.. rss_kib_per_peer=.. decision_p99_ms=..
-# Env: PEERS (1000), TASKS (1), PIECES (64), PIECE_DELAY (20ms), DEADLINE (120s), PLAINTEXT=1, PROFILE
+#   loadgen peers=.. hosts=.. tasks=.. completed=.. failed=.. reconnects=.. results=.. results_per_s=.. p50_ms=.. p99_ms=.. elapsed_s=.. sn_cpu_s=.. results_per_cpu_s=.. sn_rss_mib=.. rss_kib_per_connection=.. rss_kib_per_session=.. decision_p99_ms=..
+# Env: PEERS (1000), SESSIONS_PER_HOST (1), TASKS (1), PIECES (64), PIECE_DELAY (20ms), DEADLINE (120s), PLAINTEXT=1, PROFILE
 # (release; `dev` uses the tests' optimized dev build), BIN (built binaries: no build).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -12,6 +13,7 @@ cd "$(dirname "$0")/../.."
 PEERS=${PEERS:-1000}
 TASKS=${TASKS:-1}
 PIECES=${PIECES:-64}
+SESSIONS_PER_HOST=${SESSIONS_PER_HOST:-1}
 PIECE_DELAY=${PIECE_DELAY:-20ms}
 DEADLINE=${DEADLINE:-120s}
 need_tools curl
@@ -34,6 +36,7 @@ for t in $(seq 1 "$TASKS"); do urls+=(--url "http://$ORIGIN/files/task$t"); done
 rc=0
 # shellcheck disable=SC2046
 line=$("$BIN/damselfly-loadgen" --supernode "$GRPC" "${urls[@]}" --peers "$PEERS" \
+  --sessions-per-host "$SESSIONS_PER_HOST" \
   --piece-delay "$PIECE_DELAY" --deadline "$DEADLINE" --supernode-pid "$SN_PID" $(tls_flags loadgen)) || rc=$?
 # The supernode's own decision time (damselfly_supernode_decision_seconds): the upper bound of
 # the histogram bucket holding the 99th percentile.

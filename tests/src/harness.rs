@@ -559,6 +559,21 @@ pub fn summary_field(output: &str, key: &str) -> Option<u64> {
 }
 
 /// True when running as root (tmpfs mounts, CI).
+/// Established TCP connections accepted on local port `port` (from `/proc/net/tcp{,6}`).
+pub fn accepted_on(port: u16) -> usize {
+    let want = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|t| t.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // Fields: sl, local address, remote address, state (01: established), ...
+            f.get(1).is_some_and(|a| a.ends_with(&want)) && f.get(3) == Some(&"01")
+        })
+        .count()
+}
+
 pub fn is_root() -> bool {
     // SAFETY-free: read the effective uid from /proc.
     std::fs::read_to_string("/proc/self/status")

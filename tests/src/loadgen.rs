@@ -2,11 +2,12 @@
 //! `Download` stream each, over cluster TLS when given) on M tasks. A simulated peer moves no
 //! piece bytes: it reports each assigned piece done after a modelled delay, and stays connected
 //! as a parent until every peer is done, as agents keep seeding. Each simulated host connects
-//! from its own loopback address (127.1.x.y), so the supernode sees as many hosts as there are.
+//! from its own loopback address (127.1.x.y), so the supernode sees as many hosts as there are;
+//! a host's sessions share its one connection, as an agent's do.
 //!
 //! What it measures: piece results per second, the time from a peer's piece result to its
-//! next assignment (p50/p99), and, given the supernode's pid, its CPU seconds and its RSS growth
-//! per connected peer.
+//! next assignment (p50/p99), and, given the supernode's pid, its CPU seconds and its RSS: the
+//! hosts connect first (RSS per connection), then their sessions run (RSS per idle session).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -28,19 +29,31 @@ pub struct LoadConfig {
     /// The content URLs, one task each; peers are spread over them evenly.
     pub urls: Vec<String>,
     pub peers: usize,
+    /// Sessions (peers) per simulated host, all on the host's one connection.
+    pub sessions_per_host: usize,
     /// How long a simulated piece download takes.
     pub piece_delay: Duration,
     /// How long the whole run may take.
     pub deadline: Duration,
 }
 
-/// Called once when every peer is done and all are still connected (idle sessions).
-pub type Probe = Arc<dyn Fn() + Send + Sync>;
+/// Where a run is when it calls its probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Every host is connected; no session has started.
+    Connected,
+    /// Every peer is done and all sessions are still open (idle).
+    Idle,
+}
+
+/// Called once at each [`Stage`].
+pub type Probe = Arc<dyn Fn(Stage) + Send + Sync>;
 
 /// What one run measured.
 #[derive(Clone, Debug, Default)]
 pub struct LoadReport {
     pub peers: usize,
+    pub hosts: usize,
     pub completed: usize,
     pub results: u64,
     /// Connections tried again (refused or reset at first).
@@ -126,15 +139,13 @@ type Idle = (
     tonic::Streaming<proto::scheduler::SchedulerMessage>,
 );
 
-/// One simulated peer: register, take assignments, report them after the delay; then wait,
-/// still connected, until the run ends.
-async fn peer(cfg: Arc<LoadConfig>, i: usize, shared: Arc<Shared>) -> Result<(), String> {
-    let url = &cfg.urls[i % cfg.urls.len()];
-    // As agents do, a refused or reset connection is tried again after a moment.
+/// Host `h`'s connection. As agents do, a refused or reset connection is tried again after a
+/// moment.
+async fn host(cfg: &LoadConfig, h: usize, shared: &Shared) -> Result<Client, String> {
     let mut attempt = 0;
-    let mut client = loop {
-        match client(&cfg, i).await {
-            Ok(c) => break c,
+    loop {
+        match client(cfg, h).await {
+            Ok(c) => return Ok(c),
             Err(_) if attempt < CONNECT_ATTEMPTS => {
                 attempt += 1;
                 shared.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -142,7 +153,21 @@ async fn peer(cfg: Arc<LoadConfig>, i: usize, shared: Arc<Shared>) -> Result<(),
             }
             Err(e) => return Err(e),
         }
-    };
+    }
+}
+
+type Client = SchedulerClient<tonic::transport::Channel>;
+
+/// One simulated peer on host `h`: register, take assignments, report them after the delay;
+/// then wait, still connected, until the run ends.
+async fn peer(
+    cfg: Arc<LoadConfig>,
+    i: usize,
+    h: usize,
+    mut client: Client,
+    shared: Arc<Shared>,
+) -> Result<(), String> {
+    let url = &cfg.urls[i % cfg.urls.len()];
     let (tx, rx) = mpsc::channel::<PeerMessage>(64);
     let send = |m: peer_message::Msg| PeerMessage { msg: Some(m) };
     let task_id = fetcher::task_id::task_id(url, "", &[]).map_err(|e| e.to_string())?;
@@ -150,8 +175,8 @@ async fn peer(cfg: Arc<LoadConfig>, i: usize, shared: Arc<Shared>) -> Result<(),
         url: url.clone(),
         task_id,
         peer_id: format!("sim-{i}"),
-        host_id: format!("sim-host-{i}"),
-        upload_addr: format!("{}:1", host_ip(i)),
+        host_id: format!("sim-host-{h}"),
+        upload_addr: format!("{}:1", host_ip(h)),
         ..Default::default()
     })))
     .await
@@ -250,17 +275,50 @@ pub async fn run(cfg: LoadConfig, probe: Probe) -> LoadReport {
         idle: Default::default(),
     });
     let start = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..cfg.peers {
-        let (cfg, shared) = (cfg.clone(), shared.clone());
-        tasks.spawn(peer(cfg, i, shared));
-    }
+    let hosts = cfg.peers.div_ceil(cfg.sessions_per_host.max(1));
     let mut report = LoadReport {
         peers: cfg.peers,
+        hosts,
         ..Default::default()
     };
     let deadline = tokio::time::sleep(cfg.deadline);
     tokio::pin!(deadline);
+    let mut dialling = tokio::task::JoinSet::new();
+    for h in 0..hosts {
+        let (cfg, shared) = (cfg.clone(), shared.clone());
+        dialling.spawn(async move { (h, host(&cfg, h, &shared).await) });
+    }
+    let mut clients: Vec<Option<Result<Client, String>>> = vec![None; hosts];
+    loop {
+        tokio::select! {
+            r = dialling.join_next() => match r {
+                None => break,
+                Some(Ok((h, c))) => clients[h] = Some(c),
+                Some(Err(e)) => { report.first_error.get_or_insert(e.to_string()); }
+            },
+            _ = &mut deadline => {
+                report.first_error.get_or_insert(format!("deadline of {:?} passed while connecting", cfg.deadline));
+                dialling.abort_all();
+                break;
+            }
+        }
+    }
+    probe(Stage::Connected);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..cfg.peers {
+        let h = i / cfg.sessions_per_host.max(1);
+        match &clients[h] {
+            Some(Ok(c)) => {
+                let (cfg, shared, c) = (cfg.clone(), shared.clone(), c.clone());
+                tasks.spawn(peer(cfg, i, h, c, shared));
+            }
+            Some(Err(e)) => {
+                report.failed += 1;
+                report.first_error.get_or_insert(e.clone());
+            }
+            None => report.failed += 1,
+        }
+    }
     loop {
         tokio::select! {
             r = tasks.join_next() => match r {
@@ -283,7 +341,7 @@ pub async fn run(cfg: LoadConfig, probe: Probe) -> LoadReport {
         }
     }
     report.elapsed = start.elapsed();
-    probe();
+    probe(Stage::Idle);
     drop(shared.idle.lock().map(|mut v| std::mem::take(&mut *v)));
     report.results = shared.results.load(Ordering::Relaxed);
     report.reconnects = shared.reconnects.load(Ordering::Relaxed);

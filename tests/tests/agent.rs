@@ -1,8 +1,9 @@
-//! dfget through the host agent: downloads share the agent's host-wide download limit.
+//! dfget through the host agent: downloads share the agent's host-wide download limit, and the
+//! agent's sessions share one connection to the supernode.
 
 use std::time::Instant;
 
-use damselfly_tests::harness::{Env, get_text, metric, random_file, run, sha256_file};
+use damselfly_tests::harness::{Env, accepted_on, get_text, metric, random_file, run, sha256_file};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_agent_downloads_share_the_host_download_limit() {
@@ -55,6 +56,17 @@ async fn concurrent_agent_downloads_share_the_host_download_limit() {
     let m = get_text(&format!("http://{metrics_addr}/metrics")).await;
     let downloaded = metric(&m, "damselfly_peer_download_bytes_total", "");
     assert_eq!(downloaded as usize, 2 * size, "agent metrics: {m}");
+    // Both tasks' sessions (still open: the agent seeds) ride on one connection.
+    let port: u16 = grpc
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("gRPC port");
+    assert_eq!(
+        accepted_on(port),
+        1,
+        "connections from the agent to the supernode"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -40,10 +40,11 @@ async fn two_hundred_simulated_peers_finish_from_each_other() {
             tls,
             urls: vec![format!("{base}/files/task")],
             peers: PEERS,
+            sessions_per_host: 4,
             piece_delay: Duration::from_millis(5),
             deadline: Duration::from_secs(60),
         },
-        Arc::new(|| {}),
+        Arc::new(|_| {}),
     )
     .await;
     assert_eq!(

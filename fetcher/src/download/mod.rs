@@ -2,6 +2,7 @@
 //! when none is reachable (unless disabled); then whole-content verification and atomic delivery.
 
 mod back_source;
+pub(crate) mod channels;
 mod piece_fetch;
 pub(crate) mod scheduled;
 mod stream;

@@ -29,7 +29,8 @@ pub(crate) struct Session {
 /// How long to wait for the supernode's first answer (it may be waiting on a slow origin).
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Opens a scheduler client to `addr` (`host:port`), over cluster TLS when `tls` is given.
+/// Opens a scheduler client to `addr` (`host:port`) on a connection of its own, over cluster
+/// TLS when `tls` is given (sessions of a peer share theirs: `channels::Channels`).
 pub async fn connect(
     addr: &str,
     tls: Option<&crate::tls::ClusterTls>,
@@ -67,7 +68,10 @@ fn send_err<T>(_: T) -> SessionError {
 
 impl Download<'_> {
     pub(crate) async fn with_supernode(&mut self, addr: &str) -> Result<Session, SessionError> {
-        let mut client = connect(addr, self.peer.inner.cfg.tls.as_ref())
+        let inner = &self.peer.inner;
+        let mut client = inner
+            .channels
+            .client(addr, inner.cfg.tls.as_ref())
             .await
             .map_err(SessionError::Retry)?;
         let (tx, rx) = mpsc::channel::<PeerMessage>(256);

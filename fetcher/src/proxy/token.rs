@@ -16,8 +16,6 @@ use axum::body::Body;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use proto::scheduler::TokenRequest;
-use proto::scheduler::scheduler_client::SchedulerClient;
-use tonic::transport::Channel;
 
 use super::{Proxy, text};
 use crate::rendezvous;
@@ -33,7 +31,6 @@ pub(crate) struct Tokens {
     /// realm key → base URL of the registry that named it.
     realms: Mutex<HashMap<String, String>>,
     local: TokenCache,
-    clients: Mutex<HashMap<String, SchedulerClient<Channel>>>,
 }
 
 use crate::source::token::realm_key;
@@ -45,7 +42,6 @@ impl Tokens {
         Self {
             realms: Mutex::new(HashMap::new()),
             local: TokenCache::new(client),
-            clients: Mutex::new(HashMap::new()),
         }
     }
 
@@ -79,29 +75,15 @@ impl Tokens {
             .unwrap_or_default()
     }
 
-    async fn client(
-        &self,
-        addr: &str,
-        tls: Option<&crate::tls::ClusterTls>,
-    ) -> Option<SchedulerClient<Channel>> {
-        if let Some(c) = self.clients.lock().ok()?.get(addr) {
-            return Some(c.clone());
-        }
-        let c = crate::download::scheduled::connect(addr, tls).await.ok()?;
-        self.clients.lock().ok()?.insert(addr.to_owned(), c.clone());
-        Some(c)
-    }
-
     /// The token answer: from a supernode, else fetched (coalesced) by this agent.
     async fn answer(
         &self,
-        supernodes: &[String],
-        tls: Option<&crate::tls::ClusterTls>,
+        peer: &crate::peer::Peer,
         target: &url::Url,
         authorization: Option<&str>,
     ) -> Result<TokenAnswer, String> {
-        for addr in rendezvous::order(target.as_str(), supernodes) {
-            let Some(mut c) = self.client(addr, tls).await else {
+        for addr in rendezvous::order(target.as_str(), peer.supernodes()) {
+            let Ok(mut c) = peer.inner.channels.client(addr, peer.tls()).await else {
                 continue;
             };
             let req = TokenRequest {
@@ -123,9 +105,6 @@ impl Tokens {
                 }
                 Err(e) => {
                     tracing::warn!(supernode = addr, error = %e.message(), "token via supernode failed");
-                    if let Ok(mut m) = self.clients.lock() {
-                        m.remove(addr);
-                    }
                 }
             }
         }
@@ -216,11 +195,7 @@ pub(crate) async fn serve(p: &Proxy, headers: &HeaderMap, target: url::Url) -> R
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    match p
-        .tokens
-        .answer(p.peer.supernodes(), p.peer.tls(), &target, authorization)
-        .await
-    {
+    match p.tokens.answer(&p.peer, &target, authorization).await {
         Ok(a) => {
             let mut b = Response::builder().status(a.status);
             if let Some(ct) = &a.content_type {

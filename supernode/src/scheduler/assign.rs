@@ -306,12 +306,8 @@ fn supernode_piece(
             let n = needed[*i].1;
             state.in_flight.get(&n).copied().unwrap_or(0) == 0
                 && !state.holders.get(&n).is_some_and(|h| {
-                    h.iter().any(|k| {
-                        state
-                            .peers
-                            .get(k)
-                            .is_some_and(|p| may_serve((mine, me), (*k, p), usable))
-                    })
+                    h.iter(&state.peers)
+                        .any(|(k, p)| may_serve((mine, me), (k, p), usable))
                 })
         })
         .collect();

@@ -114,9 +114,14 @@ impl Scheduler for SchedulerService {
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(1024);
         let inner = self.inner.clone();
+        // Registration and the session proper are tasks of their own (see `session::start`).
         tokio::spawn(async move {
-            let _slot = slot;
-            session::run(inner, inbound, tx, caller).await;
+            if let Some(serving) = session::start(inner, inbound, tx, caller).await {
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    serving.await;
+                });
+            }
         });
         Ok(Response::new(Box::pin(
             ReceiverStream::new(rx).map(|m: Box<SchedulerMessage>| Ok(*m)),

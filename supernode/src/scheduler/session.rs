@@ -43,81 +43,78 @@ fn invalid(message: impl Into<String>) -> TaskError {
     }
 }
 
-/// Runs a session until the peer leaves, the task fails, or the supernode shuts down.
-pub async fn run(s: Arc<Scheduling>, mut inbound: Streaming<PeerMessage>, tx: Tx, caller: Caller) {
+/// Reads the registration and admits the peer; the rest of the session, to run until the peer
+/// leaves, the task fails, or the supernode shuts down. `None` when the session ends at once
+/// (the peer was told why). The caller runs the rest as a task of its own, so that a session
+/// keeps the state of [`serve`] and nothing of its registration (thousands are open at once).
+pub async fn start(
+    s: Arc<Scheduling>,
+    mut inbound: Streaming<PeerMessage>,
+    tx: Tx,
+    caller: Caller,
+) -> Option<impl Future<Output = ()> + Send + 'static> {
     let first = tokio::time::timeout(Duration::from_secs(30), inbound.message()).await;
     let reg = match first {
         Ok(Ok(Some(PeerMessage {
             msg: Some(peer_message::Msg::Register(r)),
         }))) => r,
-        _ => return send_error(&tx, invalid("the first message must be Register")).await,
+        _ => return refuse(&tx, invalid("the first message must be Register")).await,
     };
     let span = tracing::info_span!("session", task_id = %reg.task_id.get(..16).unwrap_or(""), peer = %reg.peer_id, remote = ?caller.remote);
-    run_registered(s, inbound, tx, caller, reg)
-        .instrument(span)
-        .await;
+    let joined = admit(&s, &mut inbound, &tx, caller, reg)
+        .instrument(span.clone())
+        .await?;
+    Some(serve(s, inbound, tx, joined).instrument(span))
 }
 
-async fn run_registered(
-    s: Arc<Scheduling>,
-    mut inbound: Streaming<PeerMessage>,
-    tx: Tx,
+/// What a session keeps once its peer has joined a version.
+struct Joined {
+    version: Arc<Version>,
+    key: PeerKey,
+    changes: tokio::sync::watch::Receiver<u64>,
+    wake: Arc<tokio::sync::Notify>,
+    version_id: String,
+    peer_ip: Option<IpAddr>,
+    ticket_expires: u64,
+    pieces: u32,
+    /// Where the supernode's own piece server is, as this peer reaches it.
+    supernode_base: String,
+}
+
+/// Checks the registration, waits for the version's origin answer, sends the task's info and
+/// adds the peer with what it holds; `None` when the session ends instead (the peer was told
+/// why).
+async fn admit(
+    s: &Arc<Scheduling>,
+    inbound: &mut Streaming<PeerMessage>,
+    tx: &Tx,
     caller: Caller,
     reg: pb::Register,
-) {
-    let (local_ip, remote) = (caller.local_ip, caller.remote);
-    let upload: SocketAddr = match reg.upload_addr.parse::<SocketAddr>() {
-        // Others reach the peer where it connected from: its claimed IP is not taken on trust.
-        Ok(a) => match remote {
-            Some(r) if r.ip() != a.ip() => {
-                tracing::info!(claimed = %a, seen = %r.ip(), "upload address taken from the connection");
-                SocketAddr::new(r.ip(), a.port())
-            }
-            _ => a,
-        },
-        Err(_) => {
-            return send_error(
-                &tx,
-                invalid(format!("bad upload_addr {:?}", reg.upload_addr)),
-            )
-            .await;
-        }
+) -> Option<Joined> {
+    let remote = caller.remote;
+    let upload = match upload_addr(&reg.upload_addr, remote) {
+        Ok(a) => a,
+        Err(e) => return refuse(tx, e).await,
     };
     if reg.peer_id.is_empty() || reg.host_id.is_empty() {
-        return send_error(&tx, invalid("peer_id and host_id are required")).await;
+        return refuse(tx, invalid("peer_id and host_id are required")).await;
     }
     let location = match Location::parse(&reg.location) {
         Ok(l) => l,
-        Err(e) => return send_error(&tx, invalid(format!("location: {e}"))).await,
+        Err(e) => return refuse(tx, invalid(format!("location: {e}"))).await,
     };
-    let version = match register::join(&s, &reg).await {
+    let version = match register::join(s, &reg).await {
         Ok(v) => v,
-        Err(e) => return send_error(&tx, e).await,
+        Err(e) => return refuse(tx, e).await,
     };
     let mut changes = version.subscribe();
-    // Wait for the origin's answer (or failure).
-    let info = loop {
-        let (failed, info) = {
-            let st = version.lock();
-            let failed = match &st.status {
-                SeedStatus::Failed(e) => Some(e.clone()),
-                _ => None,
-            };
-            (failed, st.info.clone())
-        };
-        if let Some(e) = failed {
-            return send_error(&tx, e).await;
-        }
-        if let Some(i) = info {
-            break i;
-        }
-        tokio::select! {
-            r = changes.changed() => if r.is_err() { return },
-            _ = s.shutdown.wait() => return,
-        }
+    let info = match origin_answer(s, &version, &mut changes).await {
+        Ok(i) => i,
+        Err(Some(e)) => return refuse(tx, e).await,
+        Err(None) => return None,
     };
     let peer_ip = remote.map(|r| r.ip());
-    let (ticket, mut ticket_expires) = s.tickets.pieces(&info.version_id, peer_ip);
+    let (ticket, ticket_expires) = s.tickets.pieces(&info.version_id, peer_ip);
     let task_info = pb::TaskInfo {
         version_id: info.version_id.clone(),
         content_length: info.content_length,
@@ -128,18 +125,14 @@ async fn run_registered(
         ticket_key: s.tickets.public().as_bytes().to_vec(),
         ticket,
     };
-    if tx
-        .send(out(scheduler_message::Msg::TaskInfo(task_info)))
+    tx.send(out(scheduler_message::Msg::TaskInfo(task_info)))
         .await
-        .is_err()
-    {
-        return;
-    }
+        .ok()?;
     let have = match tokio::time::timeout(Duration::from_secs(60), inbound.message()).await {
         Ok(Ok(Some(PeerMessage {
             msg: Some(peer_message::Msg::Have(h)),
         }))) => h.pieces,
-        _ => return send_error(&tx, invalid("expected Have after TaskInfo")).await,
+        _ => return refuse(tx, invalid("expected Have after TaskInfo")).await,
     };
     let pieces = piece_count(info.content_length, info.piece_size);
     let mut me = PeerState::new(
@@ -165,13 +158,83 @@ async fn run_registered(
     };
     s.metrics.peers.inc();
     tracing::info!(version = %&info.version_id[..16], location = %reg.location, "peer joined");
-
     let sn_ip = s
         .cfg
         .advertise_ip
-        .or(local_ip)
+        .or(caller.local_ip)
         .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
-    let supernode_base = s.cfg.base_url(SocketAddr::new(sn_ip, s.cfg.http_port));
+    Some(Joined {
+        version,
+        key,
+        changes,
+        wake,
+        version_id: info.version_id.clone(),
+        peer_ip,
+        ticket_expires,
+        pieces,
+        supernode_base: s.cfg.base_url(SocketAddr::new(sn_ip, s.cfg.http_port)),
+    })
+}
+
+/// Tells the peer why its session ends.
+async fn refuse<T>(tx: &Tx, e: TaskError) -> Option<T> {
+    send_error(tx, e).await;
+    None
+}
+
+/// Where others reach the peer: its claimed port, at the IP it connected from (a claimed IP is
+/// not taken on trust).
+fn upload_addr(claimed: &str, remote: Option<SocketAddr>) -> Result<SocketAddr, TaskError> {
+    let a: SocketAddr = claimed
+        .parse()
+        .map_err(|_| invalid(format!("bad upload_addr {claimed:?}")))?;
+    Ok(match remote {
+        Some(r) if r.ip() != a.ip() => {
+            tracing::info!(claimed = %a, seen = %r.ip(), "upload address taken from the connection");
+            SocketAddr::new(r.ip(), a.port())
+        }
+        _ => a,
+    })
+}
+
+/// Waits for the origin's answer about the version: its info, or the failure to tell the peer
+/// (`Err(None)`: the supernode is shutting down).
+async fn origin_answer(
+    s: &Scheduling,
+    version: &Version,
+    changes: &mut tokio::sync::watch::Receiver<u64>,
+) -> Result<crate::task::Info, Option<TaskError>> {
+    loop {
+        {
+            let st = version.lock();
+            if let SeedStatus::Failed(e) = &st.status {
+                return Err(Some(e.clone()));
+            }
+            if let Some(i) = &st.info {
+                return Ok(i.clone());
+            }
+        }
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return Err(None) },
+            _ = s.shutdown.wait() => return Err(None),
+        }
+    }
+}
+
+/// The joined peer's loop: book what arrives, send what is decided, renew its ticket, until it
+/// leaves.
+async fn serve(s: Arc<Scheduling>, mut inbound: Streaming<PeerMessage>, tx: Tx, j: Joined) {
+    let Joined {
+        version,
+        key,
+        mut changes,
+        wake,
+        version_id,
+        peer_ip,
+        mut ticket_expires,
+        pieces,
+        supernode_base,
+    } = j;
     let mut sent = 0usize;
     let mut done_sent = false;
     let mut results = Vec::new();
@@ -198,7 +261,7 @@ async fn run_registered(
         }
         // Renew the ticket at half its life.
         if fetcher::ticket::now() + s.tickets.ttl.as_secs() / 2 >= ticket_expires {
-            let (ticket, expires) = s.tickets.pieces(&info.version_id, peer_ip);
+            let (ticket, expires) = s.tickets.pieces(&version_id, peer_ip);
             ticket_expires = expires;
             let m = scheduler_message::Msg::Ticket(pb::Ticket { ticket });
             if tx.send(out(m)).await.is_err() {

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
-use damselfly_tests::loadgen::{LoadConfig, process_usage, run};
+use damselfly_tests::loadgen::{LoadConfig, Stage, process_usage, run};
 
 /// Simulated peers (real gRPC sessions, no piece bytes) against a supernode's scheduler.
 #[derive(Parser)]
@@ -19,6 +19,10 @@ struct Args {
     /// Simulated peers, each its own host (loopback address 127.1.x.y).
     #[arg(long, default_value_t = 1000)]
     peers: usize,
+    /// Sessions per simulated host, sharing its one connection (an agent pulling an image has
+    /// one per layer).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    sessions_per_host: u32,
     /// Modelled duration of one piece download (e.g. 20ms).
     #[arg(long, default_value = "20ms", value_parser = duration)]
     piece_delay: Duration,
@@ -59,11 +63,12 @@ async fn main() -> anyhow::Result<()> {
     )?
     .map(Arc::new);
     let before = a.supernode_pid.and_then(process_usage);
-    let idle = Arc::new(Mutex::new(None));
-    let (pid, at_idle) = (a.supernode_pid, idle.clone());
-    let probe = Arc::new(move || {
-        if let (Some(p), Ok(mut slot)) = (pid, at_idle.lock()) {
-            *slot = process_usage(p);
+    // Usage once every host is connected, and again once every session is idle.
+    let usage = Arc::new(Mutex::new([None, None]));
+    let (pid, at) = (a.supernode_pid, usage.clone());
+    let probe = Arc::new(move |stage: Stage| {
+        if let (Some(p), Ok(mut slots)) = (pid, at.lock()) {
+            slots[usize::from(stage == Stage::Idle)] = process_usage(p);
         }
     });
     let tasks = a.urls.len();
@@ -73,6 +78,7 @@ async fn main() -> anyhow::Result<()> {
             tls,
             urls: a.urls,
             peers: a.peers,
+            sessions_per_host: a.sessions_per_host as usize,
             piece_delay: a.piece_delay,
             deadline: a.deadline,
         },
@@ -80,8 +86,9 @@ async fn main() -> anyhow::Result<()> {
     )
     .await;
     let mut line = format!(
-        "loadgen peers={} tasks={tasks} completed={} failed={} reconnects={} results={} results_per_s={:.0} p50_ms={:.2} p99_ms={:.2} elapsed_s={:.2}",
+        "loadgen peers={} hosts={} tasks={tasks} completed={} failed={} reconnects={} results={} results_per_s={:.0} p50_ms={:.2} p99_ms={:.2} elapsed_s={:.2}",
         report.peers,
+        report.hosts,
         report.completed,
         report.failed,
         report.reconnects,
@@ -91,16 +98,18 @@ async fn main() -> anyhow::Result<()> {
         report.p99.as_secs_f64() * 1e3,
         report.elapsed.as_secs_f64(),
     );
-    let idle = idle.lock().ok().and_then(|v| *v);
-    if let (Some((cpu0, rss0)), Some((cpu1, rss1))) = (before, idle) {
-        let per_peer = rss1.saturating_sub(rss0) as f64 / report.peers.max(1) as f64;
-        let cpu = cpu1 - cpu0;
+    let [connected, idle] = usage.lock().map(|u| *u).unwrap_or_default();
+    if let (Some((cpu0, rss0)), Some((_, rss1)), Some((cpu2, rss2))) = (before, connected, idle) {
+        let per = |kib: u64, n: usize| kib as f64 / n.max(1) as f64;
+        let cpu = cpu2 - cpu0;
         // Per core: results over the supernode's CPU seconds (the load generator shares the
         // machine, so results per second alone understate what one core does).
         line.push_str(&format!(
-            " sn_cpu_s={cpu:.2} results_per_cpu_s={:.0} sn_rss_mib={:.1} rss_kib_per_peer={per_peer:.1}",
+            " sn_cpu_s={cpu:.2} results_per_cpu_s={:.0} sn_rss_mib={:.1} rss_kib_per_connection={:.1} rss_kib_per_session={:.1}",
             report.results as f64 / cpu.max(1e-3),
-            rss1 as f64 / 1024.0
+            rss2 as f64 / 1024.0,
+            per(rss1.saturating_sub(rss0), report.hosts),
+            per(rss2.saturating_sub(rss1), report.peers),
         ));
     }
     println!("{line}");
