@@ -61,9 +61,9 @@ impl Download<'_> {
     fn store_pieces(&mut self, store: &TaskStore, pieces: Vec<(PieceMeta, Bytes)>) -> Result<()> {
         for (m, data) in pieces {
             if store.piece(m.num).is_none() {
-                if let (Some(out), Destination::File(path)) = (&self.output, &self.req.output) {
-                    out.writer()
-                        .write_at(m.offset, &data)
+                let writer = self.output.as_ref().and_then(|o| o.writer());
+                if let (Some(w), Destination::File(path)) = (writer, &self.req.output) {
+                    w.write_at(m.offset, &data)
                         .map_err(|e| Error::io("cannot write output", path, e))?;
                 }
                 store.write_piece(&m, &data)?;

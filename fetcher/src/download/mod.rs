@@ -230,16 +230,20 @@ impl Peer {
             .ok_or_else(|| Error::Download("no content".into()))?;
         let len = u64::try_from(store.meta().content_length)
             .map_err(|_| Error::Download("content length unknown".into()))?;
-        let expected = match (&req.digest, &d.whole_digest) {
-            (Some(user), _) => Some(user.clone()),
-            (None, Some(seed)) => task_id::parse_digest(seed).ok(),
-            (None, None) => None,
-        };
+        // The seed's digest of the whole, whose pieces were each verified on arrival.
+        let vouched = d
+            .whole_digest
+            .as_deref()
+            .and_then(|seed| task_id::parse_digest(seed).ok());
+        let expected = req.digest.clone().or_else(|| vouched.clone());
         let digest = match (d.output.take(), d.stream.take()) {
             (Some(out), _) => {
-                tokio::task::spawn_blocking(move || out.commit(len, expected.as_deref()))
-                    .await
-                    .map_err(|e| Error::Download(format!("delivery task failed: {e}")))??
+                let (user, vouched) = (req.digest.clone(), vouched);
+                tokio::task::spawn_blocking(move || {
+                    out.commit(len, user.as_deref(), vouched.as_deref())
+                })
+                .await
+                .map_err(|e| Error::Download(format!("delivery task failed: {e}")))??
             }
             (None, Some(stream)) => stream.finish(len, expected).await?,
             (None, None) if matches!(req.output, Destination::Store { .. }) => {
@@ -345,19 +349,21 @@ impl Download<'_> {
         // Start the destination with what the store already holds (a resumed download).
         match &self.req.output {
             Destination::File(path) => {
-                let out = Output::create(path)?;
-                let (s, w, dest) = (store.clone(), out.writer(), path.clone());
-                tokio::task::spawn_blocking(move || {
-                    for n in s.have() {
-                        if let (Some(m), Some(data)) = (s.piece(n), s.read_piece(n)?) {
-                            w.write_at(m.offset, &data)
-                                .map_err(|e| Error::io("cannot write output", &dest, e))?;
+                let out = Output::create_for(path, &store)?;
+                if let Some(w) = out.writer() {
+                    let (s, dest) = (store.clone(), path.clone());
+                    tokio::task::spawn_blocking(move || {
+                        for n in s.have() {
+                            if let (Some(m), Some(data)) = (s.piece(n), s.read_piece(n)?) {
+                                w.write_at(m.offset, &data)
+                                    .map_err(|e| Error::io("cannot write output", &dest, e))?;
+                            }
                         }
-                    }
-                    Ok::<_, Error>(())
-                })
-                .await
-                .map_err(|e| Error::Download(format!("output task failed: {e}")))??;
+                        Ok::<_, Error>(())
+                    })
+                    .await
+                    .map_err(|e| Error::Download(format!("output task failed: {e}")))??;
+                }
                 self.output = Some(out);
             }
             Destination::Stream(tx) => {
@@ -394,7 +400,9 @@ impl Download<'_> {
             tokio::runtime::Handle::current().runtime_flavor(),
             tokio::runtime::RuntimeFlavor::MultiThread
         );
-        if let Some(out) = &mut self.output
+        // Only a digest the user gave needs the whole hashed again: every piece was verified.
+        if self.req.digest.is_some()
+            && let Some(out) = &mut self.output
             && let Err(e) = if multi {
                 tokio::task::block_in_place(|| out.hash_upto(upto))
             } else {

@@ -246,7 +246,7 @@ impl Download<'_> {
             store: store.clone(),
             host_limit: self.peer.inner.download_limit.clone(),
             task_limit: self.task_limit.clone(),
-            output: self.output.as_ref().map(|o| o.writer()),
+            output: self.output.as_ref().and_then(|o| o.writer()),
         };
         inflight.spawn(piece_fetch::fetch(job));
     }

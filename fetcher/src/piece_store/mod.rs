@@ -6,6 +6,10 @@
 //! kept the log line but not the data) at any moment keeps exactly the pieces that are really on
 //! disk; no per-piece fsync is needed for that. Delivered output files are fsynced. A per-task `flock` lets several processes (several
 //! `dfget`s sharing a store) take turns safely; GC skips locked tasks.
+//!
+//! A delivered output may be a second name of a task's data file (see `crate::output`), so the
+//! store never rewrites a shared file in place: discarding replaces the file, and reopening a
+//! shared file that no longer holds every piece (someone changed the output) starts a new one.
 
 mod gc;
 
@@ -16,7 +20,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use bytes::Bytes;
 use fs4::fs_std::FileExt as _;
@@ -120,7 +124,7 @@ impl Store {
 #[derive(Debug)]
 pub struct TaskStore {
     dir: PathBuf,
-    data: File,
+    data: RwLock<File>,
     _lock: File,
     log: Mutex<File>,
     meta: Mutex<TaskMeta>,
@@ -156,21 +160,9 @@ impl TaskStore {
         let log_path = dir.join("pieces.log");
         if fresh {
             for p in [&data_path, &log_path] {
-                match std::fs::remove_file(p) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(Error::io("cannot reset", p, e)),
-                }
+                remove_if_present(p)?;
             }
         }
-        let data = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .mode(crate::private::FILE_MODE)
-            .open(&data_path)
-            .map_err(|e| Error::io("cannot open data file", &data_path, e))?;
         let mut meta = meta;
         if let Some(s) = stored.filter(|_| !fresh) {
             if meta.content_length < 0 {
@@ -180,15 +172,27 @@ impl TaskStore {
                 meta.digest = s.digest;
             }
         }
-        if meta.content_length >= 0 {
-            data.set_len(meta.content_length as u64)
-                .map_err(|e| Error::io("cannot size data file", &data_path, e))?;
-        }
-        let pieces = if fresh {
+        let mut data = open_data(&data_path, -1)?;
+        let mut pieces = if fresh {
             BTreeMap::new()
         } else {
             Self::replay(&data, &log_path)
         };
+        match data.metadata() {
+            Ok(m) if m.nlink() > 1 => {
+                let intact = covers(&pieces, meta.content_length)
+                    && i64::try_from(m.len()).is_ok_and(|l| l == meta.content_length);
+                if !intact {
+                    // A delivered output shares this file and was changed since: never write
+                    // into it.
+                    tracing::warn!(path = %data_path.display(), "a delivered copy of this task was modified; starting the task over");
+                    remove_if_present(&data_path)?;
+                    data = open_data(&data_path, meta.content_length)?;
+                    pieces.clear();
+                }
+            }
+            _ => size_data(&data, &data_path, meta.content_length)?,
+        }
         // Rewrite the log with just the pieces that survived verification.
         let mut log = OpenOptions::new()
             .create(true)
@@ -206,7 +210,7 @@ impl TaskStore {
             .map_err(|e| Error::io("cannot sync piece log", &log_path, e))?;
         let t = TaskStore {
             dir,
-            data,
+            data: RwLock::new(data),
             _lock: lock,
             log: Mutex::new(log),
             meta: Mutex::new(meta),
@@ -280,10 +284,19 @@ impl TaskStore {
                 m.digest = digest;
             }
         }
-        self.data
+        self.data()
             .set_len(content_length)
             .map_err(|e| Error::io("cannot size data file", self.data_path(), e))?;
         self.save_meta()
+    }
+
+    fn data(&self) -> RwLockReadGuard<'_, File> {
+        self.data.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A handle of the data file (for delivering it as a second name of the same file).
+    pub fn data_file(&self) -> std::io::Result<File> {
+        self.data().try_clone()
     }
 
     /// Path of the sparse data file.
@@ -317,10 +330,11 @@ impl TaskStore {
         if let Ok(mut p) = self.pieces.lock() {
             p.clear();
         }
+        // A new file, not a truncated one: a delivered output may share the old one.
         let path = self.data_path();
-        self.data
-            .set_len(0)
-            .map_err(|e| Error::io("cannot truncate", &path, e))?;
+        remove_if_present(&path)?;
+        let fresh = open_data(&path, -1)?;
+        *self.data.write().unwrap_or_else(|p| p.into_inner()) = fresh;
         let log = self
             .log
             .lock()
@@ -362,7 +376,7 @@ impl TaskStore {
             )));
         }
         let path = self.data_path();
-        self.data
+        self.data()
             .write_all_at(data, meta.offset)
             .map_err(|e| Error::io("cannot write piece to", &path, e))?;
         let line = serde_json::to_string(meta).map_err(|e| Error::Download(e.to_string()))?;
@@ -387,7 +401,7 @@ impl TaskStore {
         };
         let mut buf = vec![0u8; meta.size as usize];
         let path = self.data_path();
-        self.data
+        self.data()
             .read_exact_at(&mut buf, meta.offset)
             .map_err(|e| Error::io("cannot read piece from", &path, e))?;
         if !meta.verify(&buf) {
@@ -401,7 +415,7 @@ impl TaskStore {
     /// Reads `len` bytes at `offset` of the data file (callers read only verified ranges).
     pub fn read_range(&self, offset: u64, len: u64) -> Result<Bytes> {
         let mut buf = vec![0u8; len as usize];
-        self.data
+        self.data()
             .read_exact_at(&mut buf, offset)
             .map_err(|e| Error::io("cannot read", self.data_path(), e))?;
         Ok(Bytes::from(buf))
@@ -409,7 +423,10 @@ impl TaskStore {
 
     /// Bytes of disk the data file occupies.
     pub fn allocated(&self) -> u64 {
-        self.data.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
+        self.data()
+            .metadata()
+            .map(|m| m.blocks() * 512)
+            .unwrap_or(0)
     }
 
     /// Marks the task as used now (GC orders by last use).
@@ -419,6 +436,50 @@ impl TaskStore {
             .open(self.dir.join("lock"))
             .and_then(|f| f.set_modified(std::time::SystemTime::now()));
     }
+}
+
+/// Opens (creating) a data file, sized to `len` when known.
+fn open_data(path: &Path, len: i64) -> Result<File> {
+    let data = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .mode(crate::private::FILE_MODE)
+        .open(path)
+        .map_err(|e| Error::io("cannot open data file", path, e))?;
+    size_data(&data, path, len)?;
+    Ok(data)
+}
+
+/// Sizes a data file to `len` when known.
+fn size_data(data: &File, path: &Path, len: i64) -> Result<()> {
+    match u64::try_from(len) {
+        Ok(len) => data
+            .set_len(len)
+            .map_err(|e| Error::io("cannot size data file", path, e)),
+        Err(_) => Ok(()),
+    }
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("cannot remove", path, e)),
+    }
+}
+
+/// True when `pieces` cover `len` bytes from offset 0 without a gap.
+fn covers(pieces: &BTreeMap<u32, PieceMeta>, len: i64) -> bool {
+    let mut end = 0u64;
+    for m in pieces.values() {
+        if m.offset != end {
+            return false;
+        }
+        end += u64::from(m.size);
+    }
+    u64::try_from(len).is_ok_and(|len| end == len)
 }
 
 #[cfg(test)]
