@@ -66,6 +66,22 @@ pub enum Error {
     #[error("download timed out after {0:?}")]
     Timeout(std::time::Duration),
 
+    /// A piece's bytes do not fit it (a parent, the origin or a caller gave too many or too few).
+    #[error("piece {piece}: {got} bytes for a {size}-byte piece")]
+    PieceSize { piece: u32, got: u64, size: u32 },
+
+    /// Another writer is already storing this piece of the task.
+    #[error("piece {piece} is already being written")]
+    PieceBusy { piece: u32 },
+
+    /// The task's data was discarded while this piece was being written into it.
+    #[error("piece {piece}: the task's data was discarded while it was written")]
+    PieceStale { piece: u32 },
+
+    /// A stored piece no longer matches its digest (a bad disk, or someone changed the file).
+    #[error("stored piece {piece} in {} fails its digest", .path.display())]
+    CorruptPiece { piece: u32, path: PathBuf },
+
     /// Pieces could not be obtained from any parent.
     #[error("download failed: {0}")]
     Download(String),
@@ -111,7 +127,13 @@ impl Error {
             Error::DigestMismatch { .. } => 6,
             Error::Timeout(_) => 7,
             Error::Remote { code, .. } => *code,
-            Error::Io { .. } | Error::Download(_) | Error::Agent { .. } => 1,
+            Error::Io { .. }
+            | Error::Download(_)
+            | Error::Agent { .. }
+            | Error::PieceSize { .. }
+            | Error::PieceBusy { .. }
+            | Error::PieceStale { .. }
+            | Error::CorruptPiece { .. } => 1,
         }
     }
 }

@@ -86,7 +86,7 @@ pub struct Output {
 }
 
 /// A cloneable handle for writing pieces into an [`Output`] from other tasks.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct OutputWriter(Arc<File>);
 
 impl OutputWriter {

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
@@ -17,7 +16,7 @@ use crate::rate::RateLimiter;
 use crate::shutdown::Shutdown;
 use crate::source::HttpSource;
 use crate::ticket::PublicKey;
-use crate::upload::{self, PieceSource};
+use crate::upload::{self, PieceBody, PieceSource};
 
 /// How a peer runs. Every field has a documented default in the config files of dfget/dfdaemon.
 #[derive(Clone, Debug)]
@@ -111,11 +110,11 @@ impl OpenTasks {
 }
 
 impl PieceSource for OpenTasks {
-    fn read_piece(&self, version_id: &str, num: u32) -> Result<Option<Bytes>> {
-        match self.get(version_id) {
-            Some(t) => t.read_piece(num),
-            None => Ok(None),
-        }
+    fn open_piece(&self, version_id: &str, num: u32) -> Result<Option<PieceBody>> {
+        Ok(self
+            .get(version_id)
+            .and_then(|t| t.piece_reader(num))
+            .map(PieceBody::from_store))
     }
 
     fn ticket_keys(&self, version_id: &str) -> Vec<PublicKey> {

@@ -23,15 +23,15 @@ struct SeedPieces {
 }
 
 impl upload::PieceSource for SeedPieces {
-    fn read_piece(&self, version_id: &str, num: u32) -> fetcher::Result<Option<bytes::Bytes>> {
+    fn open_piece(&self, version_id: &str, num: u32) -> fetcher::Result<Option<upload::PieceBody>> {
         let Some(v) = self.tasks.by_version(version_id) else {
             return Ok(None);
         };
         v.lock().last_access = std::time::Instant::now();
-        match v.store.get() {
-            Some(s) => s.read_piece(num),
-            None => Ok(None),
-        }
+        Ok(v.store
+            .get()
+            .and_then(|s| s.piece_reader(num))
+            .map(upload::PieceBody::from_store))
     }
 
     fn ticket_keys(&self, _version_id: &str) -> Vec<fetcher::ticket::PublicKey> {

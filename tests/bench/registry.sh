@@ -5,7 +5,8 @@
 # AGENTS skopeo pulls straight from the (capped) registry. Also reads dfdaemon's RSS, idle and peak.
 # Prints one line:
 #   registry agents=8 image=300MiB ... p2p_s=.. direct_s=.. direct_over_p2p=.. registry_bytes_ratio=.. (direct: 8.00) rss_idle_mib=.. rss_peak_mib=..
-# Env: AGENTS (8), IMAGE_MIB (300, split 1/2, 1/3, 1/6 over three layers), RATE_MIB (40).
+# Env: AGENTS (8), IMAGE_MIB (300, split 1/2, 1/3, 1/6 over three layers), RATE_MIB (40), PROFILE
+# (release; dev uses the tests' optimized dev build), BIN (a directory of built binaries: no build).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/lib.sh
@@ -14,13 +15,9 @@ IMAGE_MIB=${IMAGE_MIB:-300}
 RATE_MIB=${RATE_MIB:-40}
 need_tools curl docker-registry skopeo umoci
 
-cargo build --release --locked --workspace --bins -q
-BIN=target/release
+build_bins
 # As in p2p.sh: work in RAM when there is room, so the shared disk is not what is measured.
-need=$(( (2 * AGENTS + 5) * IMAGE_MIB ))
-shm_free=$(df -Pm /dev/shm 2>/dev/null | awk 'NR==2 { print $4 }')
-if [ -n "$shm_free" ] && [ "$shm_free" -gt "$need" ]; then BASE=/dev/shm; FS=tmpfs; else BASE=/tmp; FS=disk; fi
-WORK=$(mktemp -d "$BASE/damselfly-bench.XXXXXX")
+ram_workdir $(( (2 * AGENTS + 5) * IMAGE_MIB )) damselfly-bench
 cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; [ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"; }
 trap cleanup EXIT
 mkdir -p "$WORK/out" "$WORK/logs" "$WORK/registry"

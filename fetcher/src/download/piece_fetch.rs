@@ -1,4 +1,5 @@
-//! Fetching one piece from one parent: HTTP GET, throttled, size-capped, sha256-verified, stored.
+//! Fetching one piece from one parent: HTTP GET, throttled, size-capped, streamed into the store a
+//! chunk at a time while hashed, and recorded only once sha256-verified.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,7 +10,7 @@ use proto::scheduler::{FailureReason, Parent};
 
 use crate::output::OutputWriter;
 use crate::piece::PieceMeta;
-use crate::piece_store::TaskStore;
+use crate::piece_store::{Begin, CHUNK, PieceWriter, TaskStore};
 use crate::rate::{RateLimiter, acquire_all};
 
 pub(crate) struct Job {
@@ -56,24 +57,31 @@ pub(crate) async fn fetch(job: Job) -> PieceOutcome {
 }
 
 async fn fetch_inner(job: &Job) -> Result<u64, (FailureReason, String)> {
+    let local = |e: crate::Error| (FailureReason::Local, e.to_string());
+    let mut piece = match job.store.begin_piece(&job.meta, job.output.clone()) {
+        Ok(Begin::Held) => return Ok(0),
+        Ok(Begin::Writing(w)) => *w,
+        Err(e) => return Err(local(e)),
+    };
     let url = format!(
         "{}/pieces/{}/{}",
         job.parent.base_url.trim_end_matches('/'),
         job.version,
         job.meta.num
     );
+    let unreachable = |e: reqwest::Error| {
+        (
+            FailureReason::ParentUnreachable,
+            crate::source::error_chain(&e),
+        )
+    };
     let resp = job
         .http
         .get(&url)
         .bearer_auth(&job.ticket)
         .send()
         .await
-        .map_err(|e| {
-            (
-                FailureReason::ParentUnreachable,
-                crate::source::error_chain(&e),
-            )
-        })?;
+        .map_err(unreachable)?;
     if !resp.status().is_success() {
         return Err((
             FailureReason::ParentError,
@@ -81,16 +89,14 @@ async fn fetch_inner(job: &Job) -> Result<u64, (FailureReason, String)> {
         ));
     }
     let size = job.meta.size as usize;
-    let mut buf = BytesMut::with_capacity(size);
+    // One chunk in memory at a time: each goes to disk as it fills (hashed on the way).
+    let mut buf = BytesMut::with_capacity(size.min(CHUNK));
+    let mut received = 0usize;
     let mut body = resp.bytes_stream();
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| {
-            (
-                FailureReason::ParentUnreachable,
-                crate::source::error_chain(&e),
-            )
-        })?;
-        if buf.len() + chunk.len() > size {
+        let chunk = chunk.map_err(unreachable)?;
+        received += chunk.len();
+        if received > size {
             return Err((
                 FailureReason::DigestMismatch,
                 format!("parent sent more than the piece's {size} bytes"),
@@ -98,25 +104,37 @@ async fn fetch_inner(job: &Job) -> Result<u64, (FailureReason, String)> {
         }
         acquire_all(&[&job.host_limit, &job.task_limit], chunk.len()).await;
         buf.extend_from_slice(&chunk);
+        if buf.len() >= CHUNK {
+            (piece, buf) = flush(piece, buf).await?;
+        }
     }
-    if !job.meta.verify(&buf) {
+    if !buf.is_empty() {
+        (piece, _) = flush(piece, buf).await?;
+    }
+    let verified = tokio::task::spawn_blocking(move || piece.finish())
+        .await
+        .map_err(|e| (FailureReason::Local, e.to_string()))?
+        .map_err(local)?;
+    if !verified {
         return Err((
             FailureReason::DigestMismatch,
-            format!("{} bytes failed sha256 verification", buf.len()),
+            format!("{received} bytes failed sha256 verification"),
         ));
     }
-    let (store, meta, out) = (job.store.clone(), job.meta.clone(), job.output.clone());
-    let data = buf.freeze();
-    // The destination first: once the store records the piece, it counts as written everywhere.
+    Ok(job.meta.size.into())
+}
+
+/// Writes `buf` into the piece off the async threads; hands both back, `buf` empty.
+async fn flush(
+    mut piece: PieceWriter,
+    mut buf: BytesMut,
+) -> Result<(PieceWriter, BytesMut), (FailureReason, String)> {
     tokio::task::spawn_blocking(move || {
-        if let Some(out) = &out {
-            out.write_at(meta.offset, &data)
-                .map_err(|e| format!("cannot write output: {e}"))?;
-        }
-        store.write_piece(&meta, &data).map_err(|e| e.to_string())
+        let r = piece.write(&buf);
+        buf.clear();
+        r.map(|()| (piece, buf))
     })
     .await
     .map_err(|e| (FailureReason::Local, e.to_string()))?
-    .map_err(|e| (FailureReason::Local, e))?;
-    Ok(job.meta.size.into())
+    .map_err(|e| (FailureReason::Local, e.to_string()))
 }

@@ -12,14 +12,17 @@
 //! shared file that no longer holds every piece (someone changed the output) starts a new one.
 
 mod gc;
+mod piece_io;
 
 pub use gc::GcReport;
+pub use piece_io::{Begin, CHUNK, PieceReader, PieceWriter};
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use bytes::Bytes;
@@ -129,6 +132,10 @@ pub struct TaskStore {
     log: Mutex<File>,
     meta: Mutex<TaskMeta>,
     pieces: Mutex<BTreeMap<u32, PieceMeta>>,
+    /// Pieces a [`PieceWriter`] is streaming in (one writer per piece).
+    writing: Mutex<HashSet<u32>>,
+    /// Bumped by [`TaskStore::discard`]: a writer that began before does not record its piece.
+    generation: AtomicU64,
 }
 
 impl TaskStore {
@@ -215,6 +222,8 @@ impl TaskStore {
             log: Mutex::new(log),
             meta: Mutex::new(meta),
             pieces: Mutex::new(pieces),
+            writing: Mutex::new(HashSet::new()),
+            generation: AtomicU64::new(0),
         };
         t.save_meta()?;
         Ok(Some(t))
@@ -329,6 +338,7 @@ impl TaskStore {
     pub fn discard(&self) -> Result<()> {
         if let Ok(mut p) = self.pieces.lock() {
             p.clear();
+            self.generation.fetch_add(1, Ordering::SeqCst);
         }
         // A new file, not a truncated one: a delivered output may share the old one.
         let path = self.data_path();
@@ -368,17 +378,31 @@ impl TaskStore {
     /// log is replayed with verification on reopening.
     pub fn write_piece(&self, meta: &PieceMeta, data: &[u8]) -> Result<()> {
         if data.len() != meta.size as usize {
-            return Err(Error::Download(format!(
-                "refusing to store piece {}: {} bytes for a {}-byte piece",
-                meta.num,
-                data.len(),
-                meta.size
-            )));
+            return Err(Error::PieceSize {
+                piece: meta.num,
+                got: data.len() as u64,
+                size: meta.size,
+            });
+        }
+        if self.is_writing(meta.num) {
+            return Err(Error::PieceBusy { piece: meta.num });
         }
         let path = self.data_path();
         self.data()
             .write_all_at(data, meta.offset)
             .map_err(|e| Error::io("cannot write piece to", &path, e))?;
+        self.record(meta)
+    }
+
+    fn is_writing(&self, num: u32) -> bool {
+        self.writing
+            .lock()
+            .map(|w| w.contains(&num))
+            .unwrap_or(true)
+    }
+
+    /// Records a piece whose bytes are on disk: its log line, then the piece as held.
+    fn record(&self, meta: &PieceMeta) -> Result<()> {
         let line = serde_json::to_string(meta).map_err(|e| Error::Download(e.to_string()))?;
         {
             let mut log = self

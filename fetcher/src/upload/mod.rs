@@ -4,29 +4,31 @@
 //! upload bucket and capped in concurrency, in all and per peer address ([`slots`]; busy → 503,
 //! so the downloader reports it and the scheduler picks another parent).
 
+mod body;
 pub mod slots;
+
+pub use body::PieceBody;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::error::Result;
+use crate::metrics::PeerMetrics;
+use crate::rate::RateLimiter;
+use crate::shutdown::Shutdown;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use bytes::Bytes;
-
-use crate::error::Result;
-use crate::metrics::PeerMetrics;
-use crate::rate::RateLimiter;
-use crate::shutdown::Shutdown;
 
 /// Where the upload server reads pieces from. The peer's open tasks implement it; tests wrap it
 /// to misbehave.
 pub trait PieceSource: Send + Sync + 'static {
-    /// The verified bytes of piece `num` of `version_id`, or `None` when not held.
-    fn read_piece(&self, version_id: &str, num: u32) -> Result<Option<Bytes>>;
+    /// Piece `num` of `version_id` to send (blocking: may touch the disk), or `None` when not
+    /// held. Its bytes are verified as they are read.
+    fn open_piece(&self, version_id: &str, num: u32) -> Result<Option<PieceBody>>;
     /// The keys whose tickets open `version_id`: those of the supernodes that scheduled this
     /// holder for it (empty: nobody gets it).
     fn ticket_keys(&self, version_id: &str) -> Vec<crate::ticket::PublicKey>;
@@ -198,8 +200,8 @@ async fn serve_piece(
     };
     let src = st.source.clone();
     let v = version.clone();
-    let data = match tokio::task::spawn_blocking(move || src.read_piece(&v, num)).await {
-        Ok(Ok(Some(d))) => d,
+    let body = match tokio::task::spawn_blocking(move || src.open_piece(&v, num)).await {
+        Ok(Ok(Some(b))) => b,
         Ok(Ok(None)) => return (StatusCode::NOT_FOUND, "piece not held").into_response(),
         Ok(Err(e)) => {
             tracing::warn!(version, num, error = %e, "cannot read piece for upload");
@@ -207,29 +209,54 @@ async fn serve_piece(
         }
         Err(_) => return (StatusCode::INTERNAL_SERVER_ERROR, "read task failed").into_response(),
     };
-    let limiter = st.limiter.clone();
-    let counter = st.upload_bytes.clone();
-    let len = data.len();
-    const CHUNK: usize = 64 * 1024;
-    let stream = futures::stream::unfold((data, permit), move |(mut rest, permit)| {
-        let limiter = limiter.clone();
-        let counter = counter.clone();
-        async move {
-            if rest.is_empty() {
-                return None;
-            }
-            let chunk = rest.split_to(CHUNK.min(rest.len()));
-            limiter.acquire(chunk.len()).await;
-            counter.inc_by(chunk.len() as u64);
-            Some((Ok::<_, std::io::Error>(chunk), (rest, permit)))
-        }
-    });
+    let len = body.len();
+    let stream = piece_stream(body, permit, st.limiter.clone(), st.upload_bytes.clone());
     Response::builder()
         .header(axum::http::header::CONTENT_LENGTH, len)
         .header(axum::http::header::CONTENT_TYPE, "application/octet-stream")
         .body(Body::from_stream(stream))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
+
+/// The response body of one piece: chunks read from `body` off the async threads, sent through
+/// the upload bucket in slices of at most [`SEND_SLICE`]; the upload slot is held until the
+/// last byte went out. A read error (a stored piece failing its digest) breaks the response
+/// before its end, so the receiver never gets a whole wrong piece.
+fn piece_stream(
+    body: PieceBody,
+    permit: slots::Slot,
+    limiter: RateLimiter,
+    counter: prometheus::IntCounter,
+) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> {
+    let state = (Some(body), bytes::Bytes::new(), permit);
+    futures::stream::try_unfold(state, move |(mut body, mut rest, permit)| {
+        let (limiter, counter) = (limiter.clone(), counter.clone());
+        async move {
+            if rest.is_empty() {
+                let Some(mut b) = body.take() else {
+                    return Ok(None);
+                };
+                let (b, next) = tokio::task::spawn_blocking(move || {
+                    let next = b.next_chunk();
+                    (b, next)
+                })
+                .await
+                .map_err(std::io::Error::other)?;
+                match next.map_err(std::io::Error::other)? {
+                    Some(chunk) => (body, rest) = (Some(b), chunk),
+                    None => return Ok(None),
+                }
+            }
+            let slice = rest.split_to(SEND_SLICE.min(rest.len()));
+            limiter.acquire(slice.len()).await;
+            counter.inc_by(slice.len() as u64);
+            Ok(Some((slice, (body, rest, permit))))
+        }
+    })
+}
+
+/// Most bytes taken from the upload bucket at once.
+const SEND_SLICE: usize = 64 * 1024;
 
 #[cfg(test)]
 mod tests {
@@ -242,8 +269,9 @@ mod tests {
     struct OnePiece(crate::ticket::PublicKey);
 
     impl PieceSource for OnePiece {
-        fn read_piece(&self, version_id: &str, num: u32) -> Result<Option<Bytes>> {
-            Ok((version_id == VID && num == 0).then(|| Bytes::from(vec![7u8; 1 << 20])))
+        fn open_piece(&self, version_id: &str, num: u32) -> Result<Option<PieceBody>> {
+            Ok((version_id == VID && num == 0)
+                .then(|| PieceBody::from_bytes(bytes::Bytes::from(vec![7u8; 1 << 20]))))
         }
         fn ticket_keys(&self, _: &str) -> Vec<crate::ticket::PublicKey> {
             vec![self.0.clone()]

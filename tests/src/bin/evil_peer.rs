@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use clap::Parser;
-use fetcher::upload::PieceSource;
+use fetcher::upload::{PieceBody, PieceSource};
 use fetcher::{DownloadRequest, Peer, PeerConfig, Progress, Shutdown};
 
 #[derive(Parser)]
@@ -25,15 +25,16 @@ struct Args {
 struct Corrupting(Arc<dyn PieceSource>);
 
 impl PieceSource for Corrupting {
-    fn read_piece(&self, version_id: &str, num: u32) -> fetcher::Result<Option<Bytes>> {
-        Ok(self.0.read_piece(version_id, num)?.map(|b| {
-            let mut v = b.to_vec();
-            let mid = v.len() / 2;
-            if let Some(x) = v.get_mut(mid) {
-                *x ^= 0xff;
-            }
-            Bytes::from(v)
-        }))
+    fn open_piece(&self, version_id: &str, num: u32) -> fetcher::Result<Option<PieceBody>> {
+        let Some(body) = self.0.open_piece(version_id, num)? else {
+            return Ok(None);
+        };
+        let mut v = body.into_bytes()?.to_vec();
+        let mid = v.len() / 2;
+        if let Some(x) = v.get_mut(mid) {
+            *x ^= 0xff;
+        }
+        Ok(Some(PieceBody::from_bytes(Bytes::from(v))))
     }
 
     fn ticket_keys(&self, version_id: &str) -> Vec<fetcher::ticket::PublicKey> {
