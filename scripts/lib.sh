@@ -33,13 +33,14 @@ tls_flags() {
   echo --tls-ca "$WORK/pki/ca.crt" --tls-cert "$WORK/pki/$1.crt" --tls-key "$WORK/pki/$1.key"
 }
 
-# start_supernode [ARGS...]: sets GRPC and HTTP (host:port); logs in $WORK/supernode.log.
+# start_supernode [ARGS...]: sets GRPC and HTTP (host:port) and SN_PID; logs in $WORK/supernode.log.
 # Origins here are on loopback, which a supernode's origin policy refuses unless allowed.
 start_supernode() {
   # shellcheck disable=SC2046 # tls_flags prints separate words (paths without spaces)
   "$BIN/supernode" --grpc-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 --data-dir "$WORK/supernode" \
     --allow-address 127.0.0.0/8 $(tls_flags supernode) "$@" \
     2> "$WORK/supernode.log" &
+  SN_PID=$!
   for _ in $(seq 100); do grep -q "supernode ready" "$WORK/supernode.log" 2>/dev/null && break; sleep 0.1; done
   GRPC=$(sed -n 's/.*grpc_addr=\([0-9.:]*\).*/\1/p' "$WORK/supernode.log" | head -1)
   HTTP=$(sed -n 's/.*http_addr=\([0-9.:]*\).*/\1/p' "$WORK/supernode.log" | head -1)

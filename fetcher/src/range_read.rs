@@ -47,8 +47,21 @@ pub(crate) struct BlobFetches {
     map: Mutex<HashMap<String, Arc<Fetch>>>,
 }
 
-/// How often a waiting read looks at the store again.
-const POLL: Duration = Duration::from_millis(10);
+/// Longest a waiting read goes without looking at the store again, should a wake-up be missed
+/// (reads wake when a piece lands or the fetch ends).
+const BACKSTOP: Duration = Duration::from_secs(1);
+
+/// Waits until `a` or `b` changes (a closed channel no longer counts), or [`BACKSTOP`] passes.
+async fn either_changed<A, B>(a: &mut watch::Receiver<A>, b: &mut watch::Receiver<B>) {
+    let wait = async {
+        tokio::select! {
+            Ok(()) = a.changed() => {}
+            Ok(()) = b.changed() => {}
+            else => std::future::pending::<()>().await,
+        }
+    };
+    let _ = tokio::time::timeout(BACKSTOP, wait).await;
+}
 
 impl BlobFetches {
     /// A whole download of `task_id` is starting in this process: a range fetch of it that
@@ -69,14 +82,18 @@ impl Peer {
         let hex = task_id::parse_digest(&r.digest)?;
         let task_id = task_id::content_task_id(&r.digest)?;
         let fetch = self.fetch_for(&task_id, r, &hex)?;
-        let store = loop {
-            if let Some(s) = fetch.store.borrow().clone() {
-                break s;
+        let mut result = fetch.result.clone();
+        let store = {
+            let mut store = fetch.store.clone();
+            loop {
+                if let Some(s) = store.borrow_and_update().clone() {
+                    break s;
+                }
+                if let Some(Err(e)) = result.borrow_and_update().clone() {
+                    return Err(Error::Download(e));
+                }
+                either_changed(&mut store, &mut result).await;
             }
-            if let Some(Err(e)) = fetch.result.borrow().clone() {
-                return Err(Error::Download(e));
-            }
-            tokio::time::sleep(POLL).await;
         };
         let meta = store.meta();
         let len = u64::try_from(meta.content_length)
@@ -111,11 +128,13 @@ impl Peer {
             }
             changed
         });
+        let mut landed = store.changes();
         loop {
+            landed.borrow_and_update();
             if pieces.clone().all(|n| store.piece(n).is_some()) {
                 break;
             }
-            let done = fetch.result.borrow().clone();
+            let done = result.borrow_and_update().clone();
             match done {
                 Some(Err(e)) => return Err(Error::Download(e)),
                 Some(Ok(())) => {
@@ -123,7 +142,7 @@ impl Peer {
                         "blob fetched but pieces of the range are missing".into(),
                     ));
                 }
-                None => tokio::time::sleep(POLL).await,
+                None => either_changed(&mut landed, &mut result).await,
             }
         }
         let (offset, length) = (r.offset, r.length);

@@ -191,6 +191,9 @@ impl RegistryArgs {
 
 /// Runs until SIGINT/SIGTERM; returns the exit code.
 pub async fn run(args: Args) -> i32 {
+    if !matches!(args.command, Some(Command::Pull(_))) {
+        fetcher::cli::init_daemon_allocator();
+    }
     if let Some(Command::Pull(p)) = &args.command {
         fetcher::cli::init_logging("warn", args.log_json);
         return pull(&args.registry, &args.root, p).await;

@@ -20,6 +20,7 @@ async fn main() {
             }
         }
     }
+    fetcher::cli::init_daemon_allocator();
     fetcher::cli::init_logging("info", args.log_json);
     let shutdown = fetcher::Shutdown::new();
     shutdown.on_signals();

@@ -2,9 +2,10 @@
 # Benchmark: AGENTS hosts pull the same multi-layer image (~IMAGE_MIB) at once with skopeo, each
 # through its own dfdaemon in mirror mode, with the registry's upload (through damselfly-throttle),
 # the supernode's and every agent's capped at the same rate B; baseline in the same run: the same
-# AGENTS skopeo pulls straight from the (capped) registry. Also reads dfdaemon's RSS, idle and peak.
+# AGENTS skopeo pulls straight from the (capped) registry. Also reads dfdaemon's RSS, idle and peak (the largest
+# of the agents), and the supernode's peak (it seeds the three layers).
 # Prints one line:
-#   registry agents=8 image=300MiB ... p2p_s=.. direct_s=.. direct_over_p2p=.. registry_bytes_ratio=.. (direct: 8.00) rss_idle_mib=.. rss_peak_mib=..
+#   registry agents=8 image=300MiB ... p2p_s=.. direct_s=.. direct_over_p2p=.. registry_bytes_ratio=.. (direct: 8.00) rss_idle_mib=.. rss_peak_mib=.. sn_rss_peak_mib=..
 # Env: AGENTS (8), IMAGE_MIB (300, split 1/2, 1/3, 1/6 over three layers), RATE_MIB (40), PROFILE
 # (release; dev uses the tests' optimized dev build), BIN (a directory of built binaries: no build).
 set -euo pipefail
@@ -100,6 +101,7 @@ t1=$(now)
 P2P_BYTES=$(( $(registry_bytes) - before ))
 PEAK=0
 for p in "${pids[@]}"; do r=$(rss_kib "$p" VmHWM); [ "$r" -gt "$PEAK" ] && PEAK=$r; done
+SN_PEAK=$(rss_kib "$SN_PID" VmHWM)
 rm -rf "$WORK"/out/p2p*
 
 # Baseline: the same pulls straight from the registry.
@@ -119,4 +121,5 @@ direct=$(calc %.2f "$t3 - $t2")
 echo "registry agents=$AGENTS image=${IMAGE_MIB}MiB layers=3 rate=${RATE_MIB}MiB/s fs=$FS" \
   "bound_s=$(calc %.2f "$S / 1048576 / $RATE_MIB") p2p_s=$p2p direct_s=$direct direct_over_p2p=$(calc %.2f "$direct / $p2p")" \
   "registry_bytes_ratio=$(calc %.2f "$P2P_BYTES / $S") (direct: $(calc %.2f "$DIRECT_BYTES / $S"))" \
-  "rss_idle_mib=$(calc %.1f "$IDLE / 1024") rss_peak_mib=$(calc %.1f "$PEAK / 1024")"
+  "rss_idle_mib=$(calc %.1f "$IDLE / 1024") rss_peak_mib=$(calc %.1f "$PEAK / 1024")" \
+  "sn_rss_peak_mib=$(calc %.1f "$SN_PEAK / 1024")"

@@ -218,6 +218,7 @@ fn merge(args: &Args) -> Result<DaemonConfig> {
 
 /// Runs dfdaemon until SIGINT/SIGTERM; returns the exit code.
 pub async fn run(args: Args) -> i32 {
+    super::init_daemon_allocator();
     super::init_logging("info", args.log_json);
     match run_inner(args).await {
         Ok(()) => 0,

@@ -23,6 +23,27 @@ pub fn init_logging(default_level: &str, json: bool) {
     }
 }
 
+/// Malloc arenas a daemon keeps, at most (see [`init_daemon_allocator`]).
+pub const MALLOC_ARENAS: i32 = 2;
+
+/// Caps glibc's malloc arenas for a long-running daemon (unless `MALLOC_ARENA_MAX` says
+/// otherwise). glibc gives each thread that allocates under contention an arena of its own, up
+/// to 8 per core, and each keeps what it freed: a daemon whose piece I/O hops over the blocking
+/// pool's threads kept a third of its peak RSS in freed memory of idle arenas (the registry
+/// benchmark: 68-69 MiB peak per agent, 51 MiB with 2 arenas).
+pub fn init_daemon_allocator() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+        return;
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator tunable; any value is valid, and glibc serialises
+    // it against concurrent allocations.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
+    }
+}
+
 /// Parses a duration: a number with `ms`, `s`, `m`, `h` or `d` (plain numbers are seconds).
 pub fn parse_duration(spec: &str) -> Result<Duration> {
     let (num, unit) = crate::rate::split_unit(spec);

@@ -10,7 +10,7 @@ use proto::scheduler::{FailureReason, Parent};
 
 use crate::output::OutputWriter;
 use crate::piece::PieceMeta;
-use crate::piece_store::{Begin, CHUNK, PieceWriter, TaskStore};
+use crate::piece_store::{Begin, PieceWriter, TaskStore};
 use crate::rate::{RateLimiter, acquire_all};
 
 pub(crate) struct Job {
@@ -34,6 +34,10 @@ pub(crate) struct PieceOutcome {
     /// Bytes stored, or why not.
     pub result: Result<u64, (FailureReason, String)>,
 }
+
+/// Bytes of a piece gathered in memory before they go to disk: a download window of 16 pieces
+/// holds 1 MiB, whatever the piece size.
+const STAGE: usize = 64 * 1024;
 
 /// Longest a single piece may take from one parent before we give up on that parent.
 const PIECE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -90,7 +94,7 @@ async fn fetch_inner(job: &Job) -> Result<u64, (FailureReason, String)> {
     }
     let size = job.meta.size as usize;
     // One chunk in memory at a time: each goes to disk as it fills (hashed on the way).
-    let mut buf = BytesMut::with_capacity(size.min(CHUNK));
+    let mut buf = BytesMut::with_capacity(size.min(STAGE));
     let mut received = 0usize;
     let mut body = resp.bytes_stream();
     while let Some(chunk) = body.next().await {
@@ -104,7 +108,7 @@ async fn fetch_inner(job: &Job) -> Result<u64, (FailureReason, String)> {
         }
         acquire_all(&[&job.host_limit, &job.task_limit], chunk.len()).await;
         buf.extend_from_slice(&chunk);
-        if buf.len() >= CHUNK {
+        if buf.len() >= STAGE {
             (piece, buf) = flush(piece, buf).await?;
         }
     }

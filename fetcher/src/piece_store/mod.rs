@@ -136,6 +136,8 @@ pub struct TaskStore {
     writing: Mutex<HashSet<u32>>,
     /// Bumped by [`TaskStore::discard`]: a writer that began before does not record its piece.
     generation: AtomicU64,
+    /// Counts changes of the held pieces, for readers waiting on some ([`TaskStore::changes`]).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl TaskStore {
@@ -224,6 +226,7 @@ impl TaskStore {
             pieces: Mutex::new(pieces),
             writing: Mutex::new(HashSet::new()),
             generation: AtomicU64::new(0),
+            changes: tokio::sync::watch::Sender::new(0),
         };
         t.save_meta()?;
         Ok(Some(t))
@@ -340,6 +343,7 @@ impl TaskStore {
             p.clear();
             self.generation.fetch_add(1, Ordering::SeqCst);
         }
+        self.changes.send_modify(|n| *n += 1);
         // A new file, not a truncated one: a delivered output may share the old one.
         let path = self.data_path();
         remove_if_present(&path)?;
@@ -415,7 +419,14 @@ impl TaskStore {
         if let Ok(mut p) = self.pieces.lock() {
             p.insert(meta.num, meta.clone());
         }
+        self.changes.send_modify(|n| *n += 1);
         Ok(())
+    }
+
+    /// A receiver that sees a change whenever a piece lands or the held pieces are dropped: a
+    /// reader subscribes, checks what it needs, and waits for the next change.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Reads a held piece, re-verifying it (a store on a bad disk never serves wrong bytes).
