@@ -36,6 +36,7 @@ tls_flags() {
 # start_supernode [ARGS...]: sets GRPC and HTTP (host:port) and SN_PID; logs in $WORK/supernode.log.
 # Origins here are on loopback, which a supernode's origin policy refuses unless allowed.
 start_supernode() {
+  : > "$WORK/supernode.log"   # a restart must not find the last one's "ready"
   # shellcheck disable=SC2046 # tls_flags prints separate words (paths without spaces)
   "$BIN/supernode" --grpc-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 --data-dir "$WORK/supernode" \
     --allow-address 127.0.0.0/8 $(tls_flags supernode) "$@" \

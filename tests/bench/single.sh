@@ -37,7 +37,7 @@ for r in $(seq 1 "$REPS"); do
   rm -f "$WORK/out/direct"
   curls+=("$(calc %.3f "$t1 - $t0")")
 
-  rm -rf "$WORK/supernode" "$WORK/peer"
+  rm -rf "$WORK/supernode" "$WORK/peer" "$WORK/pki/supernode."*
   start_supernode
   t0=$(now)
   # shellcheck disable=SC2046
