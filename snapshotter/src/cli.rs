@@ -53,6 +53,12 @@ pub struct Args {
     /// kept on disk next to its layer.
     #[arg(long, value_name = "MIB", default_value_t = 256, global = true)]
     pub cache_mib: usize,
+    /// Hand files of lazy layers whose bytes are all local to the kernel (FUSE passthrough,
+    /// Linux ≥ 6.9, root): their reads run at native speed. Each such file is copied once out of
+    /// its layer's chunk file into an unnamed file, freed with the mount. Used only where the
+    /// kernel allows it; `false`: every read goes through FUSE.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set, global = true)]
+    pub fuse_passthrough: bool,
     /// The host agent's (dfdaemon's) socket, through which lazy layers are read.
     #[arg(long, value_name = "PATH", default_value = fetcher::cli::dfget::DEFAULT_AGENT_SOCKET, global = true)]
     pub agent_socket: PathBuf,
@@ -298,6 +304,7 @@ fn manager_config(args: &Args) -> crate::fusemanager::ManagerConfig {
         agent_socket: args.agent_socket.clone(),
         background_fetch: args.background_fetch,
         cache_mib: args.cache_mib,
+        passthrough: args.fuse_passthrough,
         registry: args.registry.config(),
     }
 }

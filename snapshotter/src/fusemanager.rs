@@ -39,6 +39,8 @@ pub struct ManagerConfig {
     pub agent_socket: PathBuf,
     pub background_fetch: bool,
     pub cache_mib: usize,
+    /// FUSE passthrough for files whose bytes are all local.
+    pub passthrough: bool,
     pub registry: RegistryConfig,
 }
 
@@ -148,6 +150,7 @@ pub async fn serve(cfg: ManagerConfig) -> Result<()> {
         cfg.agent_socket.clone(),
         cfg.background_fetch,
         cfg.cache_mib << 20,
+        cfg.passthrough,
         registry,
         crate::metrics::Metrics::new(),
     ));
@@ -322,7 +325,9 @@ fn start(cfg: &ManagerConfig) -> Result<()> {
         .arg("--background-fetch")
         .arg(cfg.background_fetch.to_string())
         .arg("--cache-mib")
-        .arg(cfg.cache_mib.to_string());
+        .arg(cfg.cache_mib.to_string())
+        .arg("--fuse-passthrough")
+        .arg(cfg.passthrough.to_string());
     for h in &cfg.registry.plain_http {
         cmd.arg("--plain-http").arg(h);
     }

@@ -16,6 +16,9 @@ pub struct Metrics {
     /// `damselfly_snapshotter_chunk_reads_total{from="memory|disk|inflate"}`: where the
     /// uncompressed chunks FUSE reads touched came from.
     pub chunk_reads: IntCounterVec,
+    /// `damselfly_snapshotter_passthrough_opens_total`: file opens handed to the kernel (FUSE
+    /// passthrough: their reads never reach the snapshotter).
+    pub passthrough_opens: IntCounter,
     /// `damselfly_snapshotter_credential_scopes`: image scopes whose registry credentials the
     /// FUSE manager holds.
     pub credential_scopes: IntGauge,
@@ -40,6 +43,10 @@ impl Metrics {
         let read_errors = counter(
             "damselfly_snapshotter_fuse_read_errors_total",
             "FUSE reads answered EIO (missing or damaged layer data)",
+        );
+        let passthrough_opens = counter(
+            "damselfly_snapshotter_passthrough_opens_total",
+            "Opens of lazy-layer files whose bytes are all local, handed to the kernel (FUSE passthrough)",
         );
         let read_seconds = Histogram::with_opts(
             HistogramOpts::new(
@@ -75,6 +82,7 @@ impl Metrics {
             fetched_bytes,
             read_errors,
             read_seconds,
+            passthrough_opens,
         }
     }
 

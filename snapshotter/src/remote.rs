@@ -80,6 +80,8 @@ pub struct RemoteLayers {
     agent_socket: PathBuf,
     /// Fetch the rest of each layer in the background once it is mounted (reads still go first).
     background_fetch: bool,
+    /// FUSE passthrough for files whose bytes are all local.
+    passthrough: bool,
     agent: tokio::sync::OnceCell<AgentClient<Channel>>,
     registry: Arc<Registry>,
     metrics: Metrics,
@@ -132,12 +134,14 @@ impl RemoteLayers {
         agent_socket: PathBuf,
         background_fetch: bool,
         cache_bytes: usize,
+        passthrough: bool,
         registry: Arc<Registry>,
         metrics: Metrics,
     ) -> Self {
         Self {
             agent_socket,
             background_fetch,
+            passthrough,
             chunks: Arc::new(ChunkCache::new(cache_bytes)),
             agent: tokio::sync::OnceCell::new(),
             registry,
@@ -217,6 +221,7 @@ impl RemoteLayers {
             Arc::new(blob),
             self.metrics.clone(),
         )
+        .with_passthrough(self.passthrough)
         .with_cache(self.chunks.clone(), Some(&dir.join(CHUNKS_FILE)))
         .map_err(|e| Error::io("cannot create the chunk cache in", dir, e))?;
         let mountpoint = dir.join("fs");

@@ -7,11 +7,16 @@
 #   warm: a lazy start on another host once the indexes exist;
 #   full: the baseline pull + start on a third host.
 # Also: fetched_over_image (bytes the warm host's agent fetched for its start / image bytes;
-# background fetching off) and fuse_read_over_native (sequential read of a 200 MiB file with the
-# page cache dropped, once its chunks are local: lazy layer through FUSE vs overlayfs on disk,
-# as speed ratio). Prints one line:
-#   lazy image=..MiB cold_start_s=.. warm_start_s=.. full_start_s=.. full_over_lazy=.. fetched_over_image=.. fuse_read_over_native=..
-# Needs root (containerd, FUSE). Env: IMAGE_MIB (1024), RATE_MIB (40).
+# background fetching off), fuse_read_over_native (sequential read of a 200 MiB file with the
+# page cache dropped, once a container read it whole: its lazy layer's FUSE mount, passthrough on
+# as by default, vs containerd's unpacked layer on disk, as speed ratio; the first passthrough
+# open copies the file out of the chunk file), fuse_reread_over_native (the next reads, median of
+# 3), nopassthrough_read_over_native (the same on a fourth host whose dfsnapshotter runs with
+# --fuse-passthrough false: every read through FUSE) and passthrough_opens (host b's count).
+# Prints one line:
+#   lazy image=..MiB cold_start_s=.. warm_start_s=.. full_start_s=.. full_over_lazy=.. fetched_over_image=.. fuse_read_over_native=.. nopassthrough_read_over_native=.. fuse_reread_over_native=.. passthrough_opens=..
+# Needs root (containerd, FUSE). Env: IMAGE_MIB (1024), RATE_MIB (40), PROFILE (release; dev:
+# the tests' optimized dev build), BIN (built binaries: no build).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/lib.sh
@@ -20,8 +25,7 @@ RATE_MIB=${RATE_MIB:-40}
 [ "$(id -u)" = 0 ] || { echo "bench: lazy.sh needs root (containerd, FUSE)" >&2; exit 1; }
 need_tools curl docker-registry skopeo umoci busybox:busybox-static containerd ctr:containerd runc
 
-cargo build --release --locked --workspace --bins -q
-BIN=$PWD/target/release
+build_bins
 WORK=$(mktemp -d /tmp/damselfly-lazy.XXXXXX)
 cleanup() {
   for s in "$WORK"/*/containerd/containerd.sock; do
@@ -78,10 +82,10 @@ S=$(skopeo inspect --raw --tls-verify=false "docker://$IMAGE" \
 
 start_supernode --upload-rate "$RATE"
 
-# start_host NAME LAZY(true|false): an agent, (if LAZY) a dfsnapshotter with background fetching
-# off, and a containerd; sets CTR_<NAME> and AGENT_METRICS_<NAME>.
+# start_host NAME LAZY(true|false) [PASSTHROUGH(true|false)]: an agent, (if LAZY) a dfsnapshotter
+# with background fetching off, and a containerd; sets CTR_<NAME> and AGENT_METRICS_<NAME>.
 start_host() {
-  local n=$1 lazy=$2 d="$WORK/$1"
+  local n=$1 lazy=$2 passthrough=${3:-true} d="$WORK/$1"
   mkdir -p "$d/containerd"
   # shellcheck disable=SC2046
   "$BIN/dfdaemon" --supernode "$GRPC" --data-dir "$d/agent" --agent-socket "$d/agent.sock" \
@@ -96,9 +100,11 @@ disabled_plugins = [\"io.containerd.grpc.v1.cri\"]
 [grpc]
   address = \"$d/containerd/containerd.sock\""
   if [ "$lazy" = true ]; then
+    printf -v "SNAP_METRICS_$n" '127.0.0.1:%s' "$(free_port)"
+    local m=SNAP_METRICS_$n
     "$BIN/dfsnapshotter" --root "$d/snapshots" --socket "$d/snapshotter.sock" \
-      --metrics-addr "127.0.0.1:$(free_port)" --agent-socket "$d/agent.sock" \
-      --plain-http "$REGISTRY" --background-fetch false 2> "$WORK/logs/$n-snapshotter.log" &
+      --metrics-addr "${!m}" --agent-socket "$d/agent.sock" \
+      --plain-http "$REGISTRY" --background-fetch false --fuse-passthrough "$passthrough" 2> "$WORK/logs/$n-snapshotter.log" &
     for _ in $(seq 100); do [ -S "$d/snapshotter.sock" ] && break; sleep 0.1; done
     cfg="$cfg
 [proxy_plugins]
@@ -124,10 +130,19 @@ fetched() { # host: bytes its agent downloaded
   local m=AGENT_METRICS_$1
   curl -s "http://${!m}/metrics" | awk '/^damselfly_peer_download_bytes_total/ { s += $2 } END { printf "%d\n", s }'
 }
-# read_s SOCK SNAPSHOTTER ID: seconds to read /big.bin inside a container, page cache dropped.
+# read_s FILE [N]: median seconds of N (3) sequential reads of FILE (a layer's big.bin as the
+# host's snapshotter serves it to overlayfs), the page cache dropped before each.
 read_s() {
-  sync; echo 3 > /proc/sys/vm/drop_caches
-  ctr_ "$1" run --rm --snapshotter "$2" "$IMAGE" "$3" /bin/busybox time -f %e /bin/busybox cat /big.bin 2>&1 >/dev/null | tail -1
+  local t0 t1 r n=${2:-3}
+  for r in $(seq "$n"); do
+    sync; echo 3 > /proc/sys/vm/drop_caches
+    t0=$(now); cat "$1" > /dev/null; t1=$(now)
+    calc "%.3f\n" "$t1 - $t0"
+  done | sort -n | sed -n "$(( (n + 1) / 2 ))p"
+}
+# layer_file HOST: big.bin in the host's lazy layer mount (or, for c, containerd's unpacked layer).
+layer_file() {
+  find "$WORK/$1" -path '*/fs/big.bin' -print -quit
 }
 
 start_host a true
@@ -144,12 +159,21 @@ grep -q "hello from damselfly" "$WORK/logs/c-run.log"
 
 # Sequential reads once local: host b reads big.bin once (fetching it), then again cold-cached.
 ctr_ "$CTR_b" run --rm --snapshotter damselfly "$IMAGE" warm-b /bin/busybox cat /big.bin > /dev/null
-FUSE_S=$(read_s "$CTR_b" damselfly read-b)
-NATIVE_S=$(read_s "$CTR_c" overlayfs read-c)
+FUSE_S=$(read_s "$(layer_file b)" 1)
+FUSE2_S=$(read_s "$(layer_file b)")
+PASSED=$(curl -s "http://$SNAP_METRICS_b/metrics" | awk '/^damselfly_snapshotter_passthrough_opens_total/ { print $2 }')
+NATIVE_S=$(read_s "$(layer_file c)")
+start_host d true false
+lazy_start d
+ctr_ "$CTR_d" run --rm --snapshotter damselfly "$IMAGE" warm-d /bin/busybox cat /big.bin > /dev/null
+PLAIN_S=$(read_s "$(layer_file d)")
 
 cold=$(calc %.2f "$t1 - $t0")
 warm=$(calc %.2f "$t3 - $t2")
 full=$(calc %.2f "$t5 - $t4")
 echo "lazy image=$((S >> 20))MiB rate=${RATE_MIB}MiB/s cold_start_s=$cold warm_start_s=$warm full_start_s=$full" \
   "full_over_lazy=$(calc %.2f "$full / $warm") fetched_over_image=$(calc %.3f "$FETCHED / $S")" \
-  "fuse_read_over_native=$(calc %.2f "($NATIVE_S + 0.005) / ($FUSE_S + 0.005)") (fuse_read_s=$FUSE_S native_read_s=$NATIVE_S)"
+  "fuse_read_over_native=$(calc %.2f "($NATIVE_S + 0.005) / ($FUSE_S + 0.005)")" \
+  "nopassthrough_read_over_native=$(calc %.2f "($NATIVE_S + 0.005) / ($PLAIN_S + 0.005)")" \
+  "fuse_reread_over_native=$(calc %.2f "($NATIVE_S + 0.005) / ($FUSE2_S + 0.005)") passthrough_opens=${PASSED:-0}" \
+  "(fuse_read_s=$FUSE_S fuse_reread_s=$FUSE2_S nopassthrough_read_s=$PLAIN_S native_read_s=$NATIVE_S)"

@@ -102,6 +102,11 @@ impl DiskChunks {
         self.whole.store(true, std::sync::atomic::Ordering::Release);
     }
 
+    /// The chunk file (for reads at explicit offsets only: its file position is the writer's).
+    pub fn file(&self) -> &std::fs::File {
+        &self.file
+    }
+
     /// The directory of the chunk file.
     pub fn dir(&self) -> &Path {
         self.path.parent().unwrap_or(Path::new("."))

@@ -2,8 +2,11 @@
 //! file read becomes a range of the uncompressed tar stream, a compressed range of the blob
 //! ([`BlobReader`]), and an inflate from the nearest checkpoint. A read that cannot be served
 //! (missing or damaged data) is `EIO`, never wrong bytes; the error is logged with the layer.
+//! A file whose bytes are all local can be opened in FUSE passthrough mode ([`passthrough`]): the
+//! kernel then reads a local copy itself.
 
 pub mod cache;
+pub mod passthrough;
 pub mod tree;
 
 use std::ffi::OsStr;
@@ -20,6 +23,7 @@ use fuser::{
 use layerindex::{Kind, LayerIndex};
 
 use cache::{ChunkCache, DiskChunks};
+use passthrough::{Opened, Passthrough};
 use tree::{Node, Tree};
 
 /// Where a layer blob's compressed bytes come from (the local agent's piece store and peers in
@@ -148,6 +152,8 @@ pub struct LayerFs {
     disk: Option<DiskChunks>,
     /// Held while a zstd layer is decompressed whole (one at a time).
     whole: std::sync::Mutex<()>,
+    /// Opens of files whose bytes are all local, handed to the kernel (off unless asked for).
+    passthrough: Passthrough,
 }
 
 /// A blob as a stream, read in agent-sized parts.
@@ -210,7 +216,39 @@ impl LayerFs {
             chunks: Arc::new(ChunkCache::new(OWN_CACHE_BYTES)),
             disk: None,
             whole: std::sync::Mutex::new(()),
+            passthrough: Passthrough::new(false),
         }
+    }
+
+    /// Opens files whose bytes are all in the chunk file in FUSE passthrough mode, where the
+    /// kernel allows it ([`passthrough`]).
+    pub fn with_passthrough(mut self, on: bool) -> Self {
+        self.passthrough = Passthrough::new(on);
+        self
+    }
+
+    /// The chunk file, its directory and the range of `n`'s bytes in it, when all of them are
+    /// there and `n` is worth passing through.
+    fn local_bytes(&self, n: &Node) -> Option<(&std::fs::File, &Path, Range<u64>)> {
+        if !self.passthrough.wanted() || n.kind != Kind::File || n.size < passthrough::MIN_BYTES {
+            return None;
+        }
+        let d = self.disk.as_ref()?;
+        let range = n.offset..n.offset + n.size;
+        if !d.has_whole() {
+            if self.index.compression == layerindex::Compression::Zstd {
+                return None;
+            }
+            let mut at = range.start;
+            while at < range.end {
+                let c = self.index.chunk_of(at);
+                if c.end <= at || !d.has(c.start) {
+                    return None;
+                }
+                at = c.end;
+            }
+        }
+        Some((d.file(), d.dir(), range))
     }
 
     /// A zstd layer cannot be entered mid-frame, and a gzip chunk past [`MAX_MEMORY_CHUNK`] is
@@ -375,6 +413,11 @@ impl LayerFs {
 }
 
 impl fuser::Filesystem for LayerFs {
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+        self.passthrough.negotiate(config, &self.name);
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let child = self
             .tree
@@ -414,7 +457,15 @@ impl fuser::Filesystem for LayerFs {
         }
         match self.tree.get(ino.0) {
             Some(n) if n.kind != Kind::Dir => {
-                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+                match self
+                    .passthrough
+                    .open(ino.0, self.local_bytes(n), reply, &self.name)
+                {
+                    Opened::Passthrough => self.metrics.passthrough_opens.inc(),
+                    Opened::Cached(reply) => {
+                        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+                    }
+                }
             }
             Some(_) => reply.error(Errno::EISDIR),
             None => reply.error(Errno::ENOENT),
@@ -448,6 +499,20 @@ impl fuser::Filesystem for LayerFs {
             }
         }
         timer.observe_duration();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: fuser::ReplyEmpty,
+    ) {
+        self.passthrough.release(ino.0, fh);
+        reply.ok();
     }
 
     fn flush(
