@@ -124,6 +124,13 @@ impl Passthrough {
     /// Answers an open of `io` with its backing if it has (or can register) one and no cached
     /// handle is open.
     fn attach(&self, io: &mut InodeIo, reply: ReplyOpen, layer: &str) -> Opened {
+        // An inode with passthrough handles open stays passed through, even if passthrough was
+        // turned off meanwhile (a cached open now would be EIO).
+        if let (true, Some(id)) = (io.passthrough > 0, &io.backing) {
+            io.passthrough += 1;
+            reply.opened_passthrough(PASSTHROUGH_FH, FopenFlags::empty(), id);
+            return Opened::Passthrough;
+        }
         if !self.wanted() || io.cached > 0 {
             io.cached += 1;
             return Opened::Cached(reply);
