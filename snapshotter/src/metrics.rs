@@ -22,6 +22,9 @@ pub struct Metrics {
     /// `damselfly_snapshotter_credential_scopes`: image scopes whose registry credentials the
     /// FUSE manager holds.
     pub credential_scopes: IntGauge,
+    /// `damselfly_snapshotter_read_credentials_total{headers="made|reused"}`: registry
+    /// credentials lazy reads went out with, made afresh or reused while fresh.
+    pub read_credentials: IntCounterVec,
 }
 
 impl Metrics {
@@ -74,7 +77,17 @@ impl Metrics {
         )
         .expect("static metric definition");
         let _ = registry.register(Box::new(credential_scopes.clone()));
+        let read_credentials = IntCounterVec::new(
+            Opts::new(
+                "damselfly_snapshotter_read_credentials_total",
+                "Registry credentials lazy reads went out with, by whether they were made or reused",
+            ),
+            &["headers"],
+        )
+        .expect("static metric definition");
+        let _ = registry.register(Box::new(read_credentials.clone()));
         Self {
+            read_credentials,
             credential_scopes,
             chunk_reads,
             registry,

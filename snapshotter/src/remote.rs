@@ -45,18 +45,20 @@ pub fn wanted(labels: &BTreeMap<String, String>) -> Option<RemoteRef> {
     })
 }
 
-/// Fresh registry credentials for a blob, asked for on each agent call (tokens expire).
+/// Registry credentials for a blob, asked for on each agent call: made once per image scope and
+/// reused while fresh ([`Registry::read_headers`]), made again when the registry refuses them.
 struct RegistryCredentials {
     handle: tokio::runtime::Handle,
     registry: Arc<Registry>,
     image: Reference,
+    /// `damselfly_snapshotter_read_credentials_total{headers}`.
+    made: prometheus::IntCounterVec,
 }
 
 impl Credentials for RegistryCredentials {
     fn refresh(&self) {
         let r = &self.image;
         self.registry
-            .keyring()
             .refresh(&Scope::new(&r.registry, &r.repository));
     }
 
@@ -64,9 +66,13 @@ impl Credentials for RegistryCredentials {
         let r = &self.image;
         match self
             .handle
-            .block_on(self.registry.auth_headers(&r.registry, &r.repository))
+            .block_on(self.registry.read_headers(&r.registry, &r.repository))
         {
-            Ok(h) => h,
+            Ok((h, reused)) => {
+                let how = if reused { "reused" } else { "made" };
+                self.made.with_label_values(&[how]).inc();
+                h
+            }
             Err(e) => {
                 tracing::warn!(image = %r.name(), error = %e, "no registry credentials for a layer read");
                 Vec::new()
@@ -211,6 +217,7 @@ impl RemoteLayers {
                 handle: tokio::runtime::Handle::current(),
                 registry: self.registry.clone(),
                 image: image.clone(),
+                made: self.metrics.read_credentials.clone(),
             }),
             digest: layer.digest.clone(),
             only_range: !self.background_fetch,

@@ -223,6 +223,23 @@ async fn private_images_start_lazily_with_credentials_handed_to_their_scope() {
         )
         .await;
     assert!(out.contains(&big_sha), "big.bin differs: {out}");
+    // Credentials are made once per image and reused by the reads that follow, not per read.
+    let text = get_text(&format!("http://{metrics}/metrics")).await;
+    let made = metric(
+        &text,
+        "damselfly_snapshotter_read_credentials_total",
+        "made",
+    );
+    let reused = metric(
+        &text,
+        "damselfly_snapshotter_read_credentials_total",
+        "reused",
+    );
+    eprintln!("read credentials: made={made} reused={reused}");
+    assert!(
+        (1.0..=3.0).contains(&made) && reused >= 2.0,
+        "read credentials made {made} times, reused {reused} times"
+    );
 
     // Alice's credentials were handed over for project/app only: another repository of the
     // same registry gets none of them.

@@ -195,14 +195,18 @@ impl Download<'_> {
                 }
                 changed = wants_changed(&mut wants) => {
                     match changed {
-                        Some(w) => tx.send(want_msg(&w)).await.map_err(send_err)?,
+                        Some(w) => if tx.send(want_msg(&w)).await.is_err() {
+                            return Err(self.last_word(addr, &mut inbound).await);
+                        },
                         None => wants = None,
                     }
                 }
                 Some(joined) = inflight.join_next() => {
                     let outcome = joined.map_err(|e| SessionError::Retry(format!("piece task failed: {e}")))?;
                     let result = self.record(outcome);
-                    tx.send(msg(peer_message::Msg::PieceResult(result))).await.map_err(send_err)?;
+                    if tx.send(msg(peer_message::Msg::PieceResult(result))).await.is_err() {
+                        return Err(self.last_word(addr, &mut inbound).await);
+                    }
                 }
             }
         }
@@ -289,6 +293,22 @@ impl Download<'_> {
             reason: o.result.as_ref().err().map(|(r, _)| *r as i32).unwrap_or(0),
             detail: o.result.err().map(|(_, d)| d).unwrap_or_default(),
         }
+    }
+
+    /// Why the session ended when the supernode stopped taking messages: it closes its side after
+    /// its last word (a failed task's error, sent before the close), which may still wait unread.
+    async fn last_word(
+        &self,
+        addr: &str,
+        inbound: &mut tonic::Streaming<SchedulerMessage>,
+    ) -> SessionError {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while let Ok(Ok(Some(m))) = tokio::time::timeout_at(deadline, inbound.message()).await {
+            if let Some(scheduler_message::Msg::Error(e)) = m.msg {
+                return self.task_error(addr, e);
+            }
+        }
+        send_err(())
     }
 
     fn task_error(&self, supernode: &str, e: pb::TaskError) -> SessionError {

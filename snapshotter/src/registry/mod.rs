@@ -6,6 +6,7 @@
 //! comes from containerd's `hosts.toml` ([`route`]).
 
 mod auth;
+mod read_headers;
 mod route;
 
 use std::collections::HashMap;
@@ -17,6 +18,7 @@ use base64::Engine;
 use crate::credentials::{Keyring, Scope};
 use crate::error::{Error, Result};
 use auth::{Challenge, parse_challenge, token_of};
+use read_headers::HeaderCache;
 use route::{Hop, Route};
 
 /// An image reference: `[registry/]repository[:tag][@digest]`.
@@ -115,6 +117,8 @@ pub struct Registry {
     routes: Mutex<HashMap<String, Arc<Route>>>,
     /// Challenges by hop base URL.
     challenges: Mutex<HashMap<String, Challenge>>,
+    /// Headers lazy reads go out with, by scope.
+    read_headers: HeaderCache,
 }
 
 impl Registry {
@@ -125,6 +129,7 @@ impl Registry {
             keyring,
             routes: Mutex::new(HashMap::new()),
             challenges: Mutex::new(HashMap::new()),
+            read_headers: HeaderCache::default(),
         })
     }
 
@@ -226,6 +231,29 @@ impl Registry {
         self.auth_at(route.blobs()?, registry, repository).await
     }
 
+    /// [`Registry::auth_headers`] for lazy reads: made once per scope and reused while fresh
+    /// (`read_headers`); whether they were reused.
+    pub async fn read_headers(
+        &self,
+        registry: &str,
+        repository: &str,
+    ) -> Result<(Vec<(String, String)>, bool)> {
+        let scope = Scope::new(registry, repository);
+        if let Some(h) = self.read_headers.get(&scope) {
+            return Ok((h, true));
+        }
+        let h = self.auth_headers(registry, repository).await?;
+        self.read_headers.put(scope, h.clone());
+        Ok((h, false))
+    }
+
+    /// The registry refused what `scope`'s reads went out with: drop the headers made for it
+    /// and what a helper answered, so the next read makes them afresh.
+    pub fn refresh(&self, scope: &Scope) {
+        self.read_headers.forget(scope);
+        self.keyring.refresh(scope);
+    }
+
     async fn auth_at(
         &self,
         hop: &Hop,
@@ -236,7 +264,7 @@ impl Registry {
             Err(Error::Credentials(why)) => {
                 let scope = Scope::new(registry, repository);
                 tracing::info!(%scope, %why, "credentials refused: refreshing them");
-                self.keyring.refresh(&scope);
+                self.refresh(&scope);
                 self.auth_once(hop, registry, repository).await
             }
             other => other,
