@@ -15,10 +15,11 @@ need_tools() {
   fi
 }
 
-# start_origin DIR [ARGS...]: sets ORIGIN (host:port); logs in $WORK/origin.log
+# start_origin DIR [ARGS...]: sets ORIGIN (host:port) and ORIGIN_PID; logs in $WORK/origin.log
 start_origin() {
   local dir=$1; shift
   "$BIN/damselfly-origin" --dir "$dir" "$@" > "$WORK/origin.addr" 2> "$WORK/origin.log" &
+  ORIGIN_PID=$!
   for _ in $(seq 100); do grep -q listening "$WORK/origin.addr" 2>/dev/null && break; sleep 0.1; done
   ORIGIN=$(sed -n 's/^listening on //p' "$WORK/origin.addr")
   [ -n "$ORIGIN" ] || { echo "origin did not start" >&2; cat "$WORK/origin.log" >&2; return 1; }
@@ -80,4 +81,6 @@ check() {
 origin_bytes() { curl -s "http://$ORIGIN/_stats" | sed 's/.*"bytes": \([0-9]*\).*/\1/'; }
 
 now() { date +%s.%N; }
+# cpu_s PID: CPU seconds (user + system) the running process PID has used so far.
+cpu_s() { awk -v t="$(getconf CLK_TCK)" '{ printf "%.2f\n", ($14 + $15) / t }' "/proc/$1/stat"; }
 calc() { awk "BEGIN { printf \"$1\", $2 }"; }

@@ -198,8 +198,7 @@ impl Agent for AgentService {
             Ok(data) => Ok(Response::new(proto::agent::ReadRangeReply {
                 data: data.to_vec(),
             })),
-            Err(e @ Error::Invalid { .. }) => Err(Status::invalid_argument(e.to_string())),
-            Err(e) => Err(Status::unavailable(e.to_string())),
+            Err(e) => Err(status(&e)),
         }
     }
 
@@ -210,23 +209,61 @@ impl Agent for AgentService {
         &self,
         request: Request<proto::agent::LayerIndexRequest>,
     ) -> Result<Response<Self::LayerIndexStream>, Status> {
-        let r = request.into_inner();
-        let req = crate::range_read::RangeRequest {
-            url: r.url,
-            headers: r.headers.into_iter().map(|h| (h.name, h.value)).collect(),
-            digest: r.digest,
-            offset: 0,
-            length: 0,
-            only_range: false,
-        };
+        let req = layer_request(request.into_inner());
         let bytes = match self.peer.layer_index(&req).await {
             Ok(b) => b,
-            Err(e @ Error::Invalid { .. }) => return Err(Status::invalid_argument(e.to_string())),
-            Err(e) => return Err(Status::unavailable(e.to_string())),
+            Err(e) => return Err(status(&e)),
         };
         Ok(Response::new(chunked(bytes, |data| {
             proto::agent::LayerIndexChunk { data }
         })))
+    }
+
+    #[tracing::instrument(skip_all, fields(digest = %request.get_ref().digest))]
+    async fn start_set(
+        &self,
+        request: Request<proto::agent::LayerIndexRequest>,
+    ) -> Result<Response<proto::agent::StartSet>, Status> {
+        let req = layer_request(request.into_inner());
+        match self.peer.start_set(&req).await {
+            Ok(offsets) => Ok(Response::new(proto::agent::StartSet { offsets })),
+            Err(e) => Err(status(&e)),
+        }
+    }
+
+    async fn record_start(
+        &self,
+        request: Request<proto::agent::RecordStartRequest>,
+    ) -> Result<Response<proto::agent::RecordStartReply>, Status> {
+        let r = request.into_inner();
+        let layer = r
+            .layer
+            .ok_or_else(|| Status::invalid_argument("RecordStart names no layer"))?;
+        let req = layer_request(layer);
+        match self.peer.record_start(&req, r.offsets).await {
+            Ok(kept) => Ok(Response::new(proto::agent::RecordStartReply { kept })),
+            Err(e) => Err(status(&e)),
+        }
+    }
+}
+
+/// A lazy reader's request about a whole blob.
+fn layer_request(r: proto::agent::LayerIndexRequest) -> crate::range_read::RangeRequest {
+    crate::range_read::RangeRequest {
+        url: r.url,
+        headers: r.headers.into_iter().map(|h| (h.name, h.value)).collect(),
+        digest: r.digest,
+        offset: 0,
+        length: 0,
+        only_range: false,
+    }
+}
+
+/// The status a lazy reader gets for `e`.
+fn status(e: &Error) -> Status {
+    match e {
+        Error::Invalid { .. } => Status::invalid_argument(e.to_string()),
+        _ => Status::unavailable(e.to_string()),
     }
 }
 

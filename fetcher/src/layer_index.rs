@@ -118,18 +118,7 @@ impl Peer {
             .client(addr, self.inner.cfg.tls.as_ref())
             .await
             .map_err(IndexFailure::Unreachable)?;
-        let mut req = tonic::Request::new(LayerIndexRequest {
-            url: r.url.clone(),
-            headers: r
-                .headers
-                .iter()
-                .map(|(name, value)| Header {
-                    name: name.clone(),
-                    value: value.clone(),
-                })
-                .collect(),
-            digest: r.digest.clone(),
-        });
+        let mut req = tonic::Request::new(index_request(r));
         req.set_timeout(TIMEOUT);
         let refused = |s: tonic::Status| match s.code() {
             tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
@@ -145,6 +134,22 @@ impl Peer {
             ))),
         };
         Ok(client.layer_index(req).await.map_err(refused)?.into_inner())
+    }
+}
+
+/// The scheduler's form of a lazy reader's request about blob `r.digest`.
+pub(crate) fn index_request(r: &RangeRequest) -> LayerIndexRequest {
+    LayerIndexRequest {
+        url: r.url.clone(),
+        headers: r
+            .headers
+            .iter()
+            .map(|(name, value)| Header {
+                name: name.clone(),
+                value: value.clone(),
+            })
+            .collect(),
+        digest: r.digest.clone(),
     }
 }
 

@@ -23,6 +23,7 @@ pub mod rate;
 pub mod rendezvous;
 pub mod shutdown;
 pub mod source;
+pub mod start_set;
 pub mod task_id;
 pub mod ticket;
 pub mod tls;

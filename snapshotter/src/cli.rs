@@ -20,10 +20,17 @@ pub const DEFAULT_SOCKET: &str = "/run/damselfly/snapshotter.sock";
 ///     address = "/run/damselfly/snapshotter.sock"
 /// then use it with `ctr --snapshotter damselfly` (or CRI's `snapshotter = "damselfly"`).
 #[derive(Debug, Parser)]
-#[command(name = "dfsnapshotter", version)]
+#[command(
+    name = "dfsnapshotter",
+    version,
+    after_help = "Every flag of the service also has a key in the TOML config file (--config); flags win.\nSee packaging/dfsnapshotter.toml for all keys and their defaults."
+)]
 pub struct Args {
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// TOML config file (see packaging/dfsnapshotter.toml); flags given here win over it.
+    #[arg(long, value_name = "FILE", global = true)]
+    pub config: Option<PathBuf>,
     /// Where snapshots and their metadata live.
     #[arg(
         long,
@@ -32,8 +39,8 @@ pub struct Args {
         global = true
     )]
     pub root: PathBuf,
-    /// The gRPC socket containerd connects to.
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    /// The gRPC socket containerd connects to (`--address` as containerd and stargz name it).
+    #[arg(long, visible_alias = "address", value_name = "PATH", default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
     /// Prometheus metrics (`/metrics`) and health (`/healthz`).
     #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:65004")]
@@ -59,6 +66,14 @@ pub struct Args {
     /// kernel allows it; `false`: every read goes through FUSE.
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set, global = true)]
     pub fuse_passthrough: bool,
+    /// Record what the first start of each lazy layer in the cluster reads (its reads within
+    /// `--start-window` of its first read) at the supernode, and on later hosts fetch that at
+    /// mount, before containers ask; `false`: neither.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set, global = true)]
+    pub prefetch: bool,
+    /// How long after a lazy layer's first read its reads count as its start (e.g. 10s, 500ms).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration, global = true)]
+    pub start_window: std::time::Duration,
     /// The host agent's (dfdaemon's) socket, through which lazy layers are read.
     #[arg(long, value_name = "PATH", default_value = fetcher::cli::dfget::DEFAULT_AGENT_SOCKET, global = true)]
     pub agent_socket: PathBuf,
@@ -298,6 +313,10 @@ async fn pull(registry: &RegistryArgs, root: &std::path::Path, p: &PullArgs) -> 
     }
 }
 
+fn duration(s: &str) -> std::result::Result<std::time::Duration, String> {
+    fetcher::cli::parse_duration(s).map_err(|e| e.to_string())
+}
+
 fn manager_config(args: &Args) -> crate::fusemanager::ManagerConfig {
     crate::fusemanager::ManagerConfig {
         root: args.root.clone(),
@@ -305,6 +324,10 @@ fn manager_config(args: &Args) -> crate::fusemanager::ManagerConfig {
         background_fetch: args.background_fetch,
         cache_mib: args.cache_mib,
         passthrough: args.fuse_passthrough,
+        start: crate::start::StartOptions {
+            prefetch: args.prefetch,
+            window: args.start_window,
+        },
         registry: args.registry.config(),
     }
 }

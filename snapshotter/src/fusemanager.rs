@@ -41,6 +41,8 @@ pub struct ManagerConfig {
     pub cache_mib: usize,
     /// FUSE passthrough for files whose bytes are all local.
     pub passthrough: bool,
+    /// Start sets: recorded on the first start, prefetched at later mounts.
+    pub start: crate::start::StartOptions,
     pub registry: RegistryConfig,
 }
 
@@ -151,6 +153,7 @@ pub async fn serve(cfg: ManagerConfig) -> Result<()> {
         cfg.background_fetch,
         cfg.cache_mib << 20,
         cfg.passthrough,
+        cfg.start,
         registry,
         crate::metrics::Metrics::new(),
     ));
@@ -327,7 +330,11 @@ fn start(cfg: &ManagerConfig) -> Result<()> {
         .arg("--cache-mib")
         .arg(cfg.cache_mib.to_string())
         .arg("--fuse-passthrough")
-        .arg(cfg.passthrough.to_string());
+        .arg(cfg.passthrough.to_string())
+        .arg("--prefetch")
+        .arg(cfg.start.prefetch.to_string())
+        .arg("--start-window")
+        .arg(format!("{}ms", cfg.start.window.as_millis()));
     for h in &cfg.registry.plain_http {
         cmd.arg("--plain-http").arg(h);
     }

@@ -13,13 +13,15 @@
 //!   (user/password or a docker credential helper), and docker's `config.json`.
 //! - [`cri`]: the CRI image-service proxy for kubelet, which hands pull secrets to lazy layers.
 //! - [`registry`]: image references, blob URLs and the `Authorization` registries accept.
+//! - [`start`]: what a layer's first start read, recorded and prefetched at later mounts.
 //! - [`pull`]: `dfsnapshotter pull`, which makes containerd prepare an image's layers that way.
-//! - [`cli`]: the `dfsnapshotter` command.
+//! - [`cli`]: the `dfsnapshotter` command; [`config`]: its TOML file, under its flags.
 //!
 //! Layers without the labels are unpacked by containerd into overlayfs snapshots, so every image
 //! runs. See `DESIGN.md`, flow 3.
 
 pub mod cli;
+pub mod config;
 pub mod credentials;
 pub mod cri;
 pub mod error;
@@ -32,5 +34,6 @@ pub mod registry;
 pub mod remote;
 pub mod service;
 pub mod snapshots;
+pub mod start;
 
 pub use error::{Error, Result};

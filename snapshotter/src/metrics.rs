@@ -1,6 +1,8 @@
 //! Prometheus metrics of dfsnapshotter (`damselfly_snapshotter_*`), served on `--metrics-addr`.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -25,6 +27,17 @@ pub struct Metrics {
     /// `damselfly_snapshotter_read_credentials_total{headers="made|reused"}`: registry
     /// credentials lazy reads went out with, made afresh or reused while fresh.
     pub read_credentials: IntCounterVec,
+    /// `damselfly_snapshotter_start_sets_total{outcome="kept|not_kept|failed"}`: first starts
+    /// of layers recorded at the supernode.
+    pub start_sets: IntCounterVec,
+    /// `damselfly_snapshotter_prefetched_layers_total`: layers whose start set was fetched at
+    /// mount.
+    pub prefetched_layers: IntCounter,
+    /// `damselfly_snapshotter_prefetch_bytes_total`: compressed blob bytes fetched for them.
+    pub prefetch_bytes: IntCounter,
+    /// `damselfly_snapshotter_starts_pending{work="record|prefetch"}`: layer starts being
+    /// recorded (waiting for their window to pass) and prefetches running.
+    pub starts_pending: IntGaugeVec,
 }
 
 impl Metrics {
@@ -86,7 +99,37 @@ impl Metrics {
         )
         .expect("static metric definition");
         let _ = registry.register(Box::new(read_credentials.clone()));
+        let start_sets = IntCounterVec::new(
+            Opts::new(
+                "damselfly_snapshotter_start_sets_total",
+                "First starts of lazy layers recorded at the supernode, by outcome",
+            ),
+            &["outcome"],
+        )
+        .expect("static metric definition");
+        let _ = registry.register(Box::new(start_sets.clone()));
+        let prefetched_layers = counter(
+            "damselfly_snapshotter_prefetched_layers_total",
+            "Lazy layers whose recorded start was fetched at mount",
+        );
+        let prefetch_bytes = counter(
+            "damselfly_snapshotter_prefetch_bytes_total",
+            "Compressed blob bytes fetched at mount for recorded starts",
+        );
+        let starts_pending = IntGaugeVec::new(
+            Opts::new(
+                "damselfly_snapshotter_starts_pending",
+                "Lazy layer starts being recorded, and prefetches of recorded ones running",
+            ),
+            &["work"],
+        )
+        .expect("static metric definition");
+        let _ = registry.register(Box::new(starts_pending.clone()));
         Self {
+            starts_pending,
+            start_sets,
+            prefetched_layers,
+            prefetch_bytes,
             read_credentials,
             credential_scopes,
             chunk_reads,

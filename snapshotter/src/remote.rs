@@ -22,6 +22,7 @@ use crate::layerfs::{AgentBlob, Credentials, LayerFs};
 use crate::metastore::RemoteRef;
 use crate::metrics::Metrics;
 use crate::registry::{Reference, Registry};
+use crate::start::{StartClock, StartOptions};
 
 /// The chain id containerd will know the committed layer by.
 pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
@@ -88,6 +89,10 @@ pub struct RemoteLayers {
     background_fetch: bool,
     /// FUSE passthrough for files whose bytes are all local.
     passthrough: bool,
+    /// Recording first starts, prefetching recorded ones.
+    start: StartOptions,
+    /// Start clocks by image reference, while a layer of the image records its start.
+    clocks: Mutex<HashMap<String, std::sync::Weak<StartClock>>>,
     agent: tokio::sync::OnceCell<AgentClient<Channel>>,
     registry: Arc<Registry>,
     metrics: Metrics,
@@ -103,6 +108,8 @@ struct Mounted {
     size: u64,
     /// Whose credentials its reads use.
     scope: Scope,
+    /// Prefetching or recording its start (`crate::start`).
+    start: Option<tokio::task::AbortHandle>,
 }
 
 /// Mounts and unmounts lazy layers: [`RemoteLayers`] in this process, or the FUSE manager
@@ -141,6 +148,7 @@ impl RemoteLayers {
         background_fetch: bool,
         cache_bytes: usize,
         passthrough: bool,
+        start: StartOptions,
         registry: Arc<Registry>,
         metrics: Metrics,
     ) -> Self {
@@ -148,6 +156,8 @@ impl RemoteLayers {
             agent_socket,
             background_fetch,
             passthrough,
+            start,
+            clocks: Mutex::new(HashMap::new()),
             chunks: Arc::new(ChunkCache::new(cache_bytes)),
             agent: tokio::sync::OnceCell::new(),
             registry,
@@ -182,8 +192,9 @@ impl RemoteLayers {
         let image = Reference::parse(&layer.image)?;
         let url = self.registry.blob_url(&image, &layer.digest)?;
         let index_path = dir.join(INDEX_FILE);
+        let fresh = !index_path.exists();
         let index = match read_index(&index_path) {
-            Some(i) => i,
+            Some(i) => Arc::new(i),
             None => {
                 let started = std::time::Instant::now();
                 let headers = self
@@ -201,7 +212,7 @@ impl RemoteLayers {
                     ms = started.elapsed().as_millis() as u64,
                     "layer index fetched"
                 );
-                index
+                Arc::new(index)
             }
         };
         let size = index.toc.entries.iter().map(|e| e.size).sum();
@@ -211,7 +222,7 @@ impl RemoteLayers {
         }
         let blob = AgentBlob {
             handle: tokio::runtime::Handle::current(),
-            client,
+            client: client.clone(),
             url: url.clone(),
             headers: Arc::new(RegistryCredentials {
                 handle: tokio::runtime::Handle::current(),
@@ -222,13 +233,34 @@ impl RemoteLayers {
             digest: layer.digest.clone(),
             only_range: !self.background_fetch,
         };
+        // A remount (after a restart) is no start: only fresh mounts record or prefetch one.
+        let (record, start) = if fresh {
+            crate::start::begin(crate::start::Layer {
+                client: client.clone(),
+                registry: self.registry.clone(),
+                image: image.clone(),
+                url: url.clone(),
+                digest: layer.digest.clone(),
+                index: index.clone(),
+                metrics: self.metrics.clone(),
+                options: self.start,
+                clock: self.clock(&layer.image),
+                only_range: !self.background_fetch,
+            })
+            .await
+        } else {
+            (None, None)
+        };
+        // Per layer: big files read at native speed, or small ones opened without round trips.
+        let passthrough = self.passthrough && crate::layerfs::passthrough::worth_it(&index.toc);
         let fs = LayerFs::new(
             layer.digest.clone(),
-            Arc::new(index),
+            index,
             Arc::new(blob),
             self.metrics.clone(),
         )
-        .with_passthrough(self.passthrough)
+        .with_passthrough(passthrough)
+        .with_start_record(record)
         .with_cache(self.chunks.clone(), Some(&dir.join(CHUNKS_FILE)))
         .map_err(|e| Error::io("cannot create the chunk cache in", dir, e))?;
         let mountpoint = dir.join("fs");
@@ -248,6 +280,7 @@ impl RemoteLayers {
                     mountpoint: dir.join("fs"),
                     size,
                     scope: Scope::new(&image.registry, &image.repository),
+                    start,
                 },
             );
         }
@@ -322,6 +355,20 @@ impl RemoteLayers {
         Ok(bytes)
     }
 
+    /// The start clock of `image` on this host (one while any of its layers records its start).
+    fn clock(&self, image: &str) -> Arc<StartClock> {
+        let Ok(mut m) = self.clocks.lock() else {
+            return Arc::default();
+        };
+        if let Some(c) = m.get(image).and_then(std::sync::Weak::upgrade) {
+            return c;
+        }
+        m.retain(|_, w| w.strong_count() > 0);
+        let c = Arc::new(StartClock::default());
+        m.insert(image.to_owned(), Arc::downgrade(&c));
+        c
+    }
+
     /// Whether a mounted layer reads with `scope`'s credentials.
     pub fn scope_in_use(&self, scope: &Scope) -> bool {
         self.sessions
@@ -340,10 +387,10 @@ impl RemoteLayers {
             detach_stale(&dir.join("fs"));
             return;
         };
-        if last && self.registry.keyring().forget(&m.scope) {
+        if last && self.registry.forget(&m.scope) {
             tracing::info!(scope = %m.scope, "no layer of the scope is mounted: credentials forgotten");
         }
-        unmount_session(m.session, &m.mountpoint);
+        unmount_session(m);
     }
 
     /// Unmounts everything (shutdown): a FUSE mount whose daemon is gone only answers ENOTCONN.
@@ -354,16 +401,20 @@ impl RemoteLayers {
             .map(|mut m| m.drain().map(|(_, s)| s).collect::<Vec<_>>())
             .unwrap_or_default();
         for m in all {
-            unmount_session(m.session, &m.mountpoint);
+            unmount_session(m);
         }
     }
 }
 
 /// Unmounts a layer and waits for its FUSE threads; still busy (an overlay on it): detached.
-fn unmount_session(session: fuser::BackgroundSession, mountpoint: &Path) {
-    if let Err(e) = crate::layerfs::unmount(session) {
-        tracing::warn!(path = %mountpoint.display(), error = %e, "cannot unmount: detaching");
-        detach_stale(mountpoint);
+/// Its start is no longer recorded or prefetched.
+fn unmount_session(m: Mounted) {
+    if let Some(t) = m.start {
+        t.abort();
+    }
+    if let Err(e) = crate::layerfs::unmount(m.session) {
+        tracing::warn!(path = %m.mountpoint.display(), error = %e, "cannot unmount: detaching");
+        detach_stale(&m.mountpoint);
     }
 }
 

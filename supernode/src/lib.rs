@@ -15,6 +15,7 @@ pub mod rebuild;
 pub mod replica;
 pub mod scheduler;
 pub mod seed;
+pub mod start_sets;
 pub mod task;
 pub mod tickets;
 
@@ -169,6 +170,7 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
         tasks: tasks.clone(),
         tokens: fetcher::source::token::TokenCache::for_source(source.clone()),
         indexes: layer_index::Indexes::new(&c.data_dir, tasks.clone()),
+        start_sets: start_sets::StartSets::new(&c.data_dir),
         seed: Arc::new(SeedContext {
             source,
             store: store.clone(),

@@ -34,23 +34,18 @@ async fn snapshotter(
     agent: &Path,
     registry: &str,
     background_fetch: bool,
+    extra: &[&str],
 ) -> Proc {
-    start_snapshotter(
-        env,
-        name,
-        h.0,
-        h.1,
-        h.2,
-        &[
-            "--agent-socket".into(),
-            agent.to_string_lossy().into_owned(),
-            "--plain-http".into(),
-            registry.to_owned(),
-            "--background-fetch".into(),
-            background_fetch.to_string(),
-        ],
-    )
-    .await
+    let mut args = vec![
+        "--agent-socket".into(),
+        agent.to_string_lossy().into_owned(),
+        "--plain-http".into(),
+        registry.to_owned(),
+        "--background-fetch".into(),
+        background_fetch.to_string(),
+    ];
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    start_snapshotter(env, name, h.0, h.1, h.2, &args).await
 }
 
 async fn host(
@@ -59,6 +54,7 @@ async fn host(
     supernode: &str,
     registry: &str,
     background_fetch: bool,
+    extra: &[&str],
 ) -> Host {
     let (agent, daemon) = env.dfdaemon(&format!("{name}-agent"), supernode, &[]).await;
     let root = env.path(&format!("{name}-snapshots"));
@@ -71,6 +67,7 @@ async fn host(
         &daemon.socket,
         registry,
         background_fetch,
+        extra,
     )
     .await;
     let containerd = start_containerd_named(env, &format!("{name}-containerd"), Some(&sock)).await;
@@ -112,6 +109,30 @@ async fn run(h: &Host, image: &str, id: &str, cmd: &[&str]) -> String {
     out
 }
 
+/// The value of the snapshotter metric `name{labels}` at `addr` once it is above zero and no
+/// start `work` (record, prefetch) is pending (within 30 s).
+async fn settled(addr: &str, name: &str, labels: &str, work: &str) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pending = format!("work=\"{work}\"");
+    loop {
+        let text = damselfly_tests::harness::get_text(&format!("http://{addr}/metrics")).await;
+        let v = damselfly_tests::harness::metric(&text, name, labels);
+        let busy = damselfly_tests::harness::metric(
+            &text,
+            "damselfly_snapshotter_starts_pending",
+            &pending,
+        );
+        if v > 0.0 && busy == 0.0 {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}{{{labels}}} stayed 0:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dfsnapshotter_pull_starts_containers_lazily_on_two_hosts() {
     let skip = tools_missing()
@@ -133,7 +154,8 @@ async fn dfsnapshotter_pull_starts_containers_lazily_on_two_hosts() {
     let image = format!("{registry}/project/app:v1");
 
     // Host A: pull (manifest and config only), then run.
-    let mut a = host(&env, "a", &grpc, &registry, true).await;
+    // Its start is what its layers' reads touch within a second of the first.
+    let mut a = host(&env, "a", &grpc, &registry, true, &["--start-window", "1s"]).await;
     let out = pull(&a, &image, &registry).await;
     assert!(out.contains("4 of 4 layers"), "{out}");
     let (code, out) = a.containerd.ctr(&["images", "ls"]).await;
@@ -143,6 +165,14 @@ async fn dfsnapshotter_pull_starts_containers_lazily_on_two_hosts() {
     );
     let out = run(&a, &image, "a1", &["/bin/cat", "/small-file"]).await;
     assert!(out.contains("hello from damselfly"), "{out}");
+    // Host A started the image first: what the start read is recorded at the supernode.
+    let recorded = settled(
+        &a.metrics,
+        "damselfly_snapshotter_start_sets_total",
+        "outcome=\"kept\"",
+        "record",
+    )
+    .await;
     let out = run(&a, &image, "a2", &["/bin/busybox", "sha256sum", "/big.bin"]).await;
     assert!(
         out.contains(&big_sha),
@@ -164,9 +194,23 @@ async fn dfsnapshotter_pull_starts_containers_lazily_on_two_hosts() {
     // Host B: the same, with the layers already in the cluster.
     // Host B: the same, with the layers already in the cluster and background fetching off, so
     // the agent fetches only what the container reads.
-    let b = host(&env, "b", &grpc, &registry, false).await;
+    let b = host(&env, "b", &grpc, &registry, false, &[]).await;
     let started = Instant::now();
     pull(&b, &image, &registry).await;
+    // Its mounts fetched what A's start read, before the container asks: the same start then
+    // takes nothing more over the network.
+    let prefetched = settled(
+        &b.metrics,
+        "damselfly_snapshotter_prefetched_layers_total",
+        "",
+        "prefetch",
+    )
+    .await;
+    assert_eq!(prefetched, recorded, "layers prefetched vs recorded");
+    let before = b
+        .daemon
+        .metric("damselfly_peer_download_bytes_total", "")
+        .await;
     let out = run(&b, &image, "b0", &["/bin/cat", "/small-file"]).await;
     assert!(out.contains("hello from damselfly"), "{out}");
     let lazy = started.elapsed();
@@ -174,6 +218,13 @@ async fn dfsnapshotter_pull_starts_containers_lazily_on_two_hosts() {
         .daemon
         .metric("damselfly_peer_download_bytes_total", "")
         .await;
+    assert!(before > 0.0, "nothing prefetched");
+    assert_eq!(
+        fetched,
+        before,
+        "the start fetched {} bytes its prefetch had not",
+        fetched - before
+    );
     let image_bytes = f64::from(200u32 << 20);
     assert!(
         fetched < 0.1 * image_bytes,
@@ -326,6 +377,7 @@ async fn dfsnapshotter_pull_starts_containers_lazily_on_two_hosts() {
         &a.daemon.socket,
         &registry,
         true,
+        &[],
     )
     .await;
     let out = a

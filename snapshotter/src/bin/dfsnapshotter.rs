@@ -1,9 +1,13 @@
 //! `dfsnapshotter`: see `snapshotter::cli`.
 
-use clap::Parser;
-
 #[tokio::main]
 async fn main() {
-    let code = snapshotter::cli::run(snapshotter::cli::Args::parse()).await;
-    std::process::exit(code);
+    let args = match snapshotter::config::parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("dfsnapshotter: error: {e}");
+            std::process::exit(2);
+        }
+    };
+    std::process::exit(snapshotter::cli::run(args).await);
 }

@@ -5,6 +5,7 @@
 //! A file whose bytes are all local can be opened in FUSE passthrough mode ([`passthrough`]): the
 //! kernel then reads a local copy itself.
 
+mod blob;
 pub mod cache;
 pub mod passthrough;
 pub mod tree;
@@ -22,122 +23,12 @@ use fuser::{
 };
 use layerindex::{Kind, LayerIndex};
 
+pub(crate) use blob::AGENT_READ_MAX;
+use blob::BlobStream;
+pub use blob::{AgentBlob, BlobReader, Credentials, FileBlob};
 use cache::{ChunkCache, DiskChunks};
 use passthrough::{Opened, Passthrough};
 use tree::{Node, Tree};
-
-/// Where a layer blob's compressed bytes come from (the local agent's piece store and peers in
-/// production; a local file in tests).
-pub trait BlobReader: Send + Sync + 'static {
-    /// Exactly the bytes `range` of the blob.
-    fn read_at(&self, range: Range<u64>) -> std::io::Result<Vec<u8>>;
-}
-
-/// A blob in a local file.
-pub struct FileBlob(pub std::fs::File);
-
-impl BlobReader for FileBlob {
-    fn read_at(&self, range: Range<u64>) -> std::io::Result<Vec<u8>> {
-        use std::os::unix::fs::FileExt;
-        let len = usize::try_from(range.end.saturating_sub(range.start))
-            .map_err(|_| std::io::Error::other("range too large"))?;
-        let mut buf = vec![0u8; len];
-        self.0.read_exact_at(&mut buf, range.start)?;
-        Ok(buf)
-    }
-}
-
-/// The headers (registry credentials) to ask for a blob with, asked for on each call so that
-/// expiring tokens are renewed.
-pub trait Credentials: Send + Sync + 'static {
-    fn headers(&self) -> Vec<(String, String)>;
-    /// The registry refused what [`Credentials::headers`] gave: renew them (a helper asked
-    /// again, a new token) before the next call.
-    fn refresh(&self) {}
-}
-
-fn agent_headers(c: &dyn Credentials) -> Vec<proto::agent::Header> {
-    c.headers()
-        .into_iter()
-        .map(|(name, value)| proto::agent::Header { name, value })
-        .collect()
-}
-
-/// Whether the agent's refusal is the registry refusing the credentials.
-fn refused_credentials(s: &tonic::Status) -> bool {
-    matches!(
-        s.code(),
-        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
-    ) || ["HTTP 401", "HTTP 403", "401 Unauthorized", "403 Forbidden"]
-        .iter()
-        .any(|m| s.message().contains(m))
-}
-
-/// Fixed headers (none, for public registries).
-impl Credentials for Vec<(String, String)> {
-    fn headers(&self) -> Vec<(String, String)> {
-        self.clone()
-    }
-}
-
-/// A blob read through the local agent (`Agent.ReadRange`): pieces from peers and supernodes,
-/// verified, kept in the agent's store. FUSE handlers run on their own threads, so each read
-/// blocks on the runtime `handle`.
-pub struct AgentBlob {
-    pub handle: tokio::runtime::Handle,
-    pub client: proto::agent::agent_client::AgentClient<tonic::transport::Channel>,
-    /// Where the registry serves the blob, and the credentials to ask it with.
-    pub url: String,
-    pub headers: Arc<dyn Credentials>,
-    pub digest: String,
-    /// Have the agent fetch only what reads ask for (no background fetch of the rest).
-    pub only_range: bool,
-}
-
-/// Bytes asked of the agent per call (gRPC messages stay small).
-const AGENT_READ_MAX: u64 = 2 << 20;
-
-impl BlobReader for AgentBlob {
-    fn read_at(&self, range: Range<u64>) -> std::io::Result<Vec<u8>> {
-        let mut out = Vec::with_capacity(usize::try_from(range.end - range.start).unwrap_or(0));
-        let mut at = range.start;
-        let mut headers = agent_headers(self.headers.as_ref());
-        let mut refreshed = false;
-        while at < range.end {
-            let length = (range.end - at).min(AGENT_READ_MAX);
-            let req = proto::agent::ReadRangeRequest {
-                url: self.url.clone(),
-                headers: headers.clone(),
-                digest: self.digest.clone(),
-                offset: at,
-                length,
-                only_range: self.only_range,
-            };
-            let mut client = self.client.clone();
-            let reply = match self.handle.block_on(client.read_range(req)) {
-                Ok(r) => r,
-                Err(s) if !refreshed && refused_credentials(&s) => {
-                    // Rotated or expired credentials: renew them once, then read again.
-                    refreshed = true;
-                    self.headers.refresh();
-                    headers = agent_headers(self.headers.as_ref());
-                    continue;
-                }
-                Err(s) => return Err(std::io::Error::other(format!("agent: {}", s.message()))),
-            };
-            let data = reply.into_inner().data;
-            if data.len() as u64 != length {
-                return Err(std::io::Error::other(format!(
-                    "agent returned {} bytes for {length}",
-                    data.len()
-                )));
-            }
-            out.extend_from_slice(&data);
-            at += length;
-        }
-        Ok(out)
-    }
-}
 
 /// The layer is immutable: the kernel may cache attributes and entries for long.
 const TTL: Duration = Duration::from_secs(3600);
@@ -154,29 +45,12 @@ pub struct LayerFs {
     whole: std::sync::Mutex<()>,
     /// Opens of files whose bytes are all local, handed to the kernel (off unless asked for).
     passthrough: Passthrough,
-}
-
-/// A blob as a stream, read in agent-sized parts.
-struct BlobStream<'a> {
-    blob: &'a dyn BlobReader,
-    pos: u64,
-    len: u64,
-}
-
-impl std::io::Read for BlobStream<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = (buf.len() as u64)
-            .min(self.len - self.pos)
-            .min(AGENT_READ_MAX);
-        if n == 0 {
-            return Ok(0);
-        }
-        let data = self.blob.read_at(self.pos..self.pos + n)?;
-        let got = data.len().min(buf.len());
-        buf[..got].copy_from_slice(&data[..got]);
-        self.pos += got as u64;
-        Ok(got)
-    }
+    /// Where the chunks reads touch are noted, while the layer's start is recorded.
+    start: Option<Arc<crate::start::StartRecord>>,
+    /// Opens are answered ENOSYS, so that the kernel stops sending them (and their releases):
+    /// without passthrough an open carries nothing, and a small file read warm then costs no
+    /// round trip at all. Set at init.
+    no_open: bool,
 }
 
 /// Memory for inflated chunks of a layer that was given no shared cache.
@@ -217,7 +91,15 @@ impl LayerFs {
             disk: None,
             whole: std::sync::Mutex::new(()),
             passthrough: Passthrough::new(false),
+            start: None,
+            no_open: false,
         }
+    }
+
+    /// Notes the chunks reads touch in `record` (this host records the layer's start).
+    pub fn with_start_record(mut self, record: Option<Arc<crate::start::StartRecord>>) -> Self {
+        self.start = record;
+        self
     }
 
     /// Opens files whose bytes are all in the chunk file in FUSE passthrough mode, where the
@@ -384,6 +266,9 @@ impl LayerFs {
             if c.end <= at {
                 return Err(format!("index has no chunk at {at}"));
             }
+            if let Some(r) = &self.start {
+                r.note(c.start);
+            }
             let upto = end.min(c.end);
             let want = usize::try_from(upto - at).map_err(|e| e.to_string())?;
             if c.end - c.start > MAX_MEMORY_CHUNK {
@@ -415,6 +300,13 @@ impl LayerFs {
 impl fuser::Filesystem for LayerFs {
     fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
         self.passthrough.negotiate(config, &self.name);
+        // Without passthrough, files need no handle: where the kernel can do without opens it
+        // keeps their pages as FOPEN_KEEP_CACHE would (and a write open never gets past the
+        // read-only mount).
+        self.no_open = !self.passthrough.wanted()
+            && config
+                .capabilities()
+                .contains(fuser::InitFlags::FUSE_NO_OPEN_SUPPORT);
         Ok(())
     }
 
@@ -456,6 +348,7 @@ impl fuser::Filesystem for LayerFs {
             return reply.error(Errno::EROFS);
         }
         match self.tree.get(ino.0) {
+            Some(n) if self.no_open && n.kind != Kind::Dir => reply.error(Errno::ENOSYS),
             Some(n) if n.kind != Kind::Dir => {
                 match self
                     .passthrough
@@ -523,7 +416,9 @@ impl fuser::Filesystem for LayerFs {
         _lock_owner: LockOwner,
         reply: fuser::ReplyEmpty,
     ) {
-        reply.ok();
+        // Nothing to flush on a read-only layer: ENOSYS makes the kernel stop sending flushes,
+        // a round trip less per close.
+        reply.error(Errno::ENOSYS);
     }
 
     fn readdir(

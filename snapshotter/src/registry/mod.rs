@@ -247,6 +247,13 @@ impl Registry {
         Ok((h, false))
     }
 
+    /// Forgets what `scope`'s reads went out with and the credentials handed over for it (no
+    /// layer of it is mounted any more); whether there were any.
+    pub fn forget(&self, scope: &Scope) -> bool {
+        self.read_headers.forget(scope);
+        self.keyring.forget(scope)
+    }
+
     /// The registry refused what `scope`'s reads went out with: drop the headers made for it
     /// and what a helper answered, so the next read makes them afresh.
     pub fn refresh(&self, scope: &Scope) {

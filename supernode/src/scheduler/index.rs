@@ -19,6 +19,16 @@ pub struct IndexRequest {
     pub digest: String,
 }
 
+impl From<proto::scheduler::LayerIndexRequest> for IndexRequest {
+    fn from(r: proto::scheduler::LayerIndexRequest) -> Self {
+        Self {
+            url: r.url,
+            headers: r.headers.into_iter().map(|h| (h.name, h.value)).collect(),
+            digest: r.digest,
+        }
+    }
+}
+
 /// The serialized index of the blob, seeding it first when needed. The request's URL and
 /// credentials are checked like a registration's (a proof of the bytes for a URL or credentials
 /// the task has not seen), even when the index exists already: it reveals the layer's files.
@@ -28,8 +38,9 @@ pub async fn seeded_index(s: &Scheduling, req: &IndexRequest) -> Result<Arc<Vec<
     s.indexes.get(&req.digest).await
 }
 
-/// Joins (or starts) the content-keyed task of the blob and waits until its seed completes.
-async fn seed(s: &Scheduling, req: &IndexRequest) -> Result<(), IndexError> {
+/// Joins (or starts) the content-keyed task of the blob and waits until its seed completes (the
+/// request's URL and credentials proven as a registration's).
+pub(super) async fn seed(s: &Scheduling, req: &IndexRequest) -> Result<(), IndexError> {
     let failed = |detail: String| IndexError::Seed {
         digest: req.digest.clone(),
         detail,

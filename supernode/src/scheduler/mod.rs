@@ -8,6 +8,7 @@ mod proof;
 pub mod realms;
 mod register;
 mod session;
+mod start;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -58,6 +59,8 @@ pub struct Scheduling {
     pub tokens: fetcher::source::token::TokenCache,
     /// Layer indexes of seeded registry blobs.
     pub indexes: crate::layer_index::Indexes,
+    /// What the first start of each layer read.
+    pub start_sets: crate::start_sets::StartSets,
     /// Ticket signing for pieces and indexes.
     pub tickets: Arc<crate::tickets::Tickets>,
     /// Token realms registries announced.
@@ -184,12 +187,7 @@ impl Scheduler for SchedulerService {
     ) -> Result<Response<proto::scheduler::LayerIndexReply>, Status> {
         self.admit_rpc(&identity::Caller::of(&request))?;
         let local_ip = request.local_addr().map(|a| a.ip());
-        let r = request.into_inner();
-        let req = index::IndexRequest {
-            url: r.url,
-            headers: r.headers.into_iter().map(|h| (h.name, h.value)).collect(),
-            digest: r.digest,
-        };
+        let req = index::IndexRequest::from(request.into_inner());
         let bytes = index::seeded_index(&self.inner, &req)
             .await
             .map_err(|e| index::status(&e))?;
@@ -228,6 +226,30 @@ impl Scheduler for SchedulerService {
                 hex::encode(sha2::Sha256::digest(bytes.as_slice()))
             ),
         }))
+    }
+
+    async fn start_set(
+        &self,
+        request: Request<proto::scheduler::LayerIndexRequest>,
+    ) -> Result<Response<proto::scheduler::StartSet>, Status> {
+        self.admit_rpc(&identity::Caller::of(&request))?;
+        let req = index::IndexRequest::from(request.into_inner());
+        start::start_set(&self.inner, &req).await.map(Response::new)
+    }
+
+    async fn record_start(
+        &self,
+        request: Request<proto::scheduler::RecordStartRequest>,
+    ) -> Result<Response<proto::scheduler::RecordStartReply>, Status> {
+        self.admit_rpc(&identity::Caller::of(&request))?;
+        let r = request.into_inner();
+        let layer = r
+            .layer
+            .ok_or_else(|| Status::invalid_argument("RecordStart names no layer"))?;
+        let req = index::IndexRequest::from(layer);
+        start::record(&self.inner, &req, r.offsets)
+            .await
+            .map(Response::new)
     }
 }
 
