@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
     name = "supernode",
     version,
     args_conflicts_with_subcommands = true,
-    after_help = "Every flag also has a key in the TOML config file (--config); flags win.\nSee packaging/supernode.toml for all keys and their defaults.\nHTTPS endpoints: /healthz, /metrics, /pieces/<version>/<n> and /api/v1/index/<digest> (with a ticket),\nPOST /api/v1/preheat and POST /api/v1/index (with the admin token, --admin-token-file).\nOrigins: public addresses only unless allowed (--allow-origin, --allow-address, [origin_policy]).\nCluster TLS is required (--tls-ca/--tls-cert/--tls-key; `supernode certs` makes them) unless --plaintext."
+    after_help = "Every flag also has a key in the TOML config file (--config); flags win.\nSee packaging/supernode.toml for all keys and their defaults.\nHTTPS endpoints: /healthz, /metrics, /pieces/<version>/<n> and /api/v1/index/<digest> (with a ticket),\nPOST /api/v1/preheat, POST /api/v1/index and GET /api/v1/tasks (with the admin token, --admin-token-file).\nOrigins: public addresses only unless allowed (--allow-origin, --allow-address, [origin_policy]).\nCluster TLS is required (--tls-ca/--tls-cert/--tls-key; `supernode certs` makes them) unless --plaintext."
 )]
 pub struct Args {
     /// Config file (TOML).

@@ -1,5 +1,6 @@
 //! The supernode's HTTP server: pieces for peers (with a ticket), layer indexes (with an index
-//! ticket), health, metrics, and the admin API (preheat, index builds: with the admin token).
+//! ticket), health, metrics, and the admin API (preheat, index builds, the tasks list
+//! [`crate::tasks_api`]: with the admin token).
 
 use std::sync::Arc;
 
@@ -79,6 +80,7 @@ pub fn router(s: Arc<Scheduling>, upload_rate: u64, max_uploads: usize) -> Route
         .route("/api/v1/preheat", post(preheat))
         .route("/api/v1/index/{digest}", get(layer_index))
         .route("/api/v1/index", post(build_index))
+        .route("/api/v1/tasks", get(crate::tasks_api::tasks))
         .with_state(s);
     pieces.merge(api)
 }
@@ -136,7 +138,7 @@ fn index_ticket(
 }
 
 /// Why an admin API request was refused.
-enum AdminRefusal {
+pub(crate) enum AdminRefusal {
     Disabled,
     Missing,
     Wrong,
@@ -166,7 +168,7 @@ impl IntoResponse for AdminRefusal {
 
 /// An admin API request whose `Authorization: Bearer <admin token>` checked out (an extractor:
 /// a refused request is answered before its body is read).
-struct Admin;
+pub(crate) struct Admin;
 
 impl axum::extract::FromRequestParts<Arc<Scheduling>> for Admin {
     type Rejection = AdminRefusal;

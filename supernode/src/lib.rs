@@ -17,6 +17,7 @@ pub mod scheduler;
 pub mod seed;
 pub mod start_sets;
 pub mod task;
+pub mod tasks_api;
 pub mod tickets;
 
 use std::net::SocketAddr;

@@ -211,6 +211,33 @@ async fn long_name_and_pax_bombs_are_refused_in_bounded_memory() {
         .await
         .expect("healthz");
     assert!(ok.status().is_success(), "the supernode stopped serving");
+    // The tasks API (admin token): the bombs' seeds, each held whole.
+    let tasks = format!("{http}/api/v1/tasks");
+    let r = client.get(&tasks).send().await.expect("tasks");
+    assert_eq!(
+        r.status().as_u16(),
+        401,
+        "the tasks list without the admin token"
+    );
+    let r = client
+        .get(&tasks)
+        .bearer_auth("bomb-test-admin-token-0123456789")
+        .send()
+        .await
+        .expect("tasks");
+    let text = r.text().await.expect("tasks");
+    let list: Vec<serde_json::Value> = serde_json::from_str(&text).expect("tasks JSON");
+    let complete: Vec<_> = list.iter().filter(|t| t["status"] == "complete").collect();
+    assert_eq!(complete.len(), bombs.len(), "{list:?}");
+    for t in complete {
+        assert_eq!(t["pieces_held"], t["piece_count"], "{t}");
+        assert!(
+            t["url"]
+                .as_str()
+                .is_some_and(|u| u.contains("/v2/bomb/blobs/")),
+            "{t}"
+        );
+    }
     assert!(
         !std::fs::read_dir(env.path("sn"))
             .expect("store")
