@@ -1,5 +1,7 @@
 pub mod cluster;
 pub mod containerd;
+#[cfg(test)]
+mod dashboard;
 pub mod docker;
 pub mod harness;
 pub mod host;
