@@ -25,6 +25,7 @@ pub mod shutdown;
 pub mod source;
 pub mod start_set;
 pub mod task_id;
+pub mod tasks_api;
 pub mod ticket;
 pub mod tls;
 pub mod uds;

@@ -76,6 +76,12 @@ impl OpenTasks {
     pub(crate) fn get(&self, version: &str) -> Option<Arc<TaskStore>> {
         self.tasks.lock().ok().and_then(|t| t.get(version).cloned())
     }
+    pub(crate) fn all(&self) -> Vec<Arc<TaskStore>> {
+        self.tasks
+            .lock()
+            .map(|t| t.values().cloned().collect())
+            .unwrap_or_default()
+    }
     pub(crate) fn insert(&self, store: Arc<TaskStore>) {
         if let Ok(mut t) = self.tasks.lock() {
             t.insert(store.meta().version_id, store);

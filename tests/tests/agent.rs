@@ -69,6 +69,21 @@ async fn concurrent_agent_downloads_share_the_host_download_limit() {
     );
 }
 
+/// Bytes held and share complete of the blob `hex`'s task, as the tasks API of the agent whose
+/// metrics address is `metrics` shows it.
+async fn blob_task(metrics: &str, hex: &str) -> (f64, f64) {
+    let text = damselfly_tests::harness::get_text(&format!("http://{metrics}/api/v1/tasks")).await;
+    let all: Vec<serde_json::Value> = serde_json::from_str(&text).expect("tasks JSON");
+    let blob = all
+        .into_iter()
+        .find(|t| t["url"].as_str().is_some_and(|u| u.ends_with(hex)))
+        .unwrap_or_else(|| panic!("no task for the blob: {text}"));
+    (
+        blob["bytes_held"].as_f64().unwrap_or(-1.0),
+        blob["complete"].as_f64().unwrap_or(-1.0),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_serve_blob_ranges_from_one_p2p_fetch() {
     let env = Env::new("agent-ranges");
@@ -150,6 +165,17 @@ async fn agents_serve_blob_ranges_from_one_p2p_fetch() {
             fetcher::task_id::DEFAULT_PIECE_SIZE
         )),
         "agent c fetched more than the read's piece"
+    );
+    // Their tasks APIs say how much of the blob each agent holds.
+    assert_eq!(
+        blob_task(&daemons[0].metrics, &hex).await,
+        (size as f64, 1.0)
+    );
+    let (held, complete) = blob_task(&daemons[2].metrics, &hex).await;
+    assert_eq!(held, fetched, "agent c's task");
+    assert!(
+        complete > 0.0 && complete < 1.0,
+        "agent c holds {complete} of it"
     );
     let served = damselfly_tests::harness::origin_bytes(&origin_url).await;
     assert!(

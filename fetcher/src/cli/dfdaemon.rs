@@ -263,9 +263,13 @@ async fn run_inner(args: Args) -> Result<()> {
     let metrics = PeerMetrics::new();
     let peer = Peer::start(peer_cfg, metrics.clone(), shutdown.clone()).await?;
     let api = agent::serve(&c.agent_socket, peer.clone(), shutdown.clone())?;
-    let m = metrics.clone();
+    let (m, p) = (metrics.clone(), peer.clone());
     let router = Router::new()
         .route("/metrics", get(move || std::future::ready(m.render())))
+        .route(
+            "/api/v1/tasks",
+            get(move || std::future::ready(axum::Json(p.tasks()))),
+        )
         .route("/healthz", get(|| std::future::ready("ok")));
     let (maddr, _) = upload::serve(c.metrics_addr, router, None, shutdown.clone())
         .await
