@@ -93,6 +93,11 @@ pub enum Error {
     /// The local agent failed or could not be reached.
     #[error("agent at {socket}: {detail}")]
     Agent { socket: PathBuf, detail: String },
+
+    /// A registry document (image index, manifest) that is malformed, names no manifest for the
+    /// platform, or is not the one its digest names.
+    #[error("{0}")]
+    ImageDocument(String),
 }
 
 impl Error {
@@ -121,7 +126,8 @@ impl Error {
             Error::OriginStatus { .. }
             | Error::OriginUnreachable { .. }
             | Error::OriginBody { .. }
-            | Error::Refused { .. } => 4,
+            | Error::Refused { .. }
+            | Error::ImageDocument(_) => 4,
             Error::Supernode { .. } => 4,
             Error::NoSpace { .. } => 5,
             Error::DigestMismatch { .. } => 6,

@@ -81,6 +81,7 @@ pub fn router(s: Arc<Scheduling>, upload_rate: u64, max_uploads: usize) -> Route
         .route("/api/v1/index/{digest}", get(layer_index))
         .route("/api/v1/index", post(build_index))
         .route("/api/v1/tasks", get(crate::tasks_api::tasks))
+        .merge(crate::jobs::router())
         .with_state(s);
     pieces.merge(api)
 }
@@ -262,7 +263,9 @@ async fn preheat(
     Json(req): Json<PreheatRequest>,
 ) -> axum::response::Response {
     match register_for_preheat(&s, req).await {
-        Ok(task_id) => (StatusCode::ACCEPTED, Json(PreheatResponse { task_id })).into_response(),
+        Ok((task_id, _)) => {
+            (StatusCode::ACCEPTED, Json(PreheatResponse { task_id })).into_response()
+        }
         Err(e) => (StatusCode::BAD_REQUEST, e.message).into_response(),
     }
 }

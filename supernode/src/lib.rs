@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod isolation;
+pub mod jobs;
 pub mod layer_index;
 pub mod metrics;
 pub mod peers;
@@ -166,6 +167,7 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
             admin_token,
         },
         tickets: tickets.clone(),
+        jobs: Default::default(),
         per_host: Default::default(),
         realms: Default::default(),
         tasks: tasks.clone(),

@@ -227,6 +227,26 @@ impl HttpSource {
 }
 
 impl OriginResponse {
+    /// The response's `Content-Type` (empty when it has none or it is not text).
+    pub fn content_type(&self) -> &str {
+        self.response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    /// The whole body, refused past `max` bytes (a document, never a blob).
+    pub async fn bytes_bounded(self, max: usize) -> Result<Bytes> {
+        let url = self.url;
+        super::read_bounded(self.response, max)
+            .await
+            .map_err(|e| Error::OriginBody {
+                url,
+                detail: e.to_string(),
+            })
+    }
+
     /// True for a 206 (the body is the range asked for, checked against Content-Range).
     pub fn partial(&self) -> bool {
         self.response.status() == reqwest::StatusCode::PARTIAL_CONTENT

@@ -3,6 +3,7 @@
 
 pub mod hosts;
 mod http;
+pub mod image;
 pub mod policy;
 pub mod token;
 

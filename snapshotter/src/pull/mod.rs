@@ -51,17 +51,7 @@ pub struct PullSummary {
     pub unpacked: Vec<String>,
 }
 
-/// The platform this machine runs, as OCI names it (`linux/amd64`).
-pub fn host_platform() -> String {
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        "powerpc64" => "ppc64le",
-        other => other,
-    };
-    format!("linux/{arch}")
-}
+pub use fetcher::source::image::host_platform;
 
 /// A registry document: its bytes, content type and digest.
 struct Doc {

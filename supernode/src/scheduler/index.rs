@@ -69,20 +69,25 @@ pub(super) async fn seed(s: &Scheduling, req: &IndexRequest) -> Result<(), Index
     let version = register::join(s, &reg)
         .await
         .map_err(|e| failed(e.message))?;
+    wait_seeded(s, &version).await.map_err(failed)
+}
+
+/// Waits until `version`'s seed completes; the seed's failure otherwise.
+pub async fn wait_seeded(s: &Scheduling, version: &crate::task::Version) -> Result<(), String> {
     let mut changed = version.subscribe();
     loop {
         match &version.lock().status {
             TaskStatus::Complete { .. } => return Ok(()),
-            TaskStatus::Failed(e) => return Err(failed(e.message.clone())),
+            TaskStatus::Failed(e) => return Err(e.message.clone()),
             TaskStatus::Seeding => {}
         }
         tokio::select! {
             r = changed.changed() => {
                 if r.is_err() {
-                    return Err(failed("the seed went away".into()));
+                    return Err("the seed went away".into());
                 }
             }
-            _ = s.shutdown.wait() => return Err(failed("the supernode is shutting down".into())),
+            _ = s.shutdown.wait() => return Err("the supernode is shutting down".into()),
         }
     }
 }

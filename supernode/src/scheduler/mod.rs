@@ -63,6 +63,8 @@ pub struct Scheduling {
     pub start_sets: crate::start_sets::StartSets,
     /// Ticket signing for pieces and indexes.
     pub tickets: Arc<crate::tickets::Tickets>,
+    /// Preheat jobs (Harbor's P2P preheat API).
+    pub jobs: crate::jobs::Jobs,
     /// Token realms registries announced.
     pub realms: realms::Realms,
 }
@@ -253,11 +255,12 @@ impl Scheduler for SchedulerService {
     }
 }
 
-/// Starts seeding a URL on request of the preheat API; returns its task id.
+/// Starts seeding a URL on request of the preheat API; returns its task id and the version
+/// being seeded.
 pub async fn register_for_preheat(
     s: &Scheduling,
     req: crate::http::PreheatRequest,
-) -> Result<String, proto::scheduler::TaskError> {
+) -> Result<(String, Arc<crate::task::Version>), proto::scheduler::TaskError> {
     let filter = fetcher::task_id::parse_filter(&req.filter);
     let task_id = fetcher::task_id::task_id(&req.url, &req.tag, &filter).map_err(|e| {
         proto::scheduler::TaskError {
@@ -278,6 +281,6 @@ pub async fn register_for_preheat(
             .collect(),
         ..Default::default()
     };
-    register::join(s, &reg).await?;
-    Ok(task_id)
+    let version = register::join(s, &reg).await?;
+    Ok((task_id, version))
 }
