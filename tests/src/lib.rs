@@ -3,6 +3,7 @@ pub mod containerd;
 #[cfg(test)]
 mod dashboard;
 pub mod docker;
+pub mod harbor;
 pub mod harness;
 pub mod host;
 pub mod kubelet;

@@ -1,0 +1,197 @@
+//! Harbor's P2P preheat against a supernode: the requests Harbor's Dragonfly driver makes
+//! (`damselfly_tests::harbor`), against a Harbor-like registry (TLS, token auth from a token
+//! server that signs JWTs, a private repository). The job for the image's manifest URL, with the
+//! repository's pull token in its headers as Harbor sends it, ends `SUCCESS` listing every layer;
+//! the registry served each layer once, a second job takes nothing more from it, and afterwards
+//! an agent's pull and the layer indexes lazy starts read take nothing from the registry either.
+//! The personal access token (the admin token) is required; a job for a missing tag ends
+//! `FAILURE` naming the registry's answer.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use damselfly_tests::harbor::{Driver, Status};
+use damselfly_tests::harness::{Env, agent_layer_index};
+use damselfly_tests::pki::{REGISTRY_HOST, ensure_hosts_entry, make_pki};
+use damselfly_tests::registry::{
+    CREDS, RegistryAuth, count_blob_gets, oci_blobs, push_test_image_as, skopeo,
+    start_registry_with, start_token_server, test_client, tools_missing,
+};
+
+const ADMIN_TOKEN: &str = "harbor-preheat-personal-access-token";
+
+/// A pull token for `repo` from the token server, as Harbor mints one for its preheat requests.
+async fn pull_token(realm: &str, ca: &std::path::Path, repo: &str) -> String {
+    let (user, pass) = CREDS.split_once(':').unwrap_or_default();
+    let r = test_client(Some(ca))
+        .get(realm)
+        .query(&[
+            ("service", "damselfly-registry"),
+            ("scope", &format!("repository:{repo}:pull")),
+        ])
+        .basic_auth(user, Some(pass))
+        .send()
+        .await
+        .expect("token request");
+    assert_eq!(r.status().as_u16(), 200, "pull token");
+    let v: serde_json::Value = serde_json::from_str(&r.text().await.expect("body")).expect("json");
+    v["token"].as_str().expect("token field").to_owned()
+}
+
+/// Polls the job until Harbor would stop polling it (success or failure), or panics.
+async fn wait_job(driver: &Driver, id: &str) -> Status {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match driver.check_progress(id).await {
+            Ok(Status::Running) => {}
+            Ok(done) => return done,
+            Err(e) => panic!("job {id}: Harbor's driver would fail the task: {e}"),
+        }
+        assert!(Instant::now() < deadline, "job {id} still running");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn harbor_preheat_seeds_each_layer_once_and_later_pulls_take_nothing_from_the_registry() {
+    let name =
+        "harbor_preheat_seeds_each_layer_once_and_later_pulls_take_nothing_from_the_registry";
+    if let Some(why) = tools_missing().or_else(|| ensure_hosts_entry().err()) {
+        damselfly_tests::harness::skip(name, &why);
+        return;
+    }
+    let env = Env::new("harbor-preheat");
+    let pki = make_pki(&env);
+    let (_ts, realm) = start_token_server(&env, &pki, &[CREDS], &["project/app=alice"]).await;
+    let auth = RegistryAuth::Token {
+        realm: realm.clone(),
+    };
+    let (registry_proc, registry) = start_registry_with(&env, Some(&pki), auth).await;
+    let layers = push_test_image_as(&env, &registry, "project/app:v1", 1 << 20, Some(CREDS)).await;
+    let setup_log = registry_proc.output();
+    let served = |layer: &str| {
+        count_blob_gets(&registry_proc.output(), layer) - count_blob_gets(&setup_log, layer)
+    };
+
+    let ca = pki.ca_crt.to_string_lossy().into_owned();
+    std::fs::write(env.path("admin-token"), ADMIN_TOKEN).expect("admin token");
+    let token_file = env.path("admin-token").to_string_lossy().into_owned();
+    let (_sn, grpc, http) = env
+        .supernode(
+            "sn",
+            &["--upstream-ca", &ca, "--admin-token-file", &token_file],
+        )
+        .await;
+    let driver = |token: Option<&str>| Driver {
+        endpoint: format!("{http}/"),
+        token: token.map(str::to_owned),
+        client: damselfly_tests::cluster::http_client(),
+    };
+    let harbor = driver(Some(ADMIN_TOKEN));
+    harbor
+        .health()
+        .await
+        .expect("the provider instance is healthy");
+
+    let manifest = format!("https://{registry}/v2/project/app/manifests/v1");
+    let jwt = pull_token(&realm, &pki.ca_crt, "project/app").await;
+    let headers = BTreeMap::from([("Authorization".to_owned(), format!("Bearer {jwt}"))]);
+    for (token, want) in [(None, "401"), (Some("not-the-token"), "403")] {
+        let err = driver(token)
+            .preheat(&manifest, &headers, "single_seed_peer")
+            .await
+            .expect_err("a job without the personal access token");
+        assert!(err.contains(want), "{token:?}: {err}");
+    }
+
+    let id = harbor
+        .preheat(&manifest, &headers, "single_seed_peer")
+        .await
+        .expect("preheat job");
+    let Status::Success(rows) = wait_job(&harbor, &id).await else {
+        env.dump_logs();
+        panic!("the preheat job did not succeed");
+    };
+    for layer in &layers {
+        let url = format!("https://{registry}/v2/project/app/blobs/{layer}");
+        assert!(
+            rows.iter().any(|(u, s, _)| *u == url && s == "SUCCESS"),
+            "{layer} not among the job's seeded blobs: {rows:?}"
+        );
+    }
+    assert_eq!(rows.len(), layers.len(), "{rows:?}");
+    // The registry writes its access-log line just after the last byte.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while layers.iter().any(|l| served(l) == 0) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for layer in &layers {
+        assert_eq!(served(layer), 1, "preheat: {layer} left the registry");
+    }
+    let again = harbor
+        .preheat(&manifest, &headers, "all_seed_peers")
+        .await
+        .expect("second job");
+    assert!(matches!(
+        wait_job(&harbor, &again).await,
+        Status::Success(_)
+    ));
+
+    let missing = format!("https://{registry}/v2/project/app/manifests/nope");
+    let id = harbor.preheat(&missing, &headers, "").await.expect("job");
+    match wait_job(&harbor, &id).await {
+        Status::Fail(e) => assert!(e.contains("404"), "{e}"),
+        other => panic!("a job for a missing tag: {other:?}"),
+    }
+
+    // Later pulls through an agent, and the indexes lazy starts read, come from the seed.
+    let (_agent, d) = env
+        .dfdaemon(
+            "agent",
+            &grpc,
+            &["--hijack", REGISTRY_HOST, "--upstream-ca", &ca],
+        )
+        .await;
+    let ca_dir = d.save_ca(&env, "agent-ca").await;
+    let dest = env.path("pulled");
+    let (src, oci) = (
+        format!("docker://{registry}/project/app:v1"),
+        format!("oci:{}:app", dest.display()),
+    );
+    let ca_dir = ca_dir.to_string_lossy().into_owned();
+    let args = [
+        "--insecure-policy",
+        "copy",
+        "--src-cert-dir",
+        &ca_dir,
+        "--src-creds",
+        CREDS,
+        &src,
+        &oci,
+    ];
+    let proxy = format!("http://{}", d.proxy);
+    let (code, out) = skopeo(&args, &[("HTTPS_PROXY", &proxy), ("NO_PROXY", "")]).await;
+    assert_eq!(code, 0, "skopeo through the agent: {out}");
+    let pulled = oci_blobs(&dest);
+    assert!(
+        layers
+            .iter()
+            .all(|l| pulled.iter().any(|p| l.strip_prefix("sha256:") == Some(p))),
+        "{pulled:?}"
+    );
+    let bearer = format!("Bearer {jwt}");
+    for layer in &layers[..2] {
+        let url = format!("https://{registry}/v2/project/app/blobs/{layer}");
+        let index = agent_layer_index(&d.socket, &url, &[("Authorization", &bearer)], layer)
+            .await
+            .unwrap_or_else(|e| panic!("index of {layer}: {e}"));
+        assert!(!index.is_empty(), "{layer}: empty index");
+    }
+    for layer in &layers {
+        assert_eq!(
+            served(layer),
+            1,
+            "after the pull: {layer} left the registry again"
+        );
+    }
+}
