@@ -320,6 +320,10 @@ fn start(cfg: &ManagerConfig) -> Result<()> {
         .try_clone()
         .map_err(|e| Error::io("cannot open", &log_path, e))?;
     let mut cmd = std::process::Command::new(exe);
+    // Sockets dfsnapshotter inherited (socket activation) are its own, not the manager's.
+    for var in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
+        cmd.env_remove(var);
+    }
     cmd.arg("fuse-manager")
         .arg("--root")
         .arg(&cfg.root)

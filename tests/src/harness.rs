@@ -133,10 +133,21 @@ impl Env {
         args: &[String],
         envs: &[(&str, &str)],
     ) -> Proc {
+        self.spawn_program(name, &bin(bin_name), args, envs)
+    }
+
+    /// Spawns `program` with output to `<dir>/<name>.log`.
+    pub fn spawn_program(
+        &self,
+        name: &str,
+        program: &Path,
+        args: &[String],
+        envs: &[(&str, &str)],
+    ) -> Proc {
         let log = self.path(&format!("{name}.log"));
         let f = std::fs::File::create(&log).expect("log file");
         let f2 = f.try_clone().expect("log file");
-        let child = Command::new(bin(bin_name))
+        let child = Command::new(program)
             .args(args)
             .envs(envs.iter().copied())
             .stdin(Stdio::null())
@@ -144,7 +155,7 @@ impl Env {
             .stderr(f2)
             .kill_on_drop(true)
             .spawn()
-            .unwrap_or_else(|e| panic!("spawn {bin_name}: {e}"));
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
         Proc {
             name: name.to_owned(),
             child,
