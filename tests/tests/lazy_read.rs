@@ -1,6 +1,7 @@
 //! The lazy read path end to end, without containerd: a layer seeded by the supernode is mounted
 //! over FUSE on another host from its index, and its files are read through that host's agent
-//! (pieces from peers), byte for byte what the layer holds.
+//! (pieces from peers), byte for byte what the layer holds; reads made while that agent crashed
+//! (kill -9) wait for it to come back instead of failing.
 
 use std::io::Read;
 use std::path::Path;
@@ -55,7 +56,7 @@ async fn a_layer_mounted_from_its_index_reads_through_the_agent() {
     let (_a, a) = env
         .dfdaemon("host-a", &grpc, &["--registry-mirror", &mirror])
         .await;
-    let (_b, b) = env
+    let (mut b_proc, mut b) = env
         .dfdaemon("host-b", &grpc, &["--registry-mirror", &mirror])
         .await;
     // Host A pulls the image: the supernode seeds (and can index) every layer.
@@ -97,7 +98,14 @@ async fn a_layer_mounted_from_its_index_reads_through_the_agent() {
         let mnt = env.path(&format!("mnt{i}"));
         std::fs::create_dir_all(&mnt).expect("mkdir");
         let session = mount(fs, &mnt).expect("mount");
+        // The second layer is read while host B's agent crashes and comes back: reads wait for it.
+        if i == 1 {
+            b_proc.kill9().await;
+        }
+        let reading = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let started = reading.clone();
         let reads = tokio::task::spawn_blocking(move || {
+            started.store(true, std::sync::atomic::Ordering::SeqCst);
             want.iter()
                 .map(|(path, data)| {
                     (
@@ -106,9 +114,16 @@ async fn a_layer_mounted_from_its_index_reads_through_the_agent() {
                     )
                 })
                 .collect::<Vec<_>>()
-        })
-        .await
-        .expect("reads");
+        });
+        if i == 1 {
+            while !reading.load(std::sync::atomic::Ordering::SeqCst) {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            (b_proc, b) = env
+                .dfdaemon("host-b", &grpc, &["--registry-mirror", &mirror])
+                .await;
+        }
+        let reads = reads.await.expect("reads");
         snapshotter::layerfs::unmount(session).expect("unmount");
         for (path, ok) in reads {
             assert!(

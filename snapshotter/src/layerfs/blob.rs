@@ -51,6 +51,18 @@ fn refused_credentials(s: &tonic::Status) -> bool {
         .any(|m| s.message().contains(m))
 }
 
+/// How long a read waits for an agent that is not there (restarting: a rolled DaemonSet pod, a
+/// crash, an upgrade) before it fails with EIO. A dfdaemon whose socket systemd holds needs none
+/// of it: calls wait in the socket's backlog.
+pub const AGENT_RESTART_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Whether the call failed for want of an agent (nothing listening on its socket, or the
+/// connection broke), not by the agent's answer: the status was made by the client's transport,
+/// which keeps the transport error as its source.
+fn agent_gone(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::Unavailable && std::error::Error::source(s).is_some()
+}
+
 /// Fixed headers (none, for public registries).
 impl Credentials for Vec<(String, String)> {
     fn headers(&self) -> Vec<(String, String)> {
@@ -81,6 +93,7 @@ impl BlobReader for AgentBlob {
         let mut at = range.start;
         let mut headers = agent_headers(self.headers.as_ref());
         let mut refreshed = false;
+        let mut gone_since: Option<std::time::Instant> = None;
         while at < range.end {
             let length = (range.end - at).min(AGENT_READ_MAX);
             let req = proto::agent::ReadRangeRequest {
@@ -101,8 +114,21 @@ impl BlobReader for AgentBlob {
                     headers = agent_headers(self.headers.as_ref());
                     continue;
                 }
+                Err(s)
+                    if agent_gone(&s)
+                        && gone_since
+                            .get_or_insert_with(std::time::Instant::now)
+                            .elapsed()
+                            < AGENT_RESTART_WAIT =>
+                {
+                    // The agent restarts: ask again once it is back (the channel redials).
+                    tracing::debug!(error = %s.message(), "agent unreachable; waiting for it");
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    continue;
+                }
                 Err(s) => return Err(std::io::Error::other(format!("agent: {}", s.message()))),
             };
+            gone_since = None;
             let data = reply.into_inner().data;
             if data.len() as u64 != length {
                 return Err(std::io::Error::other(format!(
