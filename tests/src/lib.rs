@@ -9,6 +9,8 @@ pub mod harness;
 pub mod host;
 pub mod kubelet;
 pub mod loadgen;
+#[cfg(test)]
+mod manifests;
 pub mod origin;
 pub mod pki;
 pub mod registry;
