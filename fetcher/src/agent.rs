@@ -231,6 +231,27 @@ impl Agent for AgentService {
         }
     }
 
+    async fn tasks(
+        &self,
+        _request: Request<proto::agent::TasksRequest>,
+    ) -> Result<Response<proto::agent::TasksReply>, Status> {
+        let tasks = self
+            .peer
+            .tasks()
+            .into_iter()
+            .map(|t| proto::agent::TaskState {
+                task_id: t.task_id,
+                digest: t.digest.unwrap_or_default(),
+                content_length: t
+                    .content_length
+                    .and_then(|n| i64::try_from(n).ok())
+                    .unwrap_or(-1),
+                bytes_held: t.bytes_held,
+            })
+            .collect();
+        Ok(Response::new(proto::agent::TasksReply { tasks }))
+    }
+
     async fn record_start(
         &self,
         request: Request<proto::agent::RecordStartRequest>,

@@ -137,6 +137,7 @@ impl FuseManager for Service {
         &self,
         _request: Request<MetricsRequest>,
     ) -> Result<Response<MetricsReply>, Status> {
+        self.layers.update_fetched().await;
         let m = self.layers.metrics();
         m.credential_scopes
             .set(i64::try_from(self.keyring.len()).unwrap_or(i64::MAX));

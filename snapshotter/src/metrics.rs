@@ -1,7 +1,8 @@
 //! Prometheus metrics of dfsnapshotter (`damselfly_snapshotter_*`), served on `--metrics-addr`.
 
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 #[derive(Clone, Debug)]
@@ -38,6 +39,9 @@ pub struct Metrics {
     /// `damselfly_snapshotter_starts_pending{work="record|prefetch"}`: layer starts being
     /// recorded (waiting for their window to pass) and prefetches running.
     pub starts_pending: IntGaugeVec,
+    /// `damselfly_snapshotter_layer_fetched_ratio{layer="sha256:…"}`: the share of each mounted
+    /// lazy layer's blob that the host's agent holds (1: the whole layer is on this host).
+    pub layer_fetched: GaugeVec,
 }
 
 impl Metrics {
@@ -125,7 +129,17 @@ impl Metrics {
         )
         .expect("static metric definition");
         let _ = registry.register(Box::new(starts_pending.clone()));
+        let layer_fetched = GaugeVec::new(
+            Opts::new(
+                "damselfly_snapshotter_layer_fetched_ratio",
+                "Share of each mounted lazy layer's blob held by the host's agent",
+            ),
+            &["layer"],
+        )
+        .expect("static metric definition");
+        let _ = registry.register(Box::new(layer_fetched.clone()));
         Self {
+            layer_fetched,
             starts_pending,
             start_sets,
             prefetched_layers,

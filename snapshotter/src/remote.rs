@@ -106,6 +106,8 @@ struct Mounted {
     session: fuser::BackgroundSession,
     mountpoint: PathBuf,
     size: u64,
+    /// The layer blob's `sha256:<hex>`.
+    digest: String,
     /// Whose credentials its reads use.
     scope: Scope,
     /// Prefetching or recording its start (`crate::start`).
@@ -163,6 +165,37 @@ impl RemoteLayers {
             registry,
             metrics,
             sessions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Sets `damselfly_snapshotter_layer_fetched_ratio` of every mounted layer from what the
+    /// agent holds of its blob (a layer the agent has not opened yet: 0); unmounted layers drop out.
+    pub async fn update_fetched(&self) {
+        let digests: std::collections::BTreeSet<String> = self
+            .sessions
+            .lock()
+            .map(|m| m.values().map(|l| l.digest.clone()).collect())
+            .unwrap_or_default();
+        let held = match self.agent().await {
+            Ok(mut c) => match c.tasks(proto::agent::TasksRequest {}).await {
+                Ok(r) => r.into_inner().tasks,
+                Err(s) => {
+                    tracing::debug!(error = %s.message(), "agent tasks unavailable");
+                    return;
+                }
+            },
+            Err(_) => return,
+        };
+        let gauge = &self.metrics.layer_fetched;
+        gauge.reset();
+        for d in digests {
+            let task = fetcher::task_id::content_task_id(&d).ok();
+            let share = held
+                .iter()
+                .filter(|t| Some(&t.task_id) == task.as_ref() && t.content_length > 0)
+                .map(|t| t.bytes_held as f64 / t.content_length as f64)
+                .fold(0.0, f64::max);
+            gauge.with_label_values(&[&d]).set(share.min(1.0));
         }
     }
 
@@ -279,6 +312,7 @@ impl RemoteLayers {
                     session,
                     mountpoint: dir.join("fs"),
                     size,
+                    digest: layer.digest.clone(),
                     scope: Scope::new(&image.registry, &image.repository),
                     start,
                 },

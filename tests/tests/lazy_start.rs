@@ -133,6 +133,18 @@ async fn settled(addr: &str, name: &str, labels: &str, work: &str) -> f64 {
     }
 }
 
+/// `damselfly_snapshotter_layer_fetched_ratio` of `layer` in metrics `text` (panics if absent).
+fn layer_fetched(text: &str, layer: &str) -> f64 {
+    let label = format!("layer=\"{layer}\"");
+    assert!(
+        text.contains(&format!(
+            "damselfly_snapshotter_layer_fetched_ratio{{{label}}}"
+        )),
+        "no fetched share for mounted layer {layer}:\n{text}"
+    );
+    damselfly_tests::harness::metric(text, "damselfly_snapshotter_layer_fetched_ratio", &label)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dfsnapshotter_pull_starts_containers_lazily_on_two_hosts() {
     let skip = tools_missing()
@@ -190,6 +202,20 @@ async fn dfsnapshotter_pull_starts_containers_lazily_on_two_hosts() {
     files.extend(files_under(&a.root, 1, &|p: &Path| p.ends_with("big.bin")));
     assert_eq!(files.len(), 6, "expected files to check, found {files:?}");
     assert_private(&env, &[agent_store, sn_store, a.root.clone()], &files);
+    // Host A fetches its layers whole in the background: each layer's share reaches 1.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = damselfly_tests::harness::get_text(&format!("http://{}/metrics", a.metrics)).await;
+        let shares: Vec<f64> = layers.iter().map(|l| layer_fetched(&m, l)).collect();
+        if shares.iter().all(|s| *s == 1.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "host A's layers fetched: {shares:?}\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // Host B: the same, with the layers already in the cluster.
     // Host B: the same, with the layers already in the cluster and background fetching off, so
@@ -231,6 +257,13 @@ async fn dfsnapshotter_pull_starts_containers_lazily_on_two_hosts() {
         "starting a container fetched {fetched} bytes of a >200 MiB image"
     );
     eprintln!("start fetched {:.2} MiB", fetched / f64::from(1u32 << 20));
+    // Host B fetches only what is read: little of the big layer so far.
+    let m = damselfly_tests::harness::get_text(&format!("http://{}/metrics", b.metrics)).await;
+    let big = layer_fetched(&m, &layers[1]);
+    assert!(
+        big < 0.5,
+        "host B holds {big} of the big layer before reading it:\n{m}"
+    );
     let out = run(&b, &image, "b1", &["/bin/busybox", "sha256sum", "/big.bin"]).await;
     assert!(out.contains(&big_sha), "big.bin on host B differs: {out}");
     let fetched = b
