@@ -24,6 +24,7 @@ pub mod rendezvous;
 pub mod shutdown;
 pub mod source;
 pub mod start_set;
+pub mod subscription;
 pub mod task_id;
 pub mod tasks_api;
 pub mod ticket;

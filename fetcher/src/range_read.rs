@@ -151,6 +151,39 @@ impl Peer {
             .map_err(|e| Error::Download(format!("read task failed: {e}")))?
     }
 
+    /// Fetches the whole blob into the store (shared with range reads of it, seeded afterwards)
+    /// and returns once every piece is there and the whole is verified.
+    pub async fn fetch_blob(
+        &self,
+        url: &str,
+        headers: &[(String, String)],
+        digest: &str,
+    ) -> Result<()> {
+        let hex = task_id::parse_digest(digest)?;
+        let task_id = task_id::content_task_id(digest)?;
+        let r = RangeRequest {
+            url: url.to_owned(),
+            headers: headers.to_vec(),
+            digest: digest.to_owned(),
+            offset: 0,
+            length: 0,
+            only_range: false,
+        };
+        let fetch = self.fetch_for(&task_id, &r, &hex)?;
+        fetch
+            .wants
+            .send_if_modified(|w| std::mem::replace(&mut w.only, false));
+        let mut result = fetch.result.clone();
+        loop {
+            if let Some(outcome) = result.borrow_and_update().clone() {
+                return outcome.map_err(Error::Download);
+            }
+            if result.changed().await.is_err() {
+                return Err(Error::Download("the blob fetch went away".into()));
+            }
+        }
+    }
+
     /// The running (or finished) fetch of `task_id`, started if there is none.
     fn fetch_for(&self, task_id: &str, r: &RangeRequest, hex: &str) -> Result<Arc<Fetch>> {
         let mut map = self

@@ -17,6 +17,7 @@ pub mod replica;
 pub mod scheduler;
 pub mod seed;
 pub mod start_sets;
+pub mod subscribers;
 pub mod task;
 pub mod tasks_api;
 pub mod tickets;
@@ -168,6 +169,9 @@ pub async fn start(c: Config, shutdown: fetcher::Shutdown) -> Result<Running> {
         },
         tickets: tickets.clone(),
         jobs: Default::default(),
+        subscribers: Arc::new(subscribers::Subscribers::new(
+            metrics.subscribed_agents.clone(),
+        )),
         per_host: Default::default(),
         realms: Default::default(),
         tasks: tasks.clone(),

@@ -25,9 +25,12 @@ pub struct Metrics {
     pub tasks: IntGauge,
     /// `damselfly_supernode_peers`: connected peer sessions.
     pub peers: IntGauge,
+    /// `damselfly_supernode_subscribed_agents`: host agents subscribed for work (preheats of
+    /// scope all_peers).
+    pub subscribed_agents: IntGauge,
     /// `damselfly_supernode_evictions_total`: task versions evicted from the cache.
     pub evictions: IntCounter,
-    /// `damselfly_supernode_requests_refused_total{api="pieces|index|admin|register|origin|token|sessions|rate"}`: requests
+    /// `damselfly_supernode_requests_refused_total{api="pieces|index|admin|register|origin|token|sessions|rate|subscribe|subscribers"}`: requests
     /// without a valid ticket, admin token or origin proof.
     pub refused: IntCounterVec,
     /// `damselfly_supernode_replica_messages_total{dir="sent|received|refused|failed"}`: task
@@ -88,6 +91,10 @@ impl Metrics {
                 &["scope"],
             ),
             tasks: g("damselfly_supernode_tasks", "Task versions in memory"),
+            subscribed_agents: g(
+                "damselfly_supernode_subscribed_agents",
+                "Host agents subscribed for work (preheats of scope all_peers)",
+            ),
             peers: g("damselfly_supernode_peers", "Connected peer sessions"),
             evictions: c(
                 "damselfly_supernode_evictions_total",
@@ -145,7 +152,7 @@ impl Metrics {
         ] {
             let _ = m.registry.register(Box::new(x.clone()));
         }
-        for x in [&m.tasks, &m.peers, &m.replica_pieces] {
+        for x in [&m.tasks, &m.peers, &m.subscribed_agents, &m.replica_pieces] {
             let _ = m.registry.register(Box::new(x.clone()));
         }
         m

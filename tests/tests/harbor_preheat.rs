@@ -2,8 +2,10 @@
 //! (`damselfly_tests::harbor`), against a Harbor-like registry (TLS, token auth from a token
 //! server that signs JWTs, a private repository). The job for the image's manifest URL, with the
 //! repository's pull token in its headers as Harbor sends it, ends `SUCCESS` listing every layer;
-//! the registry served each layer once, a second job takes nothing more from it, and afterwards
-//! an agent's pull and the layer indexes lazy starts read take nothing from the registry either.
+//! the registry served each layer once. A second job, of scope `all_peers`, has an agent subscribed
+//! to the supernode fetch every layer from the seed (the registry serves nothing more); that
+//! agent's later pull then downloads nothing at all, and the layer indexes lazy starts read come
+//! from the supernode.
 //! The personal access token (the admin token) is required; a job for a missing tag ends
 //! `FAILURE` naming the registry's answer.
 
@@ -11,7 +13,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use damselfly_tests::harbor::{Driver, Status};
-use damselfly_tests::harness::{Env, agent_layer_index};
+use damselfly_tests::harness::{Env, agent_layer_index, get_text, metric};
 use damselfly_tests::pki::{REGISTRY_HOST, ensure_hosts_entry, make_pki};
 use damselfly_tests::registry::{
     CREDS, RegistryAuth, count_blob_gets, oci_blobs, push_test_image_as, skopeo,
@@ -119,7 +121,8 @@ async fn harbor_preheat_seeds_each_layer_once_and_later_pulls_take_nothing_from_
             "{layer} not among the job's seeded blobs: {rows:?}"
         );
     }
-    assert_eq!(rows.len(), layers.len(), "{rows:?}");
+    // And the image's config, which every pull asks for.
+    assert_eq!(rows.len(), layers.len() + 1, "{rows:?}");
     // The registry writes its access-log line just after the last byte.
     let deadline = Instant::now() + Duration::from_secs(10);
     while layers.iter().any(|l| served(l) == 0) && Instant::now() < deadline {
@@ -128,14 +131,60 @@ async fn harbor_preheat_seeds_each_layer_once_and_later_pulls_take_nothing_from_
     for layer in &layers {
         assert_eq!(served(layer), 1, "preheat: {layer} left the registry");
     }
+    // Scope all_peers: an agent subscribed to the supernode fetches every layer too (from the
+    // seed: the registry serves nothing more).
+    let (_agent, d) = env
+        .dfdaemon(
+            "agent",
+            &grpc,
+            &["--hijack", REGISTRY_HOST, "--upstream-ca", &ca],
+        )
+        .await;
+    let client = damselfly_tests::cluster::http_client();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = client
+            .get(format!("{http}/metrics"))
+            .send()
+            .await
+            .expect("metrics");
+        let m = m.text().await.unwrap_or_default();
+        if metric(&m, "damselfly_supernode_subscribed_agents", "") >= 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent never subscribed:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let again = harbor
-        .preheat(&manifest, &headers, "all_seed_peers")
+        .preheat(&manifest, &headers, "all_peers")
         .await
         .expect("second job");
-    assert!(matches!(
-        wait_job(&harbor, &again).await,
-        Status::Success(_)
-    ));
+    let Status::Success(rows) = wait_job(&harbor, &again).await else {
+        env.dump_logs();
+        panic!("the all_peers job did not succeed");
+    };
+    for layer in &layers {
+        let url = format!("https://{registry}/v2/project/app/blobs/{layer}");
+        let done = rows
+            .iter()
+            .filter(|(u, s, _)| *u == url && s == "SUCCESS")
+            .count();
+        assert_eq!(done, 2, "{layer}: the seed and the agent: {rows:?}");
+    }
+    let tasks = get_text(&format!("http://{}/api/v1/tasks", d.metrics)).await;
+    let tasks: Vec<serde_json::Value> = serde_json::from_str(&tasks).expect("tasks JSON");
+    for layer in &layers {
+        let held = tasks.iter().any(|t| {
+            t["url"]
+                .as_str()
+                .is_some_and(|u| u.ends_with(layer.as_str()))
+                && t["complete"] == 1.0
+        });
+        assert!(held, "the agent does not hold {layer} whole: {tasks:?}");
+    }
 
     let missing = format!("https://{registry}/v2/project/app/manifests/nope");
     let id = harbor.preheat(&missing, &headers, "").await.expect("job");
@@ -144,14 +193,9 @@ async fn harbor_preheat_seeds_each_layer_once_and_later_pulls_take_nothing_from_
         other => panic!("a job for a missing tag: {other:?}"),
     }
 
-    // Later pulls through an agent, and the indexes lazy starts read, come from the seed.
-    let (_agent, d) = env
-        .dfdaemon(
-            "agent",
-            &grpc,
-            &["--hijack", REGISTRY_HOST, "--upstream-ca", &ca],
-        )
-        .await;
+    // A later pull through that agent takes nothing over the network at all, and the indexes
+    // lazy starts read come from the seed.
+    let fetched = d.metric("damselfly_peer_download_bytes_total", "").await;
     let ca_dir = d.save_ca(&env, "agent-ca").await;
     let dest = env.path("pulled");
     let (src, oci) = (
@@ -179,6 +223,8 @@ async fn harbor_preheat_seeds_each_layer_once_and_later_pulls_take_nothing_from_
             .all(|l| pulled.iter().any(|p| l.strip_prefix("sha256:") == Some(p))),
         "{pulled:?}"
     );
+    let after = d.metric("damselfly_peer_download_bytes_total", "").await;
+    assert_eq!(after, fetched, "the pull downloaded layers the agent held");
     let bearer = format!("Bearer {jwt}");
     for layer in &layers[..2] {
         let url = format!("https://{registry}/v2/project/app/blobs/{layer}");

@@ -263,6 +263,8 @@ async fn run_inner(args: Args) -> Result<()> {
     let metrics = PeerMetrics::new();
     let peer = Peer::start(peer_cfg, metrics.clone(), shutdown.clone()).await?;
     let api = agent::serve(&c.agent_socket, peer.clone(), shutdown.clone())?;
+    // Work the supernodes give of their own accord (preheats of scope all_peers).
+    crate::subscription::start(peer.clone(), shutdown.clone());
     let (m, p) = (metrics.clone(), peer.clone());
     let router = Router::new()
         .route("/metrics", get(move || std::future::ready(m.render())))

@@ -17,6 +17,9 @@ use super::scheduled::channel;
 #[derive(Default)]
 pub(crate) struct Channels {
     open: Mutex<HashMap<String, Channel>>,
+    /// Per address, held while dialling it, so sessions that start together share one
+    /// connection (and a supernode that does not answer delays no dial of another).
+    dialling: Mutex<HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Channels {
@@ -27,15 +30,22 @@ impl Channels {
         addr: &str,
         tls: Option<&crate::tls::ClusterTls>,
     ) -> Result<SchedulerClient<Channel>, String> {
-        if let Some(c) = self.open.lock().ok().and_then(|m| m.get(addr).cloned()) {
+        let open = || self.open.lock().ok().and_then(|m| m.get(addr).cloned());
+        if let Some(c) = open() {
+            return Ok(SchedulerClient::new(c));
+        }
+        let gate = match self.dialling.lock() {
+            Ok(mut m) => m.entry(addr.to_owned()).or_default().clone(),
+            Err(_) => Default::default(),
+        };
+        let _dialling = gate.lock().await;
+        if let Some(c) = open() {
             return Ok(SchedulerClient::new(c));
         }
         let dialled = channel(addr, tls).await?;
-        // Two sessions may have dialled at once: the first connection stored is kept.
-        let c = match self.open.lock() {
-            Ok(mut m) => m.entry(addr.to_owned()).or_insert(dialled).clone(),
-            Err(_) => dialled,
-        };
-        Ok(SchedulerClient::new(c))
+        if let Ok(mut m) = self.open.lock() {
+            m.insert(addr.to_owned(), dialled.clone());
+        }
+        Ok(SchedulerClient::new(dialled))
     }
 }

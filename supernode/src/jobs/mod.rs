@@ -11,8 +11,9 @@
 //! failure's reasons are in `job_states[].error`.
 //!
 //! An image job ([`preheat`]) resolves the manifest URL Harbor sends (an index to the platform's
-//! manifest), then seeds every layer once from the registry with the credentials Harbor sent, and
-//! builds each layer's index, so later pulls and lazy starts take nothing from the registry.
+//! manifest), then seeds the config and every layer once from the registry with the credentials
+//! Harbor sent, and builds each layer's index, so later pulls and lazy starts take nothing from
+//! the registry; with scope `all_peers` the subscribed agents fetch every blob too.
 
 mod preheat;
 
@@ -196,10 +197,25 @@ pub fn finished_view(view: &JobView, outcome: &Outcome, host: &TaskRef) -> JobVi
         description: description.to_owned(),
         ..host.clone()
     };
-    let success_tasks: Vec<TaskRef> = outcome.seeded.iter().map(|u| at(u, "")).collect();
-    let failure_tasks: Vec<TaskRef> = outcome.failed.iter().map(|(u, d)| at(u, d)).collect();
+    let mut success_tasks: Vec<TaskRef> = outcome.seeded.iter().map(|u| at(u, "")).collect();
+    let mut failure_tasks: Vec<TaskRef> = outcome.failed.iter().map(|(u, d)| at(u, d)).collect();
     let mut errors: Vec<String> = outcome.error.iter().cloned().collect();
     errors.extend(outcome.failed.iter().map(|(u, d)| format!("{u}: {d}")));
+    for a in &outcome.agents {
+        let t = TaskRef {
+            url: a.url.clone(),
+            hostname: a.hostname.clone(),
+            ip: a.ip.clone(),
+            description: a.result.as_ref().err().cloned().unwrap_or_default(),
+        };
+        match &a.result {
+            Ok(()) => success_tasks.push(t),
+            Err(e) => {
+                errors.push(format!("{} on {}: {e}", a.url, a.hostname));
+                failure_tasks.push(t);
+            }
+        }
+    }
     JobView {
         state: if errors.is_empty() {
             "SUCCESS"
@@ -262,7 +278,7 @@ async fn create(
     );
     let shared = s.clone();
     tokio::spawn(async move {
-        let outcome = preheat::run(&shared, &plan).await;
+        let outcome = preheat::run(&shared, id, &plan).await;
         let host = TaskRef {
             url: String::new(),
             hostname: hostname(),
@@ -337,6 +353,12 @@ mod tests {
             seeded: vec!["u1".into()],
             failed: vec![("u2".into(), "registry answered 401".into())],
             error: None,
+            agents: vec![crate::subscribers::HostOutcome {
+                hostname: "node-7".into(),
+                ip: "10.0.0.7".into(),
+                url: "u1".into(),
+                result: Ok(()),
+            }],
         };
         jobs.finish(2, &bad, &host());
         let v = jobs.get(2).expect("job 2");
@@ -349,6 +371,11 @@ mod tests {
         assert_eq!(
             v.result.job_states[0].results[0].failure_tasks[0].description,
             "registry answered 401"
+        );
+        let agent = &v.result.job_states[0].results[0].success_tasks[1];
+        assert_eq!(
+            (agent.hostname.as_str(), agent.url.as_str()),
+            ("node-7", "u1")
         );
         assert!(jobs.get(3).is_none());
     }

@@ -1,19 +1,24 @@
 //! What a preheat job does: [`PreheatPlan`] checks a job request once (URL, scope, platform,
 //! limits), and [`run`] carries it out. An image job reads the manifest the URL names (through an
-//! index to the platform's manifest, every document checked against its digest), then seeds each
-//! layer blob from the registry with the job's headers and builds its layer index, a few layers
-//! at a time; a file job seeds the URL as a preheat of `POST /api/v1/preheat` does. Every origin
-//! request goes through the supernode's source, so the origin policy applies as to any seed.
+//! index to the platform's manifest, every document checked against its digest), then seeds the
+//! config and each layer blob from the registry with the job's headers and builds each layer's
+//! index, a few blobs at a time; a file job seeds the URL as `POST /api/v1/preheat` does. With
+//! scope `all_peers`, every agent subscribed to this supernode ([`crate::subscribers`]) then
+//! fetches each seeded blob into its store. Every origin request goes through the supernode's
+//! source, so the origin policy applies as to any seed.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use fetcher::source::image::{self, MANIFEST_TYPES, MAX_MANIFEST_BYTES};
 
+use proto::scheduler::{Header, HostCommand};
+
 use super::CreateJob;
 use crate::layer_index::IndexError;
 use crate::scheduler::Scheduling;
-use crate::scheduler::index::{IndexRequest, seeded_index, wait_seeded};
+use crate::scheduler::index::{IndexRequest, seed, seeded_index, wait_seeded};
+use crate::subscribers::HostOutcome;
 
 /// Layers seeded at once when the request does not say.
 const DEFAULT_CONCURRENCY: usize = 4;
@@ -23,7 +28,8 @@ const MAX_CONCURRENCY: usize = 16;
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Where the content goes. A supernode is the whole seed tier of its tasks, so the two seed
-/// scopes are the same here; `all_peers` seeds as they do.
+/// scopes are the same here; `all_peers` then has every agent subscribed to this supernode fetch
+/// each layer into its store too.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scope {
     SingleSeedPeer,
@@ -165,17 +171,19 @@ fn image_kind(url: &url::Url) -> Result<Kind, String> {
     })
 }
 
-/// What a job did: the URLs seeded, the ones that failed and why, and a failure before any
-/// (the manifest could not be read).
+/// What a job did: the URLs seeded, the ones that failed and why, a failure before any (the
+/// manifest could not be read), and what each agent did (scope `all_peers`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Outcome {
     pub seeded: Vec<String>,
     pub failed: Vec<(String, String)>,
     pub error: Option<String>,
+    pub agents: Vec<HostOutcome>,
 }
 
-/// Carries out `plan`, within its timeout.
-pub async fn run(s: &Scheduling, plan: &PreheatPlan) -> Outcome {
+/// Carries out `plan` as job `job`, within its timeout.
+pub async fn run(s: &Scheduling, job: u64, plan: &PreheatPlan) -> Outcome {
+    let started = tokio::time::Instant::now();
     let work = async {
         match &plan.kind {
             Kind::Image {
@@ -186,16 +194,46 @@ pub async fn run(s: &Scheduling, plan: &PreheatPlan) -> Outcome {
             Kind::File => file_job(s, plan).await,
         }
     };
-    match tokio::time::timeout(plan.timeout, work).await {
+    let mut outcome = match tokio::time::timeout(plan.timeout, work).await {
         Ok(outcome) => outcome,
-        Err(_) => Outcome {
-            error: Some(format!("the job took longer than {:?}", plan.timeout)),
-            ..Default::default()
-        },
+        Err(_) => {
+            return Outcome {
+                error: Some(format!("the job took longer than {:?}", plan.timeout)),
+                ..Default::default()
+            };
+        }
+    };
+    if plan.scope == Scope::AllPeers && !outcome.blobs.is_empty() {
+        let commands: Vec<HostCommand> = outcome
+            .blobs
+            .iter()
+            .map(|(url, digest)| HostCommand {
+                job,
+                url: url.clone(),
+                headers: plan
+                    .headers
+                    .iter()
+                    .map(|(name, value)| Header {
+                        name: name.clone(),
+                        value: value.clone(),
+                    })
+                    .collect(),
+                digest: digest.clone(),
+            })
+            .collect();
+        let left = plan.timeout.saturating_sub(started.elapsed());
+        outcome.outcome.agents = s.subscribers.fan_out(job, &commands, left).await;
     }
+    outcome.outcome
 }
 
-async fn file_job(s: &Scheduling, plan: &PreheatPlan) -> Outcome {
+/// A job's outcome on the seed tier, and the blobs (URL, digest) it seeded.
+struct Seeded {
+    outcome: Outcome,
+    blobs: Vec<(String, String)>,
+}
+
+async fn file_job(s: &Scheduling, plan: &PreheatPlan) -> Seeded {
     let req = crate::http::PreheatRequest {
         url: plan.url.clone(),
         headers: plan.headers.clone(),
@@ -207,7 +245,7 @@ async fn file_job(s: &Scheduling, plan: &PreheatPlan) -> Outcome {
         Ok((_, version)) => wait_seeded(s, &version).await,
         Err(e) => Err(e.message),
     };
-    match result {
+    let outcome = match result {
         Ok(()) => Outcome {
             seeded: vec![url],
             ..Default::default()
@@ -216,6 +254,11 @@ async fn file_job(s: &Scheduling, plan: &PreheatPlan) -> Outcome {
             failed: vec![(url, e)],
             ..Default::default()
         },
+    };
+    // Agents fetch registry blobs by digest; a file has none to fetch by.
+    Seeded {
+        outcome,
+        blobs: Vec::new(),
     }
 }
 
@@ -225,53 +268,68 @@ async fn image_job(
     base: &str,
     name: &str,
     reference: &str,
-) -> Outcome {
+) -> Seeded {
     let blobs = match layer_blobs(s, plan, base, name, reference).await {
         Ok(b) => b,
         Err(e) => {
-            return Outcome {
-                error: Some(e),
-                ..Default::default()
+            return Seeded {
+                outcome: Outcome {
+                    error: Some(e),
+                    ..Default::default()
+                },
+                blobs: Vec::new(),
             };
         }
     };
     use futures::StreamExt;
-    let results: Vec<(String, Result<(), String>)> = futures::stream::iter(blobs)
-        .map(|digest| async move {
+    let results: Vec<(String, String, Result<(), String>)> = futures::stream::iter(blobs)
+        .map(|(digest, layer)| async move {
             let url = format!("{base}/v2/{name}/blobs/{digest}");
             let req = IndexRequest {
                 url: url.clone(),
                 headers: plan.headers.clone().into_iter().collect(),
-                digest,
+                digest: digest.clone(),
             };
-            let r = match seeded_index(s, &req).await {
+            let r = if layer {
+                seeded_index(s, &req).await.map(|_| ())
+            } else {
+                seed(s, &req).await
+            };
+            let r = match r {
                 // Seeded; a layer that cannot be indexed is still pulled from the seed.
-                Ok(_) | Err(IndexError::Unindexable { .. }) => Ok(()),
+                Ok(()) | Err(IndexError::Unindexable { .. }) => Ok(()),
                 Err(e) => Err(e.to_string()),
             };
-            (url, r)
+            (url, digest, r)
         })
         .buffer_unordered(plan.concurrency)
         .collect()
         .await;
-    let mut out = Outcome::default();
-    for (url, r) in results {
+    let mut out = Seeded {
+        outcome: Outcome::default(),
+        blobs: Vec::new(),
+    };
+    for (url, digest, r) in results {
         match r {
-            Ok(()) => out.seeded.push(url),
-            Err(e) => out.failed.push((url, e)),
+            Ok(()) => {
+                out.outcome.seeded.push(url.clone());
+                out.blobs.push((url, digest));
+            }
+            Err(e) => out.outcome.failed.push((url, e)),
         }
     }
     out
 }
 
-/// The layer digests of the image, in manifest order.
+/// The blobs of the image: its config, then its layers in manifest order, each with whether it
+/// is a layer (indexed for lazy starts).
 async fn layer_blobs(
     s: &Scheduling,
     plan: &PreheatPlan,
     base: &str,
     name: &str,
     reference: &str,
-) -> Result<Vec<String>, String> {
+) -> Result<Vec<(String, bool)>, String> {
     let image = format!("{name}:{reference}");
     let (bytes, media_type) = document(s, plan, base, name, reference).await?;
     if reference.starts_with("sha256:") {
@@ -287,7 +345,10 @@ async fn layer_blobs(
         bytes
     };
     let m = image::manifest(&manifest).map_err(|e| e.to_string())?;
-    Ok(m.blobs.into_iter().map(|b| b.digest).collect())
+    // The config too: every pull asks for it (a few hundred bytes, but a request per host).
+    let mut blobs = vec![(m.config, false)];
+    blobs.extend(m.blobs.into_iter().map(|b| (b.digest, true)));
+    Ok(blobs)
 }
 
 /// `GET <base>/v2/<name>/manifests/<reference>`: the document and its media type.

@@ -40,7 +40,7 @@ pub async fn seeded_index(s: &Scheduling, req: &IndexRequest) -> Result<Arc<Vec<
 
 /// Joins (or starts) the content-keyed task of the blob and waits until its seed completes (the
 /// request's URL and credentials proven as a registration's).
-pub(super) async fn seed(s: &Scheduling, req: &IndexRequest) -> Result<(), IndexError> {
+pub(crate) async fn seed(s: &Scheduling, req: &IndexRequest) -> Result<(), IndexError> {
     let failed = |detail: String| IndexError::Seed {
         digest: req.digest.clone(),
         detail,

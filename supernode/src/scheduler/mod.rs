@@ -65,6 +65,8 @@ pub struct Scheduling {
     pub tickets: Arc<crate::tickets::Tickets>,
     /// Preheat jobs (Harbor's P2P preheat API).
     pub jobs: crate::jobs::Jobs,
+    /// Host agents subscribed for work (preheats of scope all_peers).
+    pub subscribers: Arc<crate::subscribers::Subscribers>,
     /// Token realms registries announced.
     pub realms: realms::Realms,
 }
@@ -82,8 +84,12 @@ impl SchedulerService {
     }
 
     fn refuse(&self, why: &'static str, message: &str) -> Status {
+        self.refuse_as(why, Status::resource_exhausted(message.to_owned()))
+    }
+
+    fn refuse_as(&self, why: &'static str, status: Status) -> Status {
         self.inner.metrics.refused.with_label_values(&[why]).inc();
-        Status::resource_exhausted(message.to_owned())
+        status
     }
 
     /// A session slot of the caller's host (see [`per_host`]).
@@ -106,9 +112,39 @@ impl SchedulerService {
 
 type OutStream = Pin<Box<dyn Stream<Item = Result<SchedulerMessage, Status>> + Send>>;
 
+type CommandStream =
+    Pin<Box<dyn Stream<Item = Result<proto::scheduler::HostCommand, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl Scheduler for SchedulerService {
     type DownloadStream = OutStream;
+    type SubscribeStream = CommandStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<Streaming<proto::scheduler::HostReport>>,
+    ) -> Result<Response<CommandStream>, Status> {
+        let caller = identity::Caller::of(&request);
+        // Commands carry registry credentials: cluster members only (with TLS on).
+        if self.inner.cfg.http_scheme == "https" && caller.cert.is_none() {
+            return Err(self.refuse_as(
+                "subscribe",
+                Status::permission_denied("subscribing needs a cluster certificate"),
+            ));
+        }
+        let ip = caller
+            .remote
+            .map(|r| r.ip().to_string())
+            .unwrap_or_default();
+        let commands = self
+            .inner
+            .subscribers
+            .subscribe(ip, request.into_inner())
+            .ok_or_else(|| self.refuse("subscribers", "too many subscribed agents"))?;
+        Ok(Response::new(Box::pin(
+            ReceiverStream::new(commands).map(Ok),
+        )))
+    }
 
     async fn download(
         &self,
