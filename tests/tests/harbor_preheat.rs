@@ -1,4 +1,4 @@
-//! Harbor's P2P preheat against a supernode: the requests Harbor's Dragonfly driver makes
+//! Harbor's P2P preheat against a supernode of two: the requests Harbor's Dragonfly driver makes
 //! (`damselfly_tests::harbor`), against a Harbor-like registry (TLS, token auth from a token
 //! server that signs JWTs, a private repository). The job for the image's manifest URL, with the
 //! repository's pull token in its headers as Harbor sends it, ends `SUCCESS` listing every layer;
@@ -40,6 +40,16 @@ async fn pull_token(realm: &str, ca: &std::path::Path, repo: &str) -> String {
     v["token"].as_str().expect("token field").to_owned()
 }
 
+/// A supernode's metrics (over cluster TLS).
+async fn client_metrics(http: &str) -> String {
+    let r = damselfly_tests::cluster::http_client()
+        .get(format!("{http}/metrics"))
+        .send()
+        .await
+        .expect("metrics");
+    r.text().await.unwrap_or_default()
+}
+
 /// Polls the job until Harbor would stop polling it (success or failure), or panics.
 async fn wait_job(driver: &Driver, id: &str) -> Status {
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -78,12 +88,16 @@ async fn harbor_preheat_seeds_each_layer_once_and_later_pulls_take_nothing_from_
     let ca = pki.ca_crt.to_string_lossy().into_owned();
     std::fs::write(env.path("admin-token"), ADMIN_TOKEN).expect("admin token");
     let token_file = env.path("admin-token").to_string_lossy().into_owned();
-    let (_sn, grpc, http) = env
-        .supernode(
-            "sn",
+    // Two supernodes sharing tasks by rendezvous hashing; Harbor calls the first, which hands
+    // the layers the second owns (the one agents ask for them) to it.
+    let sns = env
+        .supernode_cluster(
+            &["sn1", "sn2"],
             &["--upstream-ca", &ca, "--admin-token-file", &token_file],
         )
         .await;
+    let http = sns[0].2.clone();
+    let grpc = format!("{},{}", sns[0].1, sns[1].1);
     let driver = |token: Option<&str>| Driver {
         endpoint: format!("{http}/"),
         token: token.map(str::to_owned),
@@ -131,6 +145,15 @@ async fn harbor_preheat_seeds_each_layer_once_and_later_pulls_take_nothing_from_
     for layer in &layers {
         assert_eq!(served(layer), 1, "preheat: {layer} left the registry");
     }
+    // The job handed the layers the second supernode owns to it: it fetched them itself.
+    let members = [sns[0].1.clone(), sns[1].1.clone()];
+    let second_owns = layers.iter().any(|l| {
+        let task = fetcher::task_id::content_task_id(l).expect("task id");
+        fetcher::rendezvous::order(&task, &members)[0] == members[1]
+    });
+    let m = client_metrics(&sns[1].2).await;
+    let fetched = metric(&m, "damselfly_supernode_source_bytes_total", "");
+    assert_eq!(fetched > 0.0, second_owns, "sn2 fetched {fetched} bytes");
     // Scope all_peers: an agent subscribed to the supernode fetches every layer too (from the
     // seed: the registry serves nothing more).
     let (_agent, d) = env
@@ -140,15 +163,9 @@ async fn harbor_preheat_seeds_each_layer_once_and_later_pulls_take_nothing_from_
             &["--hijack", REGISTRY_HOST, "--upstream-ca", &ca],
         )
         .await;
-    let client = damselfly_tests::cluster::http_client();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let m = client
-            .get(format!("{http}/metrics"))
-            .send()
-            .await
-            .expect("metrics");
-        let m = m.text().await.unwrap_or_default();
+        let m = client_metrics(&http).await;
         if metric(&m, "damselfly_supernode_subscribed_agents", "") >= 1.0 {
             break;
         }

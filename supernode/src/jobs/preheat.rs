@@ -290,15 +290,21 @@ async fn image_job(
                 headers: plan.headers.clone().into_iter().collect(),
                 digest: digest.clone(),
             };
-            let r = if layer {
-                seeded_index(s, &req).await.map(|_| ())
-            } else {
-                seed(s, &req).await
-            };
-            let r = match r {
-                // Seeded; a layer that cannot be indexed is still pulled from the seed.
-                Ok(()) | Err(IndexError::Unindexable { .. }) => Ok(()),
-                Err(e) => Err(e.to_string()),
+            let r = match owner_elsewhere(s, &digest) {
+                // Agents ask the layer's owner: it seeds and indexes it.
+                Some((cluster, owner)) if layer => cluster.seed_layer_at(&owner, req.into()).await,
+                _ => {
+                    let r = if layer {
+                        seeded_index(s, &req).await.map(|_| ())
+                    } else {
+                        seed(s, &req).await
+                    };
+                    match r {
+                        // Seeded; a layer that cannot be indexed is still pulled from the seed.
+                        Ok(()) | Err(IndexError::Unindexable { .. }) => Ok(()),
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
             };
             (url, digest, r)
         })
@@ -319,6 +325,17 @@ async fn image_job(
         }
     }
     out
+}
+
+/// The cluster and the supernode that owns the task of blob `digest`, when that is another one.
+fn owner_elsewhere(
+    s: &Scheduling,
+    digest: &str,
+) -> Option<(std::sync::Arc<crate::replica::Cluster>, String)> {
+    let cluster = s.seed.cluster.clone()?;
+    let task_id = fetcher::task_id::content_task_id(digest).ok()?;
+    let owner = cluster.owner_elsewhere(&task_id)?;
+    Some((cluster, owner))
 }
 
 /// The blobs of the image: its config, then its layers in manifest order, each with whether it

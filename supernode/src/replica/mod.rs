@@ -43,7 +43,8 @@ pub struct Cluster {
     members: Vec<String>,
     replicas: usize,
     tls: Option<ClusterTls>,
-    clients: Mutex<HashMap<String, ClusterClient<Channel>>>,
+    /// Connections to the other supernodes, by address.
+    clients: Mutex<HashMap<String, Channel>>,
     /// What other supernodes sent.
     pub records: Mutex<Records>,
     /// How long a takeover waits for peers to announce a piece before fetching it from the origin.
@@ -120,18 +121,46 @@ impl Cluster {
         rec
     }
 
-    async fn client(&self, addr: &str) -> std::result::Result<ClusterClient<Channel>, String> {
+    /// The connection to supernode `addr`, dialled if there is none.
+    async fn channel(&self, addr: &str) -> std::result::Result<Channel, String> {
         if let Some(c) = self.lock_clients().get(addr) {
             return Ok(c.clone());
         }
-        let c = ClusterClient::new(
-            fetcher::download::supernode_channel(addr, self.tls.as_ref()).await?,
-        );
+        let c = fetcher::download::supernode_channel(addr, self.tls.as_ref()).await?;
         self.lock_clients().insert(addr.to_owned(), c.clone());
         Ok(c)
     }
 
-    fn lock_clients(&self) -> std::sync::MutexGuard<'_, HashMap<String, ClusterClient<Channel>>> {
+    async fn client(&self, addr: &str) -> std::result::Result<ClusterClient<Channel>, String> {
+        Ok(ClusterClient::new(self.channel(addr).await?))
+    }
+
+    /// The supernode agents turn to first for `task_id` (its rendezvous owner), when that is
+    /// another one.
+    pub fn owner_elsewhere(&self, task_id: &str) -> Option<String> {
+        let order = fetcher::rendezvous::order(task_id, &self.members);
+        order
+            .first()
+            .filter(|o| **o != self.me)
+            .map(|o| (*o).to_string())
+    }
+
+    /// Has supernode `owner` seed a registry layer and build its index, as an agent's
+    /// `Scheduler.LayerIndex` does (the request's credentials proven to the registry there).
+    pub async fn seed_layer_at(
+        &self,
+        owner: &str,
+        req: proto::scheduler::LayerIndexRequest,
+    ) -> std::result::Result<(), String> {
+        let mut c =
+            proto::scheduler::scheduler_client::SchedulerClient::new(self.channel(owner).await?);
+        c.layer_index(req)
+            .await
+            .map(|_| ())
+            .map_err(|s| format!("{owner}: {}", s.message()))
+    }
+
+    fn lock_clients(&self) -> std::sync::MutexGuard<'_, HashMap<String, Channel>> {
         self.clients.lock().unwrap_or_else(|p| p.into_inner())
     }
 

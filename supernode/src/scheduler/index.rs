@@ -19,6 +19,20 @@ pub struct IndexRequest {
     pub digest: String,
 }
 
+impl From<IndexRequest> for proto::scheduler::LayerIndexRequest {
+    fn from(r: IndexRequest) -> Self {
+        Self {
+            url: r.url,
+            headers: r
+                .headers
+                .into_iter()
+                .map(|(name, value)| Header { name, value })
+                .collect(),
+            digest: r.digest,
+        }
+    }
+}
+
 impl From<proto::scheduler::LayerIndexRequest> for IndexRequest {
     fn from(r: proto::scheduler::LayerIndexRequest) -> Self {
         Self {
