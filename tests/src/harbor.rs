@@ -107,6 +107,28 @@ fn is_rfc3339(s: &str) -> bool {
             .all(|r| s[r].bytes().all(|c| c.is_ascii_digit()))
 }
 
+/// Sends a job call and reads its answer as the driver's HTTP client and JSON decoding do: any
+/// non-2xx is an error, and so is a 208 (only POSTs see one); the body must be a job.
+async fn answer(r: reqwest::RequestBuilder, what: &str) -> Result<JobResponse, String> {
+    let r = r
+        .header("Accept", "application/json")
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = r.status().as_u16();
+    let text = r.text().await.map_err(|e| e.to_string())?;
+    if status / 100 != 2 {
+        return Err(format!("{what} error: {status} {text}"));
+    }
+    if status == 208 {
+        return Err("http error: code 208, message status already reported".into());
+    }
+    let job: JobResponse = serde_json::from_str(&text).map_err(|e| format!("{e}: {text}"))?;
+    check_time(&job.created_at)?;
+    check_time(&job.updated_at)?;
+    Ok(job)
+}
+
 impl Driver {
     fn url(&self, path: &str) -> String {
         format!(
@@ -161,22 +183,8 @@ impl Driver {
         let r = self
             .auth(self.client.post(self.url("/oapi/v1/jobs")))
             .header("Content-Type", "application/json")
-            .header("Accept", "application/json")
-            .body(body.to_string())
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        let status = r.status().as_u16();
-        let text = r.text().await.map_err(|e| e.to_string())?;
-        if status / 100 != 2 {
-            return Err(format!("POST /oapi/v1/jobs error: {status} {text}"));
-        }
-        if status == 208 {
-            return Err("http error: code 208, message status already reported".into());
-        }
-        let job: JobResponse = serde_json::from_str(&text).map_err(|e| format!("{e}: {text}"))?;
-        check_time(&job.created_at)?;
-        check_time(&job.updated_at)?;
+            .body(body.to_string());
+        let job = answer(r, "POST /oapi/v1/jobs").await?;
         Ok(job.id.to_string())
     }
 
@@ -185,25 +193,9 @@ impl Driver {
         if task_id.is_empty() {
             return Err("empty task id".into());
         }
-        let r = self
-            .auth(
-                self.client
-                    .get(self.url(&format!("/oapi/v1/jobs/{task_id}"))),
-            )
-            .header("Accept", "application/json")
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        let status = r.status().as_u16();
-        let text = r.text().await.map_err(|e| e.to_string())?;
-        if status / 100 != 2 {
-            return Err(format!(
-                "GET /oapi/v1/jobs/{task_id} error: {status} {text}"
-            ));
-        }
-        let job: JobResponse = serde_json::from_str(&text).map_err(|e| format!("{e}: {text}"))?;
-        check_time(&job.created_at)?;
-        check_time(&job.updated_at)?;
+        let path = format!("/oapi/v1/jobs/{task_id}");
+        let r = self.auth(self.client.get(self.url(&path)));
+        let job = answer(r, &format!("GET {path}")).await?;
         let states = job.result.job_states.unwrap_or_default();
         match job.state.as_str() {
             "PENDING" => Ok(Status::Running),
