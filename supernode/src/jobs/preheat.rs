@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use fetcher::source::image::{self, MANIFEST_TYPES, MAX_MANIFEST_BYTES};
 
-use proto::scheduler::{Header, HostCommand};
+use proto::scheduler::HostCommand;
 
 use super::CreateJob;
 use crate::layer_index::IndexError;
 use crate::scheduler::Scheduling;
-use crate::scheduler::index::{IndexRequest, seed, seeded_index, wait_seeded};
+use crate::scheduler::index::{IndexRequest, proto_headers, seed, seeded_index, wait_seeded};
 use crate::subscribers::HostOutcome;
 
 /// Layers seeded at once when the request does not say.
@@ -210,14 +210,7 @@ pub async fn run(s: &Scheduling, job: u64, plan: &PreheatPlan) -> Outcome {
             .map(|(url, digest)| HostCommand {
                 job,
                 url: url.clone(),
-                headers: plan
-                    .headers
-                    .iter()
-                    .map(|(name, value)| Header {
-                        name: name.clone(),
-                        value: value.clone(),
-                    })
-                    .collect(),
+                headers: proto_headers(&plan.headers),
                 digest: digest.clone(),
             })
             .collect();

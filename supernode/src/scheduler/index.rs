@@ -19,15 +19,22 @@ pub struct IndexRequest {
     pub digest: String,
 }
 
+/// Request headers `(name, value)` as the scheduler protocol carries them.
+pub fn proto_headers<'a>(pairs: impl IntoIterator<Item = (&'a String, &'a String)>) -> Vec<Header> {
+    pairs
+        .into_iter()
+        .map(|(name, value)| Header {
+            name: name.clone(),
+            value: value.clone(),
+        })
+        .collect()
+}
+
 impl From<IndexRequest> for proto::scheduler::LayerIndexRequest {
     fn from(r: IndexRequest) -> Self {
         Self {
             url: r.url,
-            headers: r
-                .headers
-                .into_iter()
-                .map(|(name, value)| Header { name, value })
-                .collect(),
+            headers: proto_headers(r.headers.iter().map(|(n, v)| (n, v))),
             digest: r.digest,
         }
     }
@@ -68,14 +75,7 @@ pub(crate) async fn seed(s: &Scheduling, req: &IndexRequest) -> Result<(), Index
     let reg = Register {
         url: url.to_string(),
         task_id,
-        headers: req
-            .headers
-            .iter()
-            .map(|(name, value)| Header {
-                name: name.clone(),
-                value: value.clone(),
-            })
-            .collect(),
+        headers: proto_headers(req.headers.iter().map(|(n, v)| (n, v))),
         digest: req.digest.clone(),
         content_key: req.digest.clone(),
         ..Default::default()

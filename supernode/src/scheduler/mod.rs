@@ -310,11 +310,7 @@ pub async fn register_for_preheat(
         task_id: task_id.clone(),
         tag: req.tag,
         filter,
-        headers: req
-            .headers
-            .into_iter()
-            .map(|(name, value)| proto::scheduler::Header { name, value })
-            .collect(),
+        headers: index::proto_headers(&req.headers),
         ..Default::default()
     };
     let version = register::join(s, &reg).await?;
