@@ -49,15 +49,9 @@ PASS=$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
 htpasswd -Bbn demo "$PASS" > "$WORK/registry/htpasswd" 2> /dev/null
 umoci init --layout "$WORK/oci" > /dev/null
 umoci new --image "$WORK/oci:app" > /dev/null
-layer() { # layer FN: a layer with what FN writes into the rootfs
-  umoci unpack --rootless --image "$WORK/oci:app" "$WORK/bundle" > /dev/null
-  "$@" "$WORK/bundle/rootfs"
-  umoci repack --image "$WORK/oci:app" "$WORK/bundle" > /dev/null
-  rm -rf "$WORK/bundle"
-}
 base() { mkdir -p "$1/bin"; cp "$(command -v busybox)" "$1/bin/busybox"; ln -s busybox "$1/bin/sh"; echo "hello from damselfly" > "$1/hello"; }
 data() { head -c $(( (IMAGE_MIB << 20) / 2 )) /dev/urandom > "$1/data-$(date +%s%N).bin"; }
-layer base; layer data; layer data
+oci_layer base; oci_layer data; oci_layer data
 umoci config --image "$WORK/oci:app" --config.cmd /bin/sh > /dev/null
 REG_PORT=$(free_port)
 cat > "$WORK/registry/config.yml" <<YML

@@ -78,6 +78,15 @@ check() {
   done
 }
 
+# oci_layer FN [ARGS...]: adds a layer to the OCI image $WORK/oci:app holding what `FN ARGS ROOTFS`
+# writes into the unpacked rootfs (umoci, no daemon).
+oci_layer() {
+  umoci unpack --rootless --image "$WORK/oci:app" "$WORK/bundle" > /dev/null
+  "$@" "$WORK/bundle/rootfs"
+  umoci repack --image "$WORK/oci:app" "$WORK/bundle" > /dev/null
+  rm -rf "$WORK/bundle"
+}
+
 origin_bytes() { curl -s "http://$ORIGIN/_stats" | sed 's/.*"bytes": \([0-9]*\).*/\1/'; }
 
 now() { date +%s.%N; }

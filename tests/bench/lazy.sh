@@ -53,18 +53,12 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 # random (incompressible) files over three more layers.
 umoci init --layout "$WORK/oci" >/dev/null
 umoci new --image "$WORK/oci:app" >/dev/null
-layer() { # layer N: adds what $1 writes into the rootfs
-  umoci unpack --rootless --image "$WORK/oci:app" "$WORK/bundle" >/dev/null
-  "$@" "$WORK/bundle/rootfs"
-  umoci repack --image "$WORK/oci:app" "$WORK/bundle" >/dev/null
-  rm -rf "$WORK/bundle"
-}
 base() { mkdir -p "$1/bin"; cp "$(command -v busybox)" "$1/bin/busybox"; ln -s busybox "$1/bin/sh"; echo "hello from damselfly" > "$1/small-file"; }
 big() { head -c $((200 << 20)) /dev/urandom > "$1/big.bin"; }
 smalls() { mkdir -p "$1/small"; head -c $((SMALL_FILES * 4096)) /dev/urandom | split -b 4096 -a 5 - "$1/small/f"; }
 REST=$(( (IMAGE_MIB - 200) / 3 ))
 rest() { mkdir -p "$1/data"; head -c $((REST << 20)) /dev/urandom > "$1/data/$(date +%s%N).bin"; }
-layer base; layer smalls; layer big; layer rest; layer rest; layer rest
+oci_layer base; oci_layer smalls; oci_layer big; oci_layer rest; oci_layer rest; oci_layer rest
 umoci config --image "$WORK/oci:app" --config.cmd /bin/sh >/dev/null
 
 # The registry on loopback behind a front capping what it sends.
